@@ -1,0 +1,40 @@
+"""A backbone with a task head: the one model every stage-2 method trains."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from featcache.backbones import Backbone
+
+
+class Classifier(nn.Module):
+    """`backbone` + a linear head giving `n_out` logits. Backbones that declare a head slot (`spec.head`, a
+    CNN's `fc`/`classifier`) get the head there, as in the benchmark, so IA3 can scale its input; others get a
+    Linear on their head view."""
+
+    def __init__(self, backbone: Backbone, n_out: int = 1):
+        super().__init__()
+        spec = backbone.spec
+        self.backbone = backbone
+        self.head_view = spec.head_view
+        head = nn.Linear(backbone.view_dims[spec.head_view], n_out)
+        if spec.head:
+            parent, _, attr = spec.head.rpartition(".")
+            setattr(backbone.model.get_submodule(parent) if parent else backbone.model, attr, head)
+            self.head = None
+        else:
+            self.head = head
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The task head's parameters, wherever it sits (its own attribute, or the backbone's head slot, also
+        once peft has wrapped the backbone and prefixed its module names)."""
+        if self.head is not None:
+            return list(self.head.parameters())
+        slot = f".{self.backbone.spec.head}."
+        return [p for name, p in self.backbone.model.named_parameters() if f".{name}".find(slot) >= 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return self.backbone.model(x)
+        return self.head(self.backbone(x)[self.head_view])

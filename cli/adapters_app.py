@@ -1,0 +1,50 @@
+"""`adapters`: stage 2, gradient-based adaptation of the shared backbones."""
+
+from __future__ import annotations
+
+import copy
+
+import typer
+from rich.table import Table
+
+from adapters.classifier import Classifier
+from adapters.methods import METHODS, apply_method, target_modules
+from cli._common import console, new_app, run_app
+from featcache.backbones import build_backbone, count_parameters, get_spec, match_targets
+from featcache.errors import FeatcacheError
+
+app = new_app("Stage 2: fine-tune backbones end to end (FFT, LoRA, VeRA, BitFit, IA3) on the shared protocol.")
+
+
+@app.command("methods")
+def methods(
+    model: str = typer.Option(..., "--model", help="Backbone name (add -tiny for the tiny random variant)."),
+    rank: int = typer.Option(8, "--rank", help="LoRA/VeRA rank."),
+    weights: str = typer.Option(None, "--weights", help="Weights file or folder."),
+    random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
+) -> None:
+    """Show what each method trains on MODEL: the modules it targets and its trainable parameters."""
+    spec = get_spec(model)
+    base = Classifier(build_backbone(spec, weights=weights, random_init=random_init))
+    table = Table(title=f"Adaptation methods on {spec.name} (weights: {base.backbone.weights_id})")
+    for col in ("method", "targets", "modules", "trainable", "% of total", "backbone LR"):
+        table.add_column(col)
+    for method in METHODS.values():
+        try:
+            targets = target_modules(spec, method)[0]
+        except FeatcacheError as err:  # a method that does not apply to this backbone is shown as such
+            table.add_row(method.name, f"n/a: {err}", "", "", "", "")
+            continue
+        trainable, total = count_parameters(apply_method(copy.deepcopy(base), method.name, r=rank))
+        modules = sum(len(v) for v in match_targets(base.backbone.model, tuple(targets)).values())
+        table.add_row(method.name, " ".join(targets) or method.trains, str(modules), f"{trainable:,}",
+                      f"{100 * trainable / total:.3f}", str(method.backbone_lr or "-"))
+    console.print(table)
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""`featcache probe`: logistic probes and few-shot grids on cached features, one run record per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich import box
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli._common import console
+from featcache.metrics import Summary
+from featcache.probe import SELECT, SOLVERS, ProbeOptions, run_probe
+from featcache.records import RunRecord, summarize_records
+from featcache.splits import SHOTS
+
+
+def _shots(text: str | None) -> tuple[int, ...]:
+    if text is None:
+        return SHOTS
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a list of integers", param_hint="--shots") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter("give at least one k >= 1", param_hint="--shots")
+    return values
+
+
+def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
+    if value not in allowed:
+        raise typer.BadParameter(f"{value!r}: choose from {', '.join(allowed)}", param_hint=option)
+    return value
+
+
+def _mean_std(summary: Summary) -> str:
+    mean, std, n = summary
+    if n == 0:
+        return "–"
+    return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"
+
+
+def _table(records: list[RunRecord], title: str) -> Table:
+    """Mean ± std over folds and draws per level; MCC at the validation threshold (full data) or 0.5."""
+    table = Table(title=title, box=box.SIMPLE_HEAD,
+                  caption="MCC: threshold from the validation part (full data) or 0.5 (few-shot)")
+    for name in ("regime", "k", "runs", "MCC", "PR-AUC", "C (median)", "C rule"):
+        table.add_column(name, justify="left" if name in ("regime", "C rule") else "right")
+    for row in summarize_records(records, ("mcc", "mcc_val_thr", "pr_auc")):
+        level = [r for r in records if (r.regime, r.shots) == (row["regime"], row["shots"])]
+        mcc = row["mcc_val_thr"] if row["regime"] == "full" else row["mcc"]
+        median_c = np.median([r.provenance.get("C", np.nan) for r in level])
+        rules = ", ".join(sorted({str(r.provenance.get("C_rule")) for r in level}))
+        k = "–" if row["shots"] is None else str(row["shots"])
+        table.add_row(row["regime"], k, str(row["runs"]), _mean_std(mcc), _mean_std(row["pr_auc"]),
+                      f"{median_c:.3g}", rules)
+    return table
+
+
+def probe(
+    model: str = typer.Option(..., "--model", help="Backbone whose cached features to probe."),
+    task: str = typer.Option(..., "--task", help="Task key, a label column of the manifest (e.g. AFC)."),
+    manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest; its splits must exist."),
+    store: Path | None = typer.Option(None, "--store",
+                                      help="Feature store (default: features.zarr beside the manifest)."),
+    shots: str | None = typer.Option(None, "--shots", help="Few-shot k per class (default: 2,4,8,16,32)."),
+    full: bool = typer.Option(False, "--full", help="Full-data probes instead of few-shot."),
+    draws: int | None = typer.Option(None, "--draws", min=1,
+                                     help="Draws per level (default: all persisted)."),
+    per_center: bool = typer.Option(False, "--per-center", help="Use the k-per-class-per-center draws."),
+    view: str = typer.Option("cls", "--view", help="Feature view of the store."),
+    select: str = typer.Option("mcc", "--select", help="Metric that chooses C: mcc (at 0.5) or pr_auc."),
+    solver: str = typer.Option("torch", "--solver", help="torch (batched Newton) or sklearn (reference)."),
+    device: str = typer.Option("auto", "--device", help="Torch solver device: auto, cpu, cuda, ..."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Folder of run records (one JSON per run)."),
+) -> None:
+    """Fit L2 logistic probes on cached features for every fold (and few-shot draw) of the persisted splits.
+
+    Defaults, one per line:
+    - features standardised on the training part only; balanced class weights;
+    - C from 13 log-spaced values 1e-4..1e2, chosen by --select; ties go to the smaller C;
+    - full data: C chosen on the validation part, refitted on train+val, MCC threshold from validation;
+    - few-shot: only the support set; C by 4-fold inner CV with >= 8 patients per class, else C = 1;
+    - few-shot MCC threshold 0.5 (the balanced-weight decision point).
+    Runs already recorded in --out are read back, not refitted.
+    """
+    if full and shots is not None:
+        raise typer.BadParameter("--shots and --full exclude each other", param_hint="--full")
+    options = ProbeOptions(select=_choice(select, SELECT, "--select"),
+                           solver=_choice(solver, SOLVERS, "--solver"), device=device)
+    columns = (TextColumn("probing {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        level = bar.add_task("", total=None)
+
+        def progress(label: str, done: int, total: int) -> None:
+            bar.update(level, description=label, completed=done, total=total)
+
+        report = run_probe(manifest, task, model, store=store, full=full, shots=_shots(shots), draws=draws,
+                           per_center=per_center, view=view, options=options, out=out, progress=progress)
+    for line in report.skipped:
+        console.print(f"[yellow]skipped[/] {line}", highlight=False)
+    console.print(_table(report.records, f"{task} · {model} · {view} · solver {solver} · select {select}"))
+    console.print(f"wrote {report.written} run records ({report.existing} already there) to {out}",
+                  highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `probe` to ``app``."""
+    app.command("probe")(probe)

@@ -1,0 +1,166 @@
+"""`featcache extract`, `pixels`, `export` and `stores`: fill, inspect and hand over the keyed zarr stores."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from cli._common import console
+from featcache.store import DEFAULT_CHUNK_ROWS, ON_ERROR, export_hdf5, feature_spec, list_groups
+
+if TYPE_CHECKING:
+    from featcache.extract import ExtractResult
+
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.1f} img/s")
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich bar (images/s, ETA) fed by the pipeline's (done, total) hook; silent on ranks other than 0."""
+    if not _rank0():
+        yield None
+        return
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise typer.BadParameter(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+
+
+def _report(result: ExtractResult, what: str) -> None:
+    if not _rank0():
+        return
+    loaded = "model loaded" if result.model_loaded else "no model loaded"
+    if what == "pixels":
+        loaded = "decoded"
+    console.print(f"{result.store}/{result.group}: {result.rows} images, {result.embedded} {what} computed "
+                  f"({result.added} new rows, {len(result.changed)} changed inputs; {loaded}) "
+                  f"in {result.seconds:.1f} s", highlight=False)
+    if result.skipped:
+        table = Table(title=f"{len(result.skipped)} images skipped (recorded in the store's skip_reason)")
+        table.add_column("image_id")
+        table.add_column("reason", overflow="fold")
+        for image_id, reason in result.skipped.items():
+            table.add_row(image_id, reason)
+        console.print(table)
+
+
+def extract(
+    model: str = typer.Option(..., "--model", help="Backbone (`featcache models`), or timm:/hf:/open_clip:."),
+    manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest (CSV)."),
+    store: Path | None = typer.Option(None, "--store", help="Zarr store (default: features.zarr beside "
+                                                            "the manifest)."),
+    views: str | None = typer.Option(None, "--views", help="Comma-separated feature views (default: all)."),
+    weights: Path | None = typer.Option(None, "--weights", help="Weights file or folder."),
+    random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=0, help="DataLoader decoding workers."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 or float32."),
+    on_error: str = typer.Option("fail", "--on-error", help="fail, or skip (record unreadable images)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    chunk_rows: int = typer.Option(DEFAULT_CHUNK_ROWS, "--chunk-rows", min=1,
+                                   help="Rows per chunk of a new store (the unit of writing and resuming)."),
+    retry_skipped: bool = typer.Option(False, "--retry-skipped", help="Embed earlier skipped images again."),
+) -> None:
+    """Embed every image of a manifest once per frozen backbone; reruns compute only what is missing.
+
+    Under `torchrun --nproc-per-node N --no-python featcache extract ...` each rank takes a share."""
+    _check_on_error(on_error)
+    if random_init and weights is not None:
+        raise typer.BadParameter("--weights and --random-init exclude each other")
+    view_list = [v.strip() for v in views.split(",")] if views else None
+    feature_spec(model, weights=weights, random_init=random_init, views=view_list, dtype=dtype)  # fail fast
+    if random_init and _rank0():
+        console.print("[yellow]random-init: real architecture with random weights (recorded in the store "
+                      "spec)[/]")
+    from featcache.extract import extract_features
+
+    with _progress("embedding") as hook:
+        result = extract_features(manifest, model, store=store, weights=weights, random_init=random_init,
+                                  views=view_list, dtype=dtype,
+                                  batch_size=batch_size, num_workers=workers, on_error=on_error,
+                                  device=device, chunk_rows=chunk_rows, retry_skipped=retry_skipped,
+                                  progress=hook)
+    _report(result, "rows")
+
+
+def pixels(
+    model: str = typer.Option(..., "--model", help="Backbone whose input size and intensity rule to use."),
+    manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest (CSV)."),
+    store: Path | None = typer.Option(None, "--store", help="Zarr store (default: pixels.zarr beside the "
+                                                            "manifest)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(DEFAULT_WORKERS, "--workers", min=0, help="DataLoader decoding workers."),
+    on_error: str = typer.Option("fail", "--on-error", help="fail, or skip (record unreadable images)."),
+    chunk_rows: int = typer.Option(64, "--chunk-rows", min=1, help="Rows per shard of a new cache."),
+) -> None:
+    """Decode, crop and resize every image once into a uint8 pixel cache that stage-2 epochs read."""
+    _check_on_error(on_error)
+    from featcache.pixels import cache_pixels
+
+    with _progress("decoding") as hook:
+        result = cache_pixels(manifest, model, store=store, batch_size=batch_size, num_workers=workers,
+                              on_error=on_error, chunk_rows=chunk_rows, progress=hook)
+    _report(result, "pixels")
+
+
+def export(
+    store: Path = typer.Option(..., "--store", help="Feature store to export."),
+    to: Path = typer.Option(..., "--to", help="HDF5 file to write."),
+    model: str | None = typer.Option(None, "--model", help="Only this backbone's groups (default: all)."),
+) -> None:
+    """Copy feature groups to one HDF5 file (same hierarchy; spec as JSON in attributes)."""
+    names = export_hdf5(store, to, model)
+    console.print(f"wrote {to}: {', '.join(names)}", highlight=False)
+
+
+def stores(store: Path = typer.Option(..., "--store", help="Zarr store to list.")) -> None:
+    """List a store's groups: backbone, key, rows written and skipped, arrays, weights."""
+    table = Table(title=str(store))
+    for column in ("group", "kind", "rows", "written", "skipped", "arrays", "weights", "version"):
+        table.add_column(column, overflow="fold")
+    for group in list_groups(store):
+        info = group.summary()
+        arrays = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in info["arrays"].items())
+        counts = (str(info[k]) for k in ("rows", "written", "skipped"))
+        table.add_row(info["group"], info["kind"], *counts, arrays, info["weights"] or "-", info["featcache"])
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `extract`, `pixels`, `export` and `stores`."""
+    app.command("extract")(extract)
+    app.command("pixels")(pixels)
+    app.command("export")(export)
+    app.command("stores")(stores)

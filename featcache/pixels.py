@@ -1,0 +1,118 @@
+"""Pixel cache: images decoded, cropped and resized once, stored as uint8, read by stage-2 epochs.
+
+Decoding a 2,000-pixel DICOM costs far more than a forward pass of a small backbone; fine-tuning for
+hundreds of epochs should pay it once. The cache holds ``quantize(load_gray(...))`` at a backbone's input
+size in a keyed group ``<store>/pixels/<key>`` (same row layout as a feature group, see
+:mod:`featcache.store`), keyed by what decides the pixels only (size, intensity, crop rule): backbones with
+the same input size share it. Each row is one inner chunk of an R-row shard, so a shuffled epoch reads single
+rows without decoding whole chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+import featcache
+from featcache.backbones import BackboneSpec, get_spec
+from featcache.errors import StoreError
+from featcache.extract import ExtractResult, Progress, RowJob, run_rows
+from featcache.imaging import Preprocess, load_gray, quantize, to_model_input
+from featcache.manifest import Manifest, load_manifest
+from featcache.store import CROP_RULE, LAYOUT_VERSION, DataArray, RowGroup, group_name
+
+PIXEL_PREFIX = "pixels"
+DEFAULT_PIXEL_CHUNK_ROWS = 64
+
+
+def pixel_spec(pre: Preprocess) -> dict[str, Any]:
+    """What decides the cached pixels; mean/std and channels are applied when reading, so are not in it."""
+    return {"kind": "pixels", "size": pre.size, "intensity": pre.intensity, "crop": CROP_RULE,
+            "dtype": "uint8", "quantize": "round(255 * gray)", "featcache": featcache.__version__,
+            "layout": LAYOUT_VERSION}
+
+
+def cache_pixels(manifest: Manifest | str | Path, model: str | BackboneSpec, *,
+                 store: str | Path | None = None, batch_size: int = 64, num_workers: int = 0,
+                 on_error: str = "fail", chunk_rows: int = DEFAULT_PIXEL_CHUNK_ROWS,
+                 retry_skipped: bool = False, progress: Progress | None = None) -> ExtractResult:
+    """Decode every image of ``manifest`` at ``model``'s input size into ``store`` (default: ``pixels.zarr``
+    beside the manifest); resumable and rank-parallel like feature extraction, and no model is ever built."""
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    pre = (get_spec(model) if isinstance(model, str) else model).preprocess
+    size = pre.size
+    job = RowJob(
+        store=Path(store) if store is not None else manifest.path.parent / "pixels.zarr",
+        prefix=PIXEL_PREFIX, spec=pixel_spec(pre),
+        data={"pixels": DataArray((size, size), "uint8", ("y", "x"), fill_value=0, sharded=True)},
+        decode=_QuantizedDecoder(size, pre.intensity),
+        placeholder=torch.zeros(size, size, dtype=torch.uint8),
+        make_compute=lambda device: _identity, fill={"pixels": 0}, loads_model=False)
+    return run_rows(job, manifest, batch_size=batch_size, num_workers=num_workers, on_error=on_error,
+                    device=torch.device("cpu"), chunk_rows=chunk_rows, retry_skipped=retry_skipped,
+                    progress=progress)
+
+
+def _identity(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"pixels": batch}
+
+
+class _QuantizedDecoder:
+    """Picklable decode step for DataLoader workers: file -> uint8 gray at the cache's size."""
+
+    def __init__(self, size: int, intensity: str):
+        self.size, self.intensity = size, intensity
+
+    def __call__(self, path: Path, bbox: tuple[int, int, int, int] | None) -> torch.Tensor:
+        return quantize(load_gray(path, self.size, bbox, self.intensity))
+
+
+def open_pixels(store: str | Path, pre: Preprocess) -> RowGroup:
+    """The pixel group for ``pre`` in ``store``; a missing one says which command builds it."""
+    name = group_name(PIXEL_PREFIX, pixel_spec(pre))
+    try:
+        return RowGroup.open(store, name)
+    except StoreError:
+        raise StoreError(f"{store}: no pixel cache for size {pre.size}, intensity {pre.intensity!r}; run "
+                         f"`featcache pixels --model ... --manifest ... --store {store}`") from None
+
+
+class PixelDataset(Dataset):
+    """Cached images as model input: item ``i`` is ``image_ids[i]`` as a ``(C, S, S)`` float tensor
+    normalised for ``model`` (or, with ``raw=True``, the stored ``(S, S)`` uint8). Every id must be cached and
+    not skipped. Safe in DataLoader workers: each process opens the store itself."""
+
+    def __init__(self, store: str | Path, model: str | BackboneSpec, image_ids: Sequence[str], *,
+                 preprocess: Preprocess | None = None, raw: bool = False):
+        self.pre = preprocess or (get_spec(model) if isinstance(model, str) else model).preprocess
+        self.store, self.raw = Path(store), raw
+        group = open_pixels(store, self.pre)
+        self.rows = group.locate(image_ids)
+        ready = (self.rows >= 0) & group.read("written")[np.maximum(self.rows, 0)]
+        ready &= group.read("skip_reason")[np.maximum(self.rows, 0)] == ""
+        if not ready.all():
+            missing = np.asarray(image_ids, dtype=str)[~ready]
+            raise StoreError(f"{group.where}: {len(missing)} of {len(self.rows)} images not cached or "
+                             f"skipped (e.g. {missing[:3].tolist()}); run `featcache pixels` for them")
+        self.name = group.name
+        self._pixels: Any = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        gray = torch.from_numpy(np.asarray(self._array()[int(self.rows[i])]))
+        return gray if self.raw else to_model_input(gray, self.pre)
+
+    def _array(self) -> Any:
+        if self._pid != os.getpid():  # reopened in each DataLoader worker
+            self._pixels = RowGroup.open(self.store, self.name).arrays["pixels"]
+            self._pid = os.getpid()
+        return self._pixels

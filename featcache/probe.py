@@ -1,0 +1,396 @@
+"""Linear probes on cached features: full-data folds and few-shot grids, each level in one batched solve.
+
+Protocol defaults (each is recorded in the run records' options or provenance):
+
+- Features are standardised per probe on its own training rows only; class weights are balanced
+  (``n / (2 n_c)`` on those rows), which makes 0.5 the class-balanced decision threshold.
+- C comes from ``C_GRID``, 13 log-spaced values 1e-4 ... 1e2, chosen by ``select``: MCC at 0.5 or PR-AUC
+  (average precision). Ties go to the smaller C, the stronger regularisation.
+- Full data: every C is fitted on the training part and scored on the validation part; the chosen C is
+  refitted on train + validation and scored on test. The MCC threshold is the one that maximises MCC on the
+  validation scores of the train-only model (``metrics.choose_threshold``): ``mcc_val_thr``, beside MCC at
+  0.5.
+- Few-shot: nothing beyond the support set is used. With at least ``INNER_CV_MIN`` patients per class in the
+  support set (k >= 8 in the standard draws), C is chosen by ``INNER_FOLDS``-fold cross-validation inside it
+  (stratified, patient-grouped, pooled out-of-fold scores, same metric and tie rule). With fewer, an inner
+  fold would hold one or two images per class and the choice would be noise, so C = ``FIXED_C`` = 1,
+  scikit-learn's default; with n << D and standardised features the test metrics at k <= 4 barely move across
+  the grid. The threshold is 0.5; with no validation part ``mcc_val_thr`` is NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from featcache.errors import SplitError, StoreError
+from featcache.manifest import Manifest, load_manifest
+from featcache.metrics import binary_metrics, evaluate
+from featcache.records import RunRecord, record_path, run_key, write_record
+from featcache.solver import LogisticFit, fit_indexed, fit_sklearn
+from featcache.splits import SHOTS, Splits, load_splits
+from featcache.store import find_feature_group, load_features
+
+C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))
+FIXED_C = 1.0
+INNER_FOLDS = 4
+INNER_CV_MIN = 8
+SELECT = ("mcc", "pr_auc")
+SOLVERS = ("torch", "sklearn")
+METHOD = "lp"
+TIE = 1e-12
+
+Progress = Callable[[str, int, int], None]  # (level label, levels done, levels in all)
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """How probes are fitted; ``select`` and ``solver`` define a run (they enter its key), ``device`` not."""
+
+    select: str = "mcc"
+    solver: str = "torch"
+    grid: tuple[float, ...] = C_GRID
+    fixed_c: float = FIXED_C
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECT:
+            raise ValueError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        object.__setattr__(self, "grid", tuple(sorted(float(c) for c in self.grid)))
+
+    def defining(self, view: str) -> dict:
+        """The options a run record carries and its key hashes."""
+        return {
+            "head": "l2-logreg",
+            "view": view,
+            "solver": self.solver,
+            "select": self.select,
+            "C_grid": [float(f"{c:.6g}") for c in self.grid],
+            "fixed_C": self.fixed_c,
+            "standardize": "train-rows",
+            "class_weight": "balanced",
+            "inner_cv": f"{INNER_FOLDS}-fold when >= {INNER_CV_MIN} patients per class",
+        }
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class Part(NamedTuple):
+    """One full-data fold as row indices into the feature matrix."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """One probe's outcome: positive-class probabilities on its test rows, the C it used and why."""
+
+    scores: np.ndarray
+    C: float
+    rule: str  # "validation", "inner-cv" or "fixed"
+    converged: bool
+    val_scores: np.ndarray | None = None
+
+
+# ------------------------------------------------------------------------------------------ array core
+
+
+def _fit(X: np.ndarray, y: np.ndarray, rows: Sequence[np.ndarray], Cs: np.ndarray, options: ProbeOptions
+         ) -> LogisticFit:
+    """One batched fit of many problems (their training rows) over a grid (c,) or per-problem Cs (P, c)."""
+    index = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
+    mask = np.zeros(index.shape, dtype=bool)
+    for i, r in enumerate(rows):
+        index[i, : len(r)], mask[i, : len(r)] = r, True
+    if options.solver == "sklearn":
+        return fit_sklearn(X, y, index, Cs, mask=mask)
+    return fit_indexed(X, y, index, Cs, mask=mask, device=options.torch_device())
+
+
+def _proba(fit: LogisticFit, X: np.ndarray) -> np.ndarray:
+    """Probabilities (P, c, m) of the rows X (m, D) under every fit."""
+    return fit.predict_proba(torch.from_numpy(X).to(fit.coef.device)).cpu().numpy()
+
+
+def choose_c(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], metric: str) -> np.ndarray:
+    """Per problem, the position of the best row of its scores (c, m), one row per C in ascending order.
+
+    Rows are scored by ``metric`` (MCC at 0.5 or PR-AUC, as `metrics.binary_metrics`); ties within 1e-12 go to
+    the smaller C; an undefined value never wins.
+    """
+    choice = np.zeros(len(scores), dtype=np.int64)
+    for i, (s, y) in enumerate(zip(scores, labels, strict=True)):
+        values = _row_values(y, s, metric)
+        values = np.where(np.isfinite(values), values, -np.inf)
+        choice[i] = int(np.flatnonzero(values >= values.max() - TIE)[0])
+    return choice
+
+
+def _row_values(y: np.ndarray, s: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "mcc":  # MCC at 0.5 sees only the predictions: score each distinct pattern once
+        patterns, inverse = np.unique(s >= 0.5, axis=0, return_inverse=True)
+        values = np.array([binary_metrics(y, p.astype(np.float64))["mcc"] for p in patterns])
+        return values[inverse.ravel()]
+    return np.array([binary_metrics(y, row)[metric] for row in s], dtype=np.float64)
+
+
+def probe_full(X: np.ndarray, y: np.ndarray, parts: Sequence[Part], options: ProbeOptions) -> list[Fitted]:
+    """Full-data probes of several folds: C on validation, refit on train + validation, test scores."""
+    grid = np.asarray(options.grid)
+    fit = _fit(X, y, [p.train for p in parts], grid, options)
+    val = [_proba(fit[i : i + 1], X[p.val])[0] for i, p in enumerate(parts)]
+    choice = choose_c(val, [y[p.val] for p in parts], options.select)
+    refit = _fit(X, y, [np.concatenate([p.train, p.val]) for p in parts], grid[choice][:, None], options)
+    return [
+        Fitted(_proba(refit[i : i + 1], X[p.test])[0, 0], float(grid[choice[i]]), "validation",
+               bool(refit.converged[i].all()), val_scores=val[i][choice[i]])
+        for i, p in enumerate(parts)
+    ]
+
+
+def inner_folds(y: np.ndarray, groups: np.ndarray, n_folds: int = INNER_FOLDS) -> np.ndarray:
+    """Inner fold of each support image: per class, its patients in sorted order dealt round-robin.
+
+    Stratified and patient-grouped by construction, and deterministic: the support sets are random already.
+    """
+    fold = np.zeros(len(y), dtype=np.int64)
+    for label in (0, 1):
+        members = np.flatnonzero(y == label)
+        _, patient = np.unique(groups[members], return_inverse=True)
+        fold[members] = patient % n_folds
+    return fold
+
+
+def can_select(y: np.ndarray, groups: np.ndarray) -> bool:
+    """Whether a support set is large enough to choose C inside it: ``INNER_CV_MIN`` patients per class."""
+    return all(np.unique(groups[y == label]).size >= INNER_CV_MIN for label in (0, 1))
+
+
+def _inner_cv(X: np.ndarray, y: np.ndarray, groups: np.ndarray, supports: Sequence[np.ndarray],
+              options: ProbeOptions) -> np.ndarray:
+    """C per support set by cross-validation inside it: every C on each inner fold, pooled held-out scores."""
+    train, held = [], []
+    for rows in supports:
+        fold = inner_folds(y[rows], groups[rows])
+        train += [rows[fold != q] for q in range(INNER_FOLDS)]
+        held += [rows[fold == q] for q in range(INNER_FOLDS)]
+    fit = _fit(X, y, train, np.asarray(options.grid), options)
+    oof = [_proba(fit[i : i + 1], X[rows])[0] for i, rows in enumerate(held)]
+    owned = [slice(j * INNER_FOLDS, (j + 1) * INNER_FOLDS) for j in range(len(supports))]
+    pooled = [np.concatenate(oof[own], axis=1) for own in owned]
+    labels = [y[np.concatenate(held[own])] for own in owned]
+    return np.asarray(options.grid)[choose_c(pooled, labels, options.select)]
+
+
+def probe_fewshot(X: np.ndarray, y: np.ndarray, groups: np.ndarray, supports: Sequence[np.ndarray],
+                  tests: Sequence[np.ndarray], test_of: Sequence[int], options: ProbeOptions) -> list[Fitted]:
+    """Few-shot probes; support set ``supports[i]`` is scored on ``tests[test_of[i]]``, its fold's test part.
+
+    ``groups`` are patient ids (per row of X). All support sets are fitted in one batch; those of a fold are
+    scored on its test part in one product.
+    """
+    selectable = np.array([can_select(y[s], groups[s]) for s in supports], dtype=bool)
+    C = np.full(len(supports), options.fixed_c)
+    if selectable.any():
+        C[selectable] = _inner_cv(X, y, groups, [s for s, ok in zip(supports, selectable, strict=True) if ok],
+                                  options)
+    fit = _fit(X, y, supports, C[:, None], options)
+    test_of = np.asarray(test_of)
+    scores = np.empty(len(supports), dtype=object)
+    for t, rows in enumerate(tests):
+        members = np.flatnonzero(test_of == t)
+        scores[members] = list(_proba(fit[torch.from_numpy(members)], X[rows])[:, 0])
+    return [
+        Fitted(scores[i], float(C[i]), "inner-cv" if selectable[i] else "fixed", bool(fit.converged[i].all()))
+        for i in range(len(supports))
+    ]
+
+
+# ------------------------------------------------------------------------------------------ tasks and records
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's labelled images, in manifest order, with their cached features and patients."""
+
+    ids: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    backbone: str
+    identity: str  # the feature group, ``<backbone>/<spec key>``
+    position: dict[str, int] = field(repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.position.update((i, r) for r, i in enumerate(self.ids.tolist()))
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Row of each image id."""
+        return np.fromiter((self.position[i] for i in ids), dtype=np.int64, count=len(ids))
+
+
+def load_task_data(manifest: Manifest, task: str, splits: Splits, store: str | Path, model: str,
+                   view: str = "cls") -> TaskData:
+    """Features of every image the task's splits use; refuses a store whose rows do not match the manifest.
+
+    ``store.load_features`` checks each row's path and crop against the manifest (a store built from another
+    manifest is refused) and that every manifest image was embedded; images skipped at extraction are caught
+    here, by name, before any probe runs.
+    """
+    ids, y = manifest.labels(task)
+    group = find_feature_group(store, model, view, image_ids=manifest.ids)
+    found, X = load_features(store, model, manifest, view)
+    position = {i: r for r, i in enumerate(found.tolist())}
+    needed = sorted({i for fold in splits.folds for i in fold.train + fold.val + fold.test})
+    missing = [i for i in needed if i not in position]
+    if missing:
+        raise StoreError(
+            f"{group.where}: {len(missing)} of {len(needed)} images of the {task} splits have no {view!r} "
+            f"features (e.g. {missing[:3]}, skipped at extraction); fix them and run `featcache extract "
+            f"--model {model} --manifest {manifest.path} --store {store} --retry-skipped`"
+        )
+    return TaskData(np.asarray(ids), X[[position[i] for i in ids]], np.asarray(y, dtype=np.int64),
+                    np.asarray(manifest.patients(ids)), str(group.spec["model"]), group.name)
+
+
+@dataclass
+class ProbeReport:
+    """Every run of a request (new and already recorded), and the levels that could not run, with why."""
+
+    records: list[RunRecord] = field(default_factory=list)
+    written: int = 0
+    existing: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every run of one `run_probe` call shares, and its bookkeeping of recorded runs."""
+
+    task: str
+    manifest: Path
+    splits: Splits
+    digest: str
+    data: TaskData
+    options: ProbeOptions
+    view: str
+    store: Path
+    out: Path
+    report: ProbeReport
+
+    def pending(self, fold: str, regime: str, shots: int | None, draw: int | None) -> bool:
+        """Whether a run still has to be fitted; a recorded one is read back into the report instead."""
+        key = run_key(task=self.task, backbone=self.data.backbone, method=METHOD, fold=fold,
+                      seed=self.splits.seed, options=self.options.defining(self.view), regime=regime,
+                      shots=shots, draw=draw, splits_digest=self.digest, identity=self.data.identity)
+        path = record_path(self.out, key)
+        if not path.is_file():
+            return True
+        self.report.records.append(RunRecord.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+        self.report.existing += 1
+        return False
+
+    def keep(self, fold: str, regime: str, shots: int | None, draw: int | None, fitted: Fitted,
+             test: np.ndarray, seconds: float, val: np.ndarray | None = None) -> None:
+        """Score one fitted probe, write its record and add it to the report."""
+        y_test = self.data.y[test]
+        scored = (self.data.y[val], fitted.val_scores) if val is not None else (None, None)
+        record = RunRecord(
+            task=self.task, backbone=self.data.backbone, method=METHOD, fold=fold, seed=self.splits.seed,
+            options=self.options.defining(self.view), regime=regime, shots=shots, draw=draw,
+            splits_digest=self.digest, identity=self.data.identity, test_ids=self.data.ids[test].tolist(),
+            test_labels=y_test.tolist(), test_scores=fitted.scores.tolist(),
+            metrics=evaluate(y_test, fitted.scores, *scored), wall_time_s=seconds,
+            trainable_params=self.data.X.shape[1] + 1,
+            provenance={"store": str(self.store), "C": fitted.C, "C_rule": fitted.rule,
+                        "threshold": "validation" if val is not None else "0.5",
+                        "converged": fitted.converged, "wall_time": "share of the level's batched solve"},
+        )
+        write_record(record, self.out)
+        self.report.records.append(record)
+        self.report.written += 1
+
+
+def _run_full(job: _Job) -> None:
+    todo = [(fold.name, Part(*(job.data.rows(getattr(fold, p)) for p in ("train", "val", "test"))))
+            for fold in job.splits.folds if job.pending(fold.name, "full", None, None)]
+    if not todo:
+        return
+    start = time.perf_counter()
+    fitted = probe_full(job.data.X, job.data.y, [part for _, part in todo], job.options)
+    share = (time.perf_counter() - start) / len(todo)
+    for (name, part), fit in zip(todo, fitted, strict=True):
+        job.keep(name, "full", None, None, fit, part.test, share, val=part.val)
+
+
+def _draws(job: _Job, fold, k: int, draws: int | None, per_center: bool) -> list[list[str]]:
+    sets = job.splits.fewshot_per_center(fold, k) if per_center else job.splits.fewshot(fold, k)
+    if draws is not None and draws > len(sets):
+        raise SplitError(f"task {job.task} {fold.name}: {draws} draws asked, the split file has {len(sets)}; "
+                         f"recompute with `featcache splits --manifest {job.manifest} --task {job.task} "
+                         f"--draws {draws}`")
+    return sets[:draws]
+
+
+def _run_fewshot(job: _Job, k: int, draws: int | None, per_center: bool) -> None:
+    regime, kind = ("fewshot-center", "fewshot_center") if per_center else ("fewshot", "fewshot")
+    todo, tests = [], []
+    for fold in job.splits.folds:
+        if k in fold.skipped[kind]:
+            job.report.skipped.append(f"{fold.name} k={k}: {fold.skipped[kind][k]}")
+            continue
+        tests.append(job.data.rows(fold.test))
+        todo += [(fold.name, draw, job.data.rows(ids), len(tests) - 1)
+                 for draw, ids in enumerate(_draws(job, fold, k, draws, per_center))
+                 if job.pending(fold.name, regime, k, draw)]
+    if not todo:
+        return
+    start = time.perf_counter()
+    fitted = probe_fewshot(job.data.X, job.data.y, job.data.groups, [t[2] for t in todo], tests,
+                           [t[3] for t in todo], job.options)
+    share = (time.perf_counter() - start) / len(todo)
+    for (name, draw, _, test), fit in zip(todo, fitted, strict=True):
+        job.keep(name, regime, k, draw, fit, tests[test], share)
+
+
+def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path | None = None,
+              full: bool = False, shots: Sequence[int] = SHOTS, draws: int | None = None,
+              per_center: bool = False, view: str = "cls", options: ProbeOptions | None = None,
+              out: str | Path = "runs", progress: Progress | None = None) -> ProbeReport:
+    """Probe ``model``'s cached features on ``task``: every fold (``full``) or every fold x draw of each shot
+    level, one run record each in ``out``; runs whose key is already recorded are read back, not refitted.
+
+    ``store`` defaults to ``features.zarr`` beside the manifest, ``draws`` to all persisted draws;
+    ``per_center`` takes the draws with k per class per center. The module docstring states the protocol.
+    """
+    manifest_obj = load_manifest(manifest)
+    splits = load_splits(manifest, task)
+    store = Path(store) if store is not None else manifest_obj.path.parent / "features.zarr"
+    data = load_task_data(manifest_obj, task, splits, store, model, view)
+    job = _Job(task, Path(manifest), splits, splits.digest(), data, options or ProbeOptions(), view, store,
+               Path(out), ProbeReport())
+    levels: list[int | None] = [None] if full else sorted(set(shots))
+    for done, k in enumerate(levels):
+        if progress is not None:
+            progress("full data" if k is None else f"k={k}", done, len(levels))
+        if k is None:
+            _run_full(job)
+        else:
+            _run_fewshot(job, k, draws, per_center)
+    if progress is not None:
+        progress("done", len(levels), len(levels))
+    return job.report

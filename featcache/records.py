@@ -1,0 +1,320 @@
+"""Run records: one JSON file per run, named by a stable hash of what defines the run.
+
+A grid computes :func:`run_key` before it trains, skips keys whose record exists, and writes each result
+atomically, so a killed sweep resumes where it stopped and never leaves half a record. :func:`gather` turns a
+folder of records into one tidy CSV (one row per run) for a spreadsheet or a plotting script.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+from featcache.manifest import atomic_write
+from featcache.metrics import summarize
+
+REGIMES = ("full", "fewshot", "fewshot-center")
+KEY_LENGTH = 16
+# Distribution names of the libraries whose versions change results; keys are the import names.
+TRACKED = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "peft": "peft",
+    "timm": "timm",
+    "open_clip": "open_clip_torch",
+    "sklearn": "scikit-learn",
+    "numpy": "numpy",
+    "zarr": "zarr",
+}
+_CORE_COLUMNS = tuple(
+    "key task backbone method regime shots draw fold seed n_test wall_time_s trainable_params total_params "
+    "identity splits_digest created".split()
+)
+_METRIC_ORDER = tuple(
+    "mcc mcc_val_thr pr_auc roc_auc balanced_accuracy f1 sensitivity specificity threshold val_threshold "
+    "n n_pos reason".split()
+)
+GROUP_BY = ("task", "backbone", "method", "options", "regime", "shots")
+
+
+@lru_cache(maxsize=1)
+def versions() -> dict[str, str | None]:
+    """Versions of the toolkit and the libraries that shape results; a missing one is None."""
+    from featcache import __version__
+
+    found: dict[str, str | None] = {"featcache": __version__}
+    for name, dist in TRACKED.items():
+        try:
+            found[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: NaN/inf become null, NumPy scalars and arrays, tuples and paths become natives."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(
+        _jsonable(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def run_key(
+    *,
+    task: str,
+    backbone: str,
+    method: str,
+    fold: str,
+    seed: int,
+    options: dict[str, Any] | None = None,
+    regime: str = "full",
+    shots: int | None = None,
+    draw: int | None = None,
+    splits_digest: str | None = None,
+    identity: str | None = None,
+) -> str:
+    """16 hex chars of sha256 over the canonical JSON of the fields that define a run.
+
+    ``identity`` is what the features or weights were: a feature-store key or a weights identity. Dict key
+    order does not matter; any change of a value gives a new key.
+    """
+    defining = dict(
+        task=task,
+        backbone=backbone,
+        method=method,
+        fold=fold,
+        seed=seed,
+        options=options or {},
+        regime=regime,
+        shots=shots,
+        draw=draw,
+        splits_digest=splits_digest,
+        identity=identity,
+    )
+    return hashlib.sha256(_canonical(defining).encode("ascii")).hexdigest()[:KEY_LENGTH]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunRecord:
+    """Everything one run produced and what it ran on. Per-image test scores make re-scoring possible."""
+
+    task: str
+    backbone: str
+    method: str
+    fold: str
+    seed: int
+    options: dict[str, Any] = field(default_factory=dict)
+    regime: str = "full"
+    shots: int | None = None
+    draw: int | None = None
+    splits_digest: str | None = None
+    identity: str | None = None
+    test_ids: list[str] = field(default_factory=list)
+    test_labels: list[int] = field(default_factory=list)
+    test_scores: list[float] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=versions)
+    created: str = field(default_factory=_now)
+
+    def __post_init__(self) -> None:
+        if self.regime not in REGIMES:
+            raise ValueError(f"regime {self.regime!r} is not one of {', '.join(REGIMES)}")
+        if (self.shots is None) != (self.regime == "full"):
+            raise ValueError(
+                f"regime {self.regime!r} with shots={self.shots}: few-shot regimes need shots, "
+                "full data has none"
+            )
+        if not len(self.test_ids) == len(self.test_labels) == len(self.test_scores):
+            raise ValueError(
+                f"test ids ({len(self.test_ids)}), labels ({len(self.test_labels)}) and scores "
+                f"({len(self.test_scores)}) differ in length"
+            )
+        self.test_ids = [str(i) for i in self.test_ids]
+        self.test_labels = [int(v) for v in self.test_labels]
+        self.test_scores = [math.nan if v is None else float(v) for v in self.test_scores]  # JSON null
+
+    def defining(self) -> dict[str, Any]:
+        """The fields :func:`run_key` hashes."""
+        return dict(
+            task=self.task,
+            backbone=self.backbone,
+            method=self.method,
+            fold=self.fold,
+            seed=self.seed,
+            options=self.options,
+            regime=self.regime,
+            shots=self.shots,
+            draw=self.draw,
+            splits_digest=self.splits_digest,
+            identity=self.identity,
+        )
+
+    @property
+    def key(self) -> str:
+        return run_key(**self.defining())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, **_jsonable(asdict(self))}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def record_path(folder: str | Path, key: str) -> Path:
+    return Path(folder) / f"{key}.json"
+
+
+def write_record(record: RunRecord, folder: str | Path) -> Path:
+    """Write ``<folder>/<run key>.json`` atomically (NaN metrics as null); returns the path."""
+    path = record_path(folder, record.key)
+    atomic_write(
+        path, (json.dumps(record.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    )
+    return path
+
+
+def record_exists(folder: str | Path, key: str) -> bool:
+    """Whether the run with this key is already recorded (so a grid can skip it)."""
+    return record_path(folder, key).is_file()
+
+
+def load_records(folder: str | Path) -> list[RunRecord]:
+    """All records in ``folder`` (not recursive), by file name; temp files of killed writes are skipped."""
+    records = []
+    for path in sorted(Path(folder).glob("[!.]*.json")):
+        try:
+            records.append(RunRecord.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise FeatcacheError(f"{path}: not a run record ({err})") from err
+    return records
+
+
+def _flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Nested dicts become dotted columns; lists become compact JSON text."""
+    out: dict[str, Any] = {}
+    for name, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[f"{prefix}{name}"] = _canonical(value)
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def record_row(record: RunRecord) -> dict[str, Any]:
+    """One flat CSV row: core fields, ``opt_<name>`` options, metric columns, ``version_<lib>``; no scores."""
+    row: dict[str, Any] = {
+        name: getattr(record, name) for name in _CORE_COLUMNS if name not in ("key", "n_test")
+    }
+    row.update(key=record.key, n_test=len(record.test_ids))
+    row.update(_flatten(record.options, "opt_"))
+    clashing = set(record.metrics) & set(row)
+    row.update(_flatten({(f"metric_{k}" if k in clashing else k): v for k, v in record.metrics.items()}, ""))
+    row.update(_flatten(record.versions, "version_"))
+    return row
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    seen = {name for row in rows for name in row}
+    options = sorted(n for n in seen if n.startswith("opt_"))
+    version = sorted(n for n in seen if n.startswith("version_"))
+    rest = seen - set(_CORE_COLUMNS) - set(options) - set(version)
+    metric_cols = [m for m in _METRIC_ORDER if m in rest] + sorted(rest - set(_METRIC_ORDER))
+    return list(_CORE_COLUMNS) + options + metric_cols + version
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return value
+
+
+def _sort_key(record: RunRecord) -> tuple:
+    return (
+        record.task,
+        record.backbone,
+        record.method,
+        _canonical(record.options),
+        record.regime,
+        record.shots or 0,
+        record.fold,
+        record.draw if record.draw is not None else -1,
+        record.seed,
+        record.key,
+    )
+
+
+def gather(folder: str | Path, out_csv: str | Path) -> Path:
+    """All records of ``folder`` as one tidy CSV (a row per run, no per-image scores), written atomically."""
+    rows = [record_row(r) for r in sorted(load_records(folder), key=_sort_key)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_columns(rows), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+    out_csv = Path(out_csv)
+    atomic_write(out_csv, buffer.getvalue().encode("utf-8"))
+    return out_csv
+
+
+def options_label(options: dict[str, Any]) -> str:
+    """Options as short text, e.g. ``lr=0.001,r=8``; distinguishes LoRA r=4 from r=16 in summaries."""
+    return ",".join(f"{k}={v}" for k, v in sorted(_flatten(options, "").items()))
+
+
+def summarize_records(records: list[RunRecord], metrics: tuple[str, ...] = ("mcc", "pr_auc")) -> list[dict]:
+    """Mean ± std and count of ``metrics`` over folds and draws, one row per :data:`GROUP_BY` value."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for record in sorted(records, key=_sort_key):
+        label = (
+            record.task,
+            record.backbone,
+            record.method,
+            options_label(record.options),
+            record.regime,
+            record.shots,
+        )
+        groups.setdefault(label, []).append(record)
+    rows = []
+    for label, members in groups.items():
+        row: dict[str, Any] = dict(zip(GROUP_BY, label, strict=True))
+        row["runs"] = len(members)
+        for name in metrics:
+            row[name] = summarize([m.metrics.get(name) for m in members])
+        rows.append(row)
+    return rows

@@ -1,0 +1,520 @@
+"""Patient-level splits and few-shot support sets, computed once and persisted next to the manifest.
+
+Both stages read the same file, so a probe and a fine-tune on a task see the same folds, validation parts
+and few-shot draws. A split is a pure function of (image ids, labels, patients, centers, options, seed):
+inputs are sorted by image id first, and every random choice comes from a NumPy generator seeded from
+(seed, stream, fold, k, draw), never from global state, so the same seed gives a byte-identical file and any
+one draw can be reproduced on its own.
+
+Layout: ``<manifest dir>/<manifest stem>.splits/<TASK>.json``; see :meth:`Splits.to_dict` for the fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from featcache import datasets
+from featcache.errors import SplitError
+from featcache.manifest import atomic_write, load_manifest
+
+SHOTS = (2, 4, 8, 16, 32)
+CENTER_SHOTS = (2, 4, 8, 16)
+DRAWS = 100
+SEED = 42
+SCHEMES = ("kfold", "loco")
+VAL_FRACTION = {"kfold": 0.15, "loco": 0.10}  # LoCo: ~10 % of the remaining centers, as in the benchmark
+FORMAT = 1
+
+# Independent random streams: a change to one never shifts the draws of another.
+_VAL, _FEWSHOT, _FEWSHOT_CENTER = 0, 1, 2
+_CLASS_NAMES = ("negative", "positive")
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One fold: disjoint train / val / test image ids and the few-shot draws from its train + val patients.
+
+    ``fewshot[k][r]`` is draw ``r`` of a support set with ``k`` images per class, one image per patient;
+    ``fewshot_center[k][r]`` has ``k`` per class per center. ``skipped`` maps ``"fewshot"`` /
+    ``"fewshot_center"`` to ``{k: reason}`` for shot levels that could not be drawn.
+    """
+
+    name: str
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+    fewshot: dict[int, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    fewshot_center: dict[int, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    skipped: dict[str, dict[int, str]] = field(default_factory=lambda: {"fewshot": {}, "fewshot_center": {}})
+
+    @property
+    def pool(self) -> tuple[str, ...]:
+        """Train + val: the images few-shot support sets are drawn from."""
+        return tuple(sorted(self.train + self.val))
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "train": list(self.train),
+            "val": list(self.val),
+            "test": list(self.test),
+            "fewshot": {str(k): [list(d) for d in draws] for k, draws in self.fewshot.items()},
+            "fewshot_center": {str(k): [list(d) for d in draws] for k, draws in self.fewshot_center.items()},
+            "skipped": {
+                kind: {str(k): why for k, why in levels.items()} for kind, levels in self.skipped.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Fold:
+        def draws(levels: dict) -> dict[int, tuple[tuple[str, ...], ...]]:
+            return {int(k): tuple(tuple(ids) for ids in sets) for k, sets in levels.items()}
+
+        return cls(
+            name=d["name"],
+            train=tuple(d["train"]),
+            val=tuple(d["val"]),
+            test=tuple(d["test"]),
+            fewshot=draws(d["fewshot"]),
+            fewshot_center=draws(d["fewshot_center"]),
+            skipped={
+                kind: {int(k): why for k, why in levels.items()} for kind, levels in d["skipped"].items()
+            },
+        )
+
+
+@dataclass(frozen=True)
+class Splits:
+    """All folds of one task, with the options and manifest digest they were made from."""
+
+    task: str
+    scheme: str
+    k: int | None
+    seed: int
+    val_fraction: float
+    shots: tuple[int, ...]
+    center_shots: tuple[int, ...]
+    draws: int
+    manifest_digest: str
+    folds: tuple[Fold, ...]
+
+    def fold(self, which: Fold | str | int) -> Fold:
+        """A fold by object, name ("fold0", "center-A") or position."""
+        if isinstance(which, Fold):
+            return which
+        if isinstance(which, int):
+            return self.folds[which]
+        for fold in self.folds:
+            if fold.name == which:
+                return fold
+        raise SplitError(f"task {self.task}: no fold named {which!r} (have {', '.join(self.fold_names)})")
+
+    @property
+    def fold_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.folds)
+
+    def fewshot(self, fold: Fold | str | int, k: int) -> list[list[str]]:
+        """The R support sets of ``k`` images per class drawn from ``fold``'s train + val patients."""
+        return self._draws(self.fold(fold), k, "fewshot")
+
+    def fewshot_per_center(self, fold: Fold | str | int, k: int) -> list[list[str]]:
+        """The R support sets of ``k`` images per class per center drawn from ``fold``'s train + val."""
+        return self._draws(self.fold(fold), k, "fewshot_center")
+
+    def _draws(self, fold: Fold, k: int, kind: str) -> list[list[str]]:
+        if k in fold.skipped[kind]:
+            raise SplitError(
+                f"task {self.task} {fold.name}: {kind} k={k} was skipped: {fold.skipped[kind][k]}"
+            )
+        draws = getattr(fold, kind)
+        if k not in draws:
+            drawn = ", ".join(map(str, sorted(draws))) or "none"
+            raise SplitError(f"task {self.task} {fold.name}: no {kind} draws for k={k} (drawn: {drawn})")
+        return [list(ids) for ids in draws[k]]
+
+    def to_dict(self) -> dict:
+        """The persisted form: options, ``manifest_digest``, and per fold its parts, draws and skipped k."""
+        return {
+            "format": FORMAT,
+            "task": self.task,
+            "scheme": self.scheme,
+            "k": self.k,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "shots": list(self.shots),
+            "center_shots": list(self.center_shots),
+            "draws": self.draws,
+            "manifest_digest": self.manifest_digest,
+            "folds": [fold.to_dict() for fold in self.folds],
+        }
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, fixed separators): equal splits give equal bytes."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON (= of the persisted file); run keys include it."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Splits:
+        if d.get("format") != FORMAT:
+            raise SplitError(f"split format {d.get('format')!r} is not the supported format {FORMAT}")
+        return cls(
+            task=d["task"],
+            scheme=d["scheme"],
+            k=d["k"],
+            seed=d["seed"],
+            val_fraction=d["val_fraction"],
+            shots=tuple(d["shots"]),
+            center_shots=tuple(d["center_shots"]),
+            draws=d["draws"],
+            manifest_digest=d["manifest_digest"],
+            folds=tuple(Fold.from_dict(f) for f in d["folds"]),
+        )
+
+
+@dataclass(frozen=True)
+class _Cohort:
+    """Images sorted by id, with per-patient label and center (patients indexed 0..P-1 in sorted order)."""
+
+    ids: np.ndarray
+    y: np.ndarray
+    patient: np.ndarray  # image -> patient index
+    patient_names: np.ndarray
+    patient_label: np.ndarray
+    patient_center: np.ndarray
+    centers: np.ndarray  # image -> center name
+
+    @classmethod
+    def build(cls, ids, y, groups, centers) -> _Cohort:
+        ids = np.asarray([str(i) for i in ids])
+        y = np.asarray(y)
+        groups = np.asarray([str(g) for g in groups])
+        centers = np.asarray([""] * ids.size if centers is None else [str(c) for c in centers])
+        if not ids.size == y.size == groups.size == centers.size:
+            raise SplitError(
+                f"ids ({ids.size}), labels ({y.size}), patients ({groups.size}) and centers "
+                f"({centers.size}) differ in length"
+            )
+        if ids.size == 0:
+            raise SplitError("no labelled images to split")
+        if not np.isin(y, (0, 1)).all():
+            raise SplitError(f"labels must be 0/1, got {np.unique(y)[:5].tolist()}")
+        order = np.argsort(ids, kind="stable")
+        ids, y, groups, centers = ids[order], y[order].astype(np.int8), groups[order], centers[order]
+        dup = ids[1:][ids[1:] == ids[:-1]]
+        if dup.size:
+            raise SplitError(f"duplicate image ids: {', '.join(np.unique(dup)[:5])}")
+        names, patient = np.unique(groups, return_inverse=True)
+        label = _per_patient(patient, y, names, "labels")
+        center = _per_patient(patient, centers, names, "centers")
+        return cls(ids, y, patient, names, label, center, centers)
+
+
+def _per_patient(patient: np.ndarray, values: np.ndarray, names: np.ndarray, what: str) -> np.ndarray:
+    """The one value each patient has; a patient with two is an error naming the first few such patients."""
+    _, first = np.unique(patient, return_index=True)
+    per_patient = values[first]
+    conflicting = np.unique(patient[values != per_patient[patient]])
+    if conflicting.size:
+        shown = ", ".join(names[conflicting[:5]])
+        raise SplitError(
+            f"{conflicting.size} patients have conflicting {what} ({shown}); "
+            "run `featcache manifest validate` on the manifest"
+        )
+    return per_patient
+
+
+def _rng(seed: int, stream: int, fold: int, k: int = 0, draw: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, fold, k, draw])
+
+
+def _kfold(cohort: _Cohort, k: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Stratified k-fold grouped by patient: (name, pool image indices, test image indices)."""
+    per_class = np.bincount(cohort.patient_label, minlength=2)
+    if per_class.min() < k:
+        c = int(per_class.argmin())
+        raise SplitError(
+            f"class {c} ({_CLASS_NAMES[c]}) has {per_class[c]} patients, fewer than k={k} folds; lower --k"
+        )
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [
+        (f"fold{i}", pool, test)
+        for i, (pool, test) in enumerate(cv.split(np.zeros(cohort.ids.size), cohort.y, groups=cohort.patient))
+    ]
+
+
+def _loco(cohort: _Cohort) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Leave one center out: each center is once the test part, the others form the pool."""
+    names = np.unique(cohort.centers)
+    if names.size < 2:
+        raise SplitError(
+            f"leave-one-center-out needs at least 2 centers, found {names.size} ({', '.join(names)})"
+        )
+    return [
+        (f"center-{c}", np.flatnonzero(cohort.centers != c), np.flatnonzero(cohort.centers == c))
+        for c in names
+    ]
+
+
+def _n_val(n: int, fraction: float) -> int:
+    """Patients of one class for validation: rounded share, at least one while one stays for training."""
+    if fraction == 0 or n < 2:
+        return 0
+    return int(min(max(np.floor(fraction * n + 0.5), 1), n - 1))
+
+
+def _carve_val(cohort: _Cohort, pool: np.ndarray, fraction: float, rng: np.random.Generator):
+    """Split a pool into (train, val) image indices: whole patients, the same share of each class."""
+    patients = np.unique(cohort.patient[pool])
+    chosen = [
+        rng.choice(p, _n_val(p.size, fraction), replace=False)
+        for p in (patients[cohort.patient_label[patients] == c] for c in (0, 1))
+    ]
+    in_val = np.isin(cohort.patient[pool], np.concatenate(chosen))
+    return pool[~in_val], pool[in_val]
+
+
+class _Pool:
+    """Images of a pool grouped by patient (contiguous runs) so whole draws vectorise."""
+
+    def __init__(self, cohort: _Cohort, pool: np.ndarray):
+        pool = pool[np.lexsort((cohort.ids[pool], cohort.patient[pool]))]
+        self.cohort, self.images = cohort, pool
+        self.patients, self.start, self.count = np.unique(
+            cohort.patient[pool], return_index=True, return_counts=True
+        )
+
+    def patients_of(self, label: int, center: str | None = None) -> np.ndarray:
+        """Positions (into ``self.patients``) of the pool's patients of one class (and center)."""
+        mask = self.cohort.patient_label[self.patients] == label
+        if center is not None:
+            mask &= self.cohort.patient_center[self.patients] == center
+        return np.flatnonzero(mask)
+
+    def draw(self, rng: np.random.Generator, strata: Sequence[np.ndarray], k: int) -> tuple[str, ...]:
+        """k distinct patients from each stratum, one random image of each; ids sorted."""
+        picked = np.concatenate([rng.choice(s, k, replace=False) for s in strata])
+        image = self.start[picked] + rng.integers(0, self.count[picked])
+        return tuple(sorted(self.cohort.ids[self.images[image]].tolist()))
+
+
+def _fewshot(pool: _Pool, fold_name: str, fold_no: int, shots: Iterable[int], draws: int, seed: int):
+    """Draws of k per class, or the reason a level was skipped."""
+    strata = [pool.patients_of(c) for c in (0, 1)]
+    out, skipped = {}, {}
+    for k in shots:
+        short = [f"class {c} ({_CLASS_NAMES[c]}) has {s.size}" for c, s in enumerate(strata) if s.size < k]
+        if short:
+            skipped[k] = f"{' and '.join(short)} patients in {fold_name}'s train+val, fewer than k={k}"
+            continue
+        out[k] = tuple(pool.draw(_rng(seed, _FEWSHOT, fold_no, k, r), strata, k) for r in range(draws))
+    return out, skipped
+
+
+def _fewshot_center(pool: _Pool, fold_name: str, fold_no: int, shots: Iterable[int], draws: int, seed: int):
+    """Draws of k per class per center of the pool, or the reason a level was skipped."""
+    centers = np.unique(pool.cohort.patient_center[pool.patients])
+    strata = {(str(c), lab): pool.patients_of(lab, c) for c in centers for lab in (0, 1)}
+    out, skipped = {}, {}
+    for k in shots:
+        short = [f"{c}/{_CLASS_NAMES[lab]} {s.size}" for (c, lab), s in strata.items() if s.size < k]
+        if short:
+            skipped[k] = (
+                f"fewer than k={k} patients per class per center in {fold_name}'s train+val "
+                f"(center/class patients: {', '.join(short)})"
+            )
+            continue
+        out[k] = tuple(
+            pool.draw(_rng(seed, _FEWSHOT_CENTER, fold_no, k, r), list(strata.values()), k)
+            for r in range(draws)
+        )
+    return out, skipped
+
+
+def _ids(cohort: _Cohort, idx: np.ndarray) -> tuple[str, ...]:
+    return tuple(sorted(cohort.ids[idx].tolist()))
+
+
+def make_splits(
+    ids: Sequence[str],
+    y: Sequence[int] | np.ndarray,
+    groups: Sequence[str],
+    centers: Sequence[str] | None = None,
+    *,
+    task: str = "",
+    scheme: str = "kfold",
+    k: int = 5,
+    val_fraction: float | None = None,
+    shots: Iterable[int] = SHOTS,
+    center_shots: Iterable[int] = CENTER_SHOTS,
+    draws: int = DRAWS,
+    seed: int = SEED,
+    per_center: bool | None = None,
+    manifest_digest: str = "",
+) -> Splits:
+    """Folds, validation parts and few-shot draws from plain arrays (one entry per image).
+
+    ``groups`` are patient ids: a patient's images always land in one part. ``scheme`` is "kfold"
+    (StratifiedGroupKFold, shuffled with ``seed``) or "loco" (one fold per center). ``val_fraction`` of each
+    class's training patients form the validation part (default 0.15 for k-fold, 0.10 for LoCo). Few-shot sets
+    are drawn from train + val; ``per_center`` (default: when there are several centers) adds the draws with
+    ``center_shots`` per class per center. A shot level some class cannot fill is skipped and recorded.
+    """
+    if scheme not in SCHEMES:
+        raise SplitError(f"unknown cv scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    fraction = VAL_FRACTION[scheme] if val_fraction is None else float(val_fraction)
+    if not 0 <= fraction < 1:
+        raise SplitError(f"val fraction must be in [0, 1), got {fraction}")
+    shots, center_shots = tuple(sorted(set(shots))), tuple(sorted(set(center_shots)))
+    if any(s < 1 for s in shots + center_shots) or draws < 0 or seed < 0:
+        raise SplitError(
+            f"shots must be >= 1, draws and seed >= 0 (shots {shots}, center shots {center_shots}, "
+            f"draws {draws}, seed {seed})"
+        )
+    cohort = _Cohort.build(ids, y, groups, centers)
+    if per_center is None:
+        per_center = np.unique(cohort.centers).size > 1
+    parts = _kfold(cohort, k, seed) if scheme == "kfold" else _loco(cohort)
+    folds = []
+    for no, (name, pool_idx, test_idx) in enumerate(parts):
+        train_idx, val_idx = _carve_val(cohort, pool_idx, fraction, _rng(seed, _VAL, no))
+        pool = _Pool(cohort, pool_idx)
+        fewshot, skipped = _fewshot(pool, name, no, shots, draws, seed)
+        center_draws, center_skipped = (
+            _fewshot_center(pool, name, no, center_shots, draws, seed) if per_center else ({}, {})
+        )
+        folds.append(
+            Fold(
+                name,
+                _ids(cohort, train_idx),
+                _ids(cohort, val_idx),
+                _ids(cohort, test_idx),
+                fewshot,
+                center_draws,
+                {"fewshot": skipped, "fewshot_center": center_skipped},
+            )
+        )
+    return Splits(
+        task=task,
+        scheme=scheme,
+        k=k if scheme == "kfold" else None,
+        seed=seed,
+        val_fraction=fraction,
+        shots=shots,
+        center_shots=center_shots if per_center else (),
+        draws=draws,
+        manifest_digest=manifest_digest,
+        folds=tuple(folds),
+    )
+
+
+def describe(splits: Splits, ids: Sequence[str], y: Sequence[int], groups: Sequence[str]) -> list[dict]:
+    """Per fold and part: images, patients and positives; for reports and the CLI table."""
+    label = dict(zip(map(str, ids), (int(v) for v in y), strict=True))
+    patient = dict(zip(map(str, ids), map(str, groups), strict=True))
+    rows = []
+    for fold in splits.folds:
+        for part in ("train", "val", "test"):
+            members = getattr(fold, part)
+            rows.append(
+                {
+                    "fold": fold.name,
+                    "part": part,
+                    "images": len(members),
+                    "patients": len({patient[i] for i in members}),
+                    "positives": sum(label[i] for i in members),
+                }
+            )
+    return rows
+
+
+# --- persistence next to the manifest -------------------------------------------------------------------
+
+
+def splits_path(manifest_path: str | Path, task: str) -> Path:
+    """``<manifest dir>/<manifest stem>.splits/<task>.json``."""
+    if not task or any(sep in task for sep in ("/", "\\")) or task.startswith("."):
+        raise SplitError(f"task key {task!r} cannot name a split file")
+    manifest_path = Path(manifest_path)
+    return manifest_path.parent / f"{manifest_path.stem}.splits" / f"{task}.json"
+
+
+def save_splits(splits: Splits, manifest_path: str | Path) -> Path:
+    """Write the split file atomically (temp file in the same folder, then rename); returns its path."""
+    path = splits_path(manifest_path, splits.task)
+    atomic_write(path, splits.to_json().encode("utf-8"))
+    return path
+
+
+def read_splits(path: str | Path) -> Splits:
+    """A split file as it is, without checking it against a manifest."""
+    path = Path(path)
+    try:
+        return Splits.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise SplitError(f"{path}: not a valid split file ({err})") from err
+
+
+def _command(manifest_path: str | Path, task: str) -> str:
+    return f"`featcache splits --manifest {manifest_path} --task {task}`"
+
+
+def build_splits(
+    manifest_path: str | Path,
+    task: str,
+    *,
+    scheme: str = "auto",
+    k: int | None = None,
+    val_fraction: float | None = None,
+    shots: Iterable[int] = SHOTS,
+    center_shots: Iterable[int] = CENTER_SHOTS,
+    draws: int = DRAWS,
+    seed: int = SEED,
+    per_center: bool | None = None,
+) -> Splits:
+    """:func:`make_splits` on a manifest task; "auto" scheme, k and per-center come from its task spec."""
+    spec = datasets.get_task(task)
+    manifest = load_manifest(manifest_path)
+    ids, y = manifest.labels(task)
+    return make_splits(
+        ids,
+        y,
+        manifest.patients(ids),
+        manifest.centers(ids),
+        task=task,
+        scheme=spec.cv if scheme == "auto" else scheme,
+        k=k if k is not None else spec.k,
+        val_fraction=val_fraction,
+        shots=shots,
+        center_shots=center_shots,
+        draws=draws,
+        seed=seed,
+        per_center=spec.has_centers if per_center is None else per_center,
+        manifest_digest=manifest.digest(),
+    )
+
+
+def load_splits(manifest_path: str | Path, task: str) -> Splits:
+    """The persisted splits of ``task``, refused when the manifest changed since they were made."""
+    path = splits_path(manifest_path, task)
+    if not path.is_file():
+        raise SplitError(f"{path}: no splits for task {task}; make them with {_command(manifest_path, task)}")
+    splits = read_splits(path)
+    if splits.task != task:
+        raise SplitError(f"{path}: holds splits of task {splits.task!r}, not {task!r}")
+    current = load_manifest(manifest_path).digest()
+    if splits.manifest_digest != current:
+        raise SplitError(
+            f"{path}: made for manifest digest {splits.manifest_digest[:12]}, but {manifest_path} is now "
+            f"{current[:12]}; recompute with {_command(manifest_path, task)}"
+        )
+    return splits

@@ -1,0 +1,282 @@
+"""The probe engine: selection rules against scikit-learn, few-shot rules, records, CLI and refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from typer.testing import CliRunner
+
+from cli.featcache_app import app
+from featcache.errors import SplitError, StoreError
+from featcache.extract import extract_features
+from featcache.manifest import write_manifest
+from featcache.metrics import binary_metrics
+from featcache.probe import (
+    C_GRID,
+    FIXED_C,
+    INNER_CV_MIN,
+    INNER_FOLDS,
+    Part,
+    ProbeOptions,
+    can_select,
+    choose_c,
+    inner_folds,
+    probe_fewshot,
+    probe_full,
+    run_probe,
+)
+from featcache.records import load_records
+from featcache.splits import build_splits, save_splits
+from featcache.synth import make_cohort
+
+MODEL = "dinov2-s-tiny"  # builds instantly offline; 16-dim cls features
+TASK = "SYN"
+
+
+def _gaussian(n: int = 400, D: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(np.int64)
+    X = rng.normal(size=(n, D)) + 0.8 * np.outer(y, rng.normal(size=D)) + rng.normal(size=D) * 3
+    return X.astype(np.float32), y
+
+
+def _support(y: np.ndarray, k: int, rng: np.random.Generator, pool: int = 300) -> np.ndarray:
+    """k images per class from the first ``pool`` rows (the rest is test)."""
+    strata = [np.flatnonzero(y[:pool] == label) for label in (1, 0)]
+    return np.concatenate([rng.choice(rows, k, replace=False) for rows in strata])
+
+
+def _cohort(folder: Path, patients: int, draws: int) -> Path:
+    manifest = make_cohort(folder, patients=patients, positive_rate=0.4, size=48, seed=1)
+    save_splits(build_splits(manifest, TASK, draws=draws), manifest)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """A synthetic cohort with splits (3 draws per level) and dinov2-s-tiny features in features.zarr."""
+    manifest = _cohort(tmp_path_factory.mktemp("cohort"), patients=100, draws=3)
+    extract_features(manifest, MODEL)
+    return manifest
+
+
+def _copy(cohort: Path, to: Path) -> Path:
+    shutil.copytree(cohort.parent, to)
+    return to / cohort.name
+
+
+def _rows(manifest: Path) -> list[dict[str, str]]:
+    with manifest.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------------------------------ rules on arrays
+
+
+def test_choose_c_takes_the_best_and_the_smaller_c_on_ties():
+    y = np.array([0, 0, 1, 1])
+    scores = np.array([[0.6, 0.6, 0.4, 0.4], [0.2, 0.3, 0.7, 0.8], [0.1, 0.2, 0.9, 0.8],
+                       [0.9, 0.1, 0.2, 0.3]])
+    assert choose_c([scores], [y], "mcc").tolist() == [1]  # rows 1 and 2 are perfect: the smaller C wins
+    assert choose_c([scores[[0, 3]]], [y], "pr_auc").tolist() == [1]  # AP 0.5 < 0.58
+    assert choose_c([scores[[3, 2, 1]]], [y], "pr_auc").tolist() == [1]  # two perfect rankings: the first
+    assert choose_c([scores], [np.ones(4, dtype=int)], "pr_auc").tolist() == [0]  # undefined everywhere
+
+
+def test_full_data_choice_equals_sklearn_on_validation():
+    """Chosen C, its validation scores and the refit on train + validation, against plain scikit-learn."""
+    X, y = _gaussian()
+    X64 = X.astype(np.float64)  # scikit-learn would otherwise fit in float32; the values are the same
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(y))
+    parts = [Part(np.sort(order[:200]), np.sort(order[200:300]), np.sort(order[300:])),
+             Part(np.sort(order[100:300]), np.sort(order[300:])[:60], np.sort(order[:100]))]
+    for select in ("mcc", "pr_auc"):
+        fitted = probe_full(X, y, parts, ProbeOptions(select=select))
+        for part, fit in zip(parts, fitted, strict=True):
+            scaler = StandardScaler().fit(X64[part.train])
+            values = []
+            for C in C_GRID:
+                model = LogisticRegression(C=C, class_weight="balanced", tol=1e-10, max_iter=10_000)
+                model.fit(scaler.transform(X64[part.train]), y[part.train])
+                val = model.predict_proba(scaler.transform(X64[part.val]))[:, 1]
+                values.append(binary_metrics(y[part.val], val)[select])
+            assert fit.C == C_GRID[int(np.flatnonzero(np.asarray(values) >= max(values) - 1e-12)[0])]
+            both = np.concatenate([part.train, part.val])
+            scaler = StandardScaler().fit(X64[both])
+            model = LogisticRegression(C=fit.C, class_weight="balanced", tol=1e-10, max_iter=10_000)
+            model.fit(scaler.transform(X64[both]), y[both])
+            expected = model.predict_proba(scaler.transform(X64[part.test]))[:, 1]
+            np.testing.assert_allclose(fit.scores, expected, atol=1e-4)
+            assert fit.rule == "validation" and fit.converged and fit.val_scores.shape == part.val.shape
+
+
+def test_inner_folds_are_stratified_grouped_and_deterministic():
+    y = np.array([0] * 10 + [1] * 9)
+    groups = np.array([f"p{i // 2}" for i in range(10)] + [f"q{i}" for i in range(9)])  # p*: 2 images
+    fold = inner_folds(y, groups)
+    assert (fold == inner_folds(y, groups)).all()
+    for g in np.unique(groups):
+        assert np.unique(fold[groups == g]).size == 1  # a patient never straddles inner folds
+    for label in (0, 1):
+        per_fold = [np.unique(groups[(y == label) & (fold == q)]).size for q in range(INNER_FOLDS)]
+        assert max(per_fold) - min(per_fold) <= 1
+
+
+def test_small_support_sets_use_the_fixed_c_and_larger_ones_inner_cv():
+    X, y = _gaussian()
+    rng = np.random.default_rng(2)
+    small, large = [_support(y, INNER_CV_MIN - 1, rng)], [_support(y, INNER_CV_MIN, rng)]
+    groups = np.arange(len(y)).astype(str)
+    assert not can_select(y[small[0]], groups[small[0]]) and can_select(y[large[0]], groups[large[0]])
+    fitted = probe_fewshot(X, y, groups, small + large, [np.arange(300, 400)], [0, 0], ProbeOptions())
+    assert (fitted[0].rule, fitted[0].C) == ("fixed", FIXED_C)
+    assert fitted[1].rule == "inner-cv" and fitted[1].C in C_GRID
+    assert all(f.scores.shape == (100,) and f.converged for f in fitted)
+
+
+def test_fewshot_uses_nothing_beyond_the_support_set():
+    """Features of every other training image may change: the support-set models and test scores do not."""
+    X, y = _gaussian()
+    rng = np.random.default_rng(3)
+    supports = [_support(y, k, rng) for k in (2, 8, 16)]
+    groups, test = np.arange(len(y)).astype(str), np.arange(300, 400)
+    before = probe_fewshot(X, y, groups, supports, [test], [0, 0, 0], ProbeOptions())
+    others = np.setdiff1d(np.arange(300), np.concatenate(supports))
+    X2 = X.copy()
+    X2[others] = rng.normal(size=(others.size, X.shape[1])) * 50
+    after = probe_fewshot(X2, y, groups, supports, [test], [0, 0, 0], ProbeOptions())
+    for a, b in zip(before, after, strict=True):
+        assert a.C == b.C
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_torch_and_sklearn_paths_choose_the_same():
+    X, y = _gaussian(D=12)
+    rng = np.random.default_rng(4)
+    supports = [_support(y, k, rng) for k in (4, 8, 8)]
+    groups, tests = np.arange(len(y)).astype(str), [np.arange(300, 400)]
+    runs = {s: probe_fewshot(X, y, groups, supports, tests, [0, 0, 0], ProbeOptions(solver=s))
+            for s in ("torch", "sklearn")}
+    for a, b in zip(runs["torch"], runs["sklearn"], strict=True):
+        assert (a.C, a.rule) == (b.C, b.rule)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- stores and records
+
+
+def test_cli_fewshot_16_prints_its_table_and_skips_recorded_runs(cohort, tmp_path):
+    runner = CliRunner()
+    args = ["probe", "--model", MODEL, "--task", TASK, "--manifest", str(cohort), "--shots", "16",
+            "--out", str(tmp_path / "runs")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())  # rich wraps at the terminal width
+    assert "fewshot 16 15" in output and "±" in output  # regime, k, runs
+    assert "wrote 15 run records (0 already there)" in output  # 5 folds x 3 draws
+    records = load_records(tmp_path / "runs")
+    assert len(records) == 15 and {(r.regime, r.shots) for r in records} == {("fewshot", 16)}
+    first = records[0]
+    assert first.provenance["C_rule"] == "inner-cv" and first.provenance["threshold"] == "0.5"
+    assert first.options["solver"] == "torch" and first.identity.startswith(MODEL)
+    assert len(first.test_scores) == len(first.test_ids) > 0 and first.metrics["pr_auc"] is not None
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "wrote 0 run records (15 already there)" in " ".join(again.output.split())
+
+
+def test_full_data_records_and_determinism(cohort, tmp_path):
+    reports = [run_probe(cohort, TASK, MODEL, full=True, out=tmp_path / name) for name in ("a", "b")]
+    assert [r.written for r in reports] == [5, 5]
+    first, second = (sorted(r.records, key=lambda r: r.fold) for r in reports)
+    for a, b in zip(first, second, strict=True):
+        assert a.key == b.key and a.test_scores == b.test_scores and a.metrics == b.metrics
+        assert a.regime == "full" and a.provenance["threshold"] == "validation"
+        assert np.isfinite(a.metrics["mcc_val_thr"]) and a.provenance["C"] in C_GRID
+    keys = {r.key for r in first}
+    sklearn = run_probe(cohort, TASK, MODEL, full=True, out=tmp_path / "a",
+                        options=ProbeOptions(solver="sklearn"))
+    assert sklearn.written == 5 and not keys & {r.key for r in sklearn.records}  # the solver defines a run
+
+
+def test_skipped_levels_are_reported_not_fatal(cohort, tmp_path):
+    """This cohort's fold0 has 31 positive patients in train+val: k=32 is skipped there, run elsewhere."""
+    report = run_probe(cohort, TASK, MODEL, shots=(2, 32), draws=1, out=tmp_path)
+    assert report.skipped and all("k=32" in line and "fewer than k=32" in line for line in report.skipped)
+    runs = [r.shots for r in report.records]
+    assert runs.count(2) == 5 and runs.count(32) == 5 - len(report.skipped)
+
+
+def test_per_center_draws_make_their_own_regime(cohort, tmp_path):
+    report = run_probe(cohort, TASK, MODEL, shots=(2,), draws=2, per_center=True, out=tmp_path)
+    assert {(r.regime, r.shots) for r in report.records} == {("fewshot-center", 2)}
+    assert len(report.records) == 5 * 2 - 2 * len(report.skipped)
+
+
+def test_more_draws_than_persisted_is_refused(cohort, tmp_path):
+    with pytest.raises(SplitError, match="4 draws asked, the split file has 3"):
+        run_probe(cohort, TASK, MODEL, shots=(2,), draws=4, out=tmp_path)
+
+
+def test_images_missing_from_the_store_are_named(cohort, tmp_path):
+    manifest = _copy(cohort, tmp_path / "grown")
+    rows = _rows(manifest)
+    extra = [{**row, "image_id": f"{row['image_id']}_copy"} for row in rows[:2]]
+    write_manifest(rows + extra, manifest)
+    save_splits(build_splits(manifest, TASK, draws=1), manifest)
+    with pytest.raises(StoreError, match=r"2 of \d+ images not embedded.*featcache extract --model"):
+        run_probe(manifest, TASK, MODEL, shots=(2,), out=tmp_path / "runs")
+
+
+def test_images_skipped_at_extraction_are_named(tmp_path):
+    manifest = _cohort(tmp_path / "small", patients=24, draws=1)
+    broken = manifest.parent / _rows(manifest)[0]["path"]
+    broken.write_bytes(b"not an image")
+    extract_features(manifest, MODEL, on_error="skip")
+    with pytest.raises(StoreError, match=r"1 of \d+ images of the SYN splits have no 'cls' features.*"
+                                         r"featcache extract --model dinov2-s-tiny"):
+        run_probe(manifest, TASK, MODEL, shots=(2,), out=tmp_path / "runs")
+
+
+def test_a_store_from_another_manifest_is_refused(cohort, tmp_path):
+    manifest = _copy(cohort, tmp_path / "moved")
+    rows = _rows(manifest)
+    moved = Path(rows[0]["path"]).with_name("moved.png")
+    (manifest.parent / rows[0]["path"]).rename(manifest.parent / moved)
+    rows[0]["path"] = moved.as_posix()
+    write_manifest(rows, manifest)
+    save_splits(build_splits(manifest, TASK, draws=1), manifest)
+    with pytest.raises(StoreError, match="changed path or crop"):
+        run_probe(manifest, TASK, MODEL, shots=(2,), out=tmp_path / "runs")
+
+
+def test_no_features_for_the_model_is_refused(cohort, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["probe", "--model", "resnet18-tiny", "--task", TASK,
+                                 "--manifest", str(cohort), "--out", str(tmp_path)])
+    assert isinstance(result.exception, StoreError) and "featcache extract" in str(result.exception)
+
+
+def test_cli_rejects_bad_choices(cohort, tmp_path):
+    runner = CliRunner()
+    base = ["probe", "--model", MODEL, "--task", TASK, "--manifest", str(cohort), "--out", str(tmp_path)]
+    assert runner.invoke(app, [*base, "--select", "auc"]).exit_code == 2
+    assert runner.invoke(app, [*base, "--full", "--shots", "2"]).exit_code == 2
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_probe_options_validate_sort_and_serialise():
+    with pytest.raises(ValueError, match="select"):
+        ProbeOptions(select="auc")
+    options = ProbeOptions(grid=(1.0, 0.01, 0.1))
+    assert options.grid == (0.01, 0.1, 1.0)
+    defining = options.defining("cls")
+    assert json.loads(json.dumps(defining)) == defining and defining["C_grid"] == [0.01, 0.1, 1.0]
+    assert len(C_GRID) >= 10 and C_GRID[0] == pytest.approx(1e-4) and C_GRID[-1] == pytest.approx(1e2)
