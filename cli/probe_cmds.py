@@ -12,13 +12,13 @@ from rich.table import Table
 
 from cli._common import console
 from featcache.metrics import Summary
-from featcache.probe import SELECT, SOLVERS, ProbeOptions, run_probe
 from featcache.records import RunRecord, summarize_records
-from featcache.splits import SHOTS
 
 
 def _shots(text: str | None) -> tuple[int, ...]:
     if text is None:
+        from featcache.splits import SHOTS
+
         return SHOTS
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
@@ -88,6 +88,8 @@ def probe(
     """
     if full and shots is not None:
         raise typer.BadParameter("--shots and --full exclude each other", param_hint="--full")
+    from featcache.probe import SELECT, SOLVERS, ProbeOptions, run_probe  # torch and scikit-learn: load on use
+
     options = ProbeOptions(select=_choice(select, SELECT, "--select"),
                            solver=_choice(solver, SOLVERS, "--solver"), device=device)
     columns = (TextColumn("probing {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -102,6 +104,9 @@ def probe(
                            per_center=per_center, view=view, options=options, out=out, progress=progress)
     for line in report.skipped:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
+    weights = {r.provenance.get("weights") for r in report.records}
+    if weights & {"random-init", "tiny-random"}:
+        console.print(f"[yellow]features from random weights ({', '.join(sorted(map(str, weights)))})[/]")
     console.print(_table(report.records, f"{task} · {model} · {view} · solver {solver} · select {select}"))
     console.print(f"wrote {report.written} run records ({report.existing} already there) to {out}",
                   highlight=False)

@@ -55,18 +55,18 @@ def splits(
     task: str = typer.Option(
         ..., "--task", help="Task key, a label column of the manifest (e.g. AFC, NY_icu)."
     ),
-    k: int | None = typer.Option(None, "--k", help="Folds for k-fold [default: the task spec's, 5]."),
+    k: int | None = typer.Option(None, "--k", help="Folds for k-fold (default: the task spec's, 5)."),
     scheme: str = typer.Option("auto", "--scheme", help="auto (from the task spec) | kfold | loco."),
     val_fraction: float | None = typer.Option(
         None,
         "--val-fraction",
         help="Share of each class's training patients held out for validation "
-        "[default: 0.15 k-fold, 0.10 leave-one-center-out].",
+        "(default: 0.15 k-fold, 0.10 leave-one-center-out).",
     ),
     shots: str = typer.Option("2,4,8,16,32", "--shots", help="Few-shot k per class; '' for none."),
     center_shots: str = typer.Option("2,4,8,16", "--center-shots", help="Per-center few-shot k per class."),
     per_center: bool | None = typer.Option(
-        None, "--per-center/--no-per-center", help="Per-center draws [default: when the dataset has centers]."
+        None, "--per-center/--no-per-center", help="Per-center draws (default: when the dataset has centers)."
     ),
     draws: int = typer.Option(100, "--draws", help="Seeded draws per few-shot level."),
     seed: int = typer.Option(42, "--seed"),
@@ -112,7 +112,7 @@ def splits(
 
 def results(
     folder: Path = typer.Argument(..., help="Folder of run records (<run key>.json)."),
-    out: Path | None = typer.Option(None, "--out", help="CSV to write [default: FOLDER/results.csv]."),
+    out: Path | None = typer.Option(None, "--out", help="CSV to write (default: FOLDER/results.csv)."),
 ) -> None:
     """Gather run records into one tidy CSV and print mean ± std of MCC and PR-AUC per configuration."""
     if not folder.is_dir():

@@ -33,6 +33,7 @@ from featcache.store import (
     DataArray,
     RowGroup,
     Rows,
+    default_store,
     feature_spec,
     group_name,
     manifest_rows,
@@ -98,7 +99,7 @@ def extract_features(manifest: Manifest | str | Path, model: str | BackboneSpec,
         return feature_step(backbone, pre, chosen, getattr(torch, dtype), device)
 
     job = RowJob(
-        store=Path(store) if store is not None else manifest.path.parent / "features.zarr",
+        store=Path(store) if store is not None else default_store(manifest.path),
         prefix=bspec.name, spec=spec,
         data={v: DataArray((dim,), dtype, (f"{v}_dim",), fill_value=float("nan")) for v, dim in
               spec["views"].items()},

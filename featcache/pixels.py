@@ -25,7 +25,7 @@ from featcache.errors import StoreError
 from featcache.extract import ExtractResult, Progress, RowJob, run_rows
 from featcache.imaging import Preprocess, load_gray, quantize, to_model_input
 from featcache.manifest import Manifest, load_manifest
-from featcache.store import CROP_RULE, LAYOUT_VERSION, DataArray, RowGroup, group_name
+from featcache.store import CROP_RULE, LAYOUT_VERSION, DataArray, RowGroup, default_store, group_name
 
 PIXEL_PREFIX = "pixels"
 DEFAULT_PIXEL_CHUNK_ROWS = 64
@@ -48,7 +48,7 @@ def cache_pixels(manifest: Manifest | str | Path, model: str | BackboneSpec, *,
     pre = (get_spec(model) if isinstance(model, str) else model).preprocess
     size = pre.size
     job = RowJob(
-        store=Path(store) if store is not None else manifest.path.parent / "pixels.zarr",
+        store=Path(store) if store is not None else default_store(manifest.path, "pixels"),
         prefix=PIXEL_PREFIX, spec=pixel_spec(pre),
         data={"pixels": DataArray((size, size), "uint8", ("y", "x"), fill_value=0, sharded=True)},
         decode=_QuantizedDecoder(size, pre.intensity),

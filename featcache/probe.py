@@ -36,7 +36,7 @@ from featcache.metrics import binary_metrics, evaluate
 from featcache.records import RunRecord, record_path, run_key, write_record
 from featcache.solver import LogisticFit, fit_indexed, fit_sklearn
 from featcache.splits import SHOTS, Splits, load_splits
-from featcache.store import find_feature_group, load_features
+from featcache.store import default_store, find_feature_group, load_features
 
 C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))
 FIXED_C = 1.0
@@ -233,6 +233,7 @@ class TaskData:
     groups: np.ndarray
     backbone: str
     identity: str  # the feature group, ``<backbone>/<spec key>``
+    weights: str  # the features' weights identity (revision, checksum, or random-init)
     position: dict[str, int] = field(repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -264,7 +265,8 @@ def load_task_data(manifest: Manifest, task: str, splits: Splits, store: str | P
             f"--model {model} --manifest {manifest.path} --store {store} --retry-skipped`"
         )
     return TaskData(np.asarray(ids), X[[position[i] for i in ids]], np.asarray(y, dtype=np.int64),
-                    np.asarray(manifest.patients(ids)), str(group.spec["model"]), group.name)
+                    np.asarray(manifest.patients(ids)), str(group.spec["model"]), group.name,
+                    str(group.spec["weights"]))
 
 
 @dataclass
@@ -316,7 +318,7 @@ class _Job:
             test_labels=y_test.tolist(), test_scores=fitted.scores.tolist(),
             metrics=evaluate(y_test, fitted.scores, *scored), wall_time_s=seconds,
             trainable_params=self.data.X.shape[1] + 1,
-            provenance={"store": str(self.store), "C": fitted.C, "C_rule": fitted.rule,
+            provenance={"store": str(self.store), "weights": self.data.weights, "C": fitted.C, "C_rule": fitted.rule,
                         "threshold": "validation" if val is not None else "0.5",
                         "converged": fitted.converged, "wall_time": "share of the level's batched solve"},
         )
@@ -379,7 +381,7 @@ def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path 
     """
     manifest_obj = load_manifest(manifest)
     splits = load_splits(manifest, task)
-    store = Path(store) if store is not None else manifest_obj.path.parent / "features.zarr"
+    store = Path(store) if store is not None else default_store(manifest_obj.path)
     data = load_task_data(manifest_obj, task, splits, store, model, view)
     job = _Job(task, Path(manifest), splits, splits.digest(), data, options or ProbeOptions(), view, store,
                Path(out), ProbeReport())

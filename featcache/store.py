@@ -48,6 +48,11 @@ NO_BBOX = (-1, -1, -1, -1)
 # --------------------------------------------------------------------------------------------- keys
 
 
+def default_store(manifest_path: str | Path, kind: str = "features") -> Path:
+    """Where a manifest's stores live unless told otherwise: `features.zarr` / `pixels.zarr` beside it."""
+    return Path(manifest_path).parent / f"{kind}.zarr"
+
+
 def canonical_json(obj: Any) -> str:
     """Sorted keys, no whitespace: equal specs give equal bytes, hence equal keys."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -413,6 +418,12 @@ def _describe(wanted: Mapping[str, Any]) -> str:
     return f" ({', '.join(given)})" if given else ""
 
 
+def _manifest_path(manifest: Any) -> str:
+    if isinstance(manifest, (str, Path)):
+        return str(manifest)
+    return str(manifest.path) if isinstance(manifest, Manifest) else "MANIFEST"
+
+
 def _holds(group: RowGroup, image_ids: Sequence[str]) -> bool:
     rows = group.locate(image_ids)
     return bool((rows >= 0).all() and group.read("written")[rows].all())
@@ -445,7 +456,8 @@ def load_features(store: str | Path, model: str, manifest: Any = None, view: str
         if missing.any():
             raise StoreError(f"{group.where}: {int(missing.sum())} of {len(index)} images not embedded "
                              f"(e.g. {ids_in[missing][:3].tolist()}); run `featcache extract --model "
-                             f"{group.spec['model']} --manifest ... --store {store}` to fill them")
+                             f"{group.spec['model']} --manifest {_manifest_path(manifest)} --store {store}` "
+                             "to fill them")
         if isinstance(rows_in, Rows) and rows_in.path.size:
             _check_inputs(group, index, rows_in)
     reasons = group.read("skip_reason", index) if len(index) else np.zeros(0, dtype=str)

@@ -218,3 +218,25 @@ def test_names_by_library_id():
     with pytest.raises(WeightsError, match="not in the local Hugging Face cache"):
         get_spec("hf:nobody/nothing")
     assert time.perf_counter() - start < 2.0
+
+
+def test_cli_fails_fast_on_missing_weights(tmp_path):
+    """`featcache extract` on a backbone without weights: one line naming the files, non-zero, < 2 s."""
+    import os
+    import subprocess
+    import sys
+
+    from featcache.synth import make_cohort
+
+    manifest = make_cohort(tmp_path / "cohort", patients=4, size=64)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "FEATCACHE_WEIGHTS": str(tmp_path / "weights")}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "cli.featcache_app", "extract", "--model", "dinov2-s",
+                           "--manifest", str(manifest)], capture_output=True, text=True, env=env, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "facebook/dinov2-small/model.safetensors" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert elapsed < 2.0, f"took {elapsed:.2f} s"
