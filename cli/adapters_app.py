@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from adapters.classifier import Classifier
-from adapters.methods import METHODS, apply_method, target_modules
 from cli._common import console, new_app, run_app
-from featcache.backbones import build_backbone, count_parameters, get_spec, match_targets
+from featcache.backbones import get_spec, weights_identity
 from featcache.errors import FeatcacheError
 
 app = new_app("Stage 2: fine-tune backbones end to end (FFT, LoRA, VeRA, BitFit, IA3) on the shared protocol.")
@@ -20,11 +19,16 @@ app = new_app("Stage 2: fine-tune backbones end to end (FFT, LoRA, VeRA, BitFit,
 def methods(
     model: str = typer.Option(..., "--model", help="Backbone name (add -tiny for the tiny random variant)."),
     rank: int = typer.Option(8, "--rank", help="LoRA/VeRA rank."),
-    weights: str = typer.Option(None, "--weights", help="Weights file or folder."),
+    weights: Path | None = typer.Option(None, "--weights", help="Weights file or folder."),
     random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
 ) -> None:
     """Show what each method trains on MODEL: the modules it targets and its trainable parameters."""
     spec = get_spec(model)
+    weights_identity(spec, weights, random_init)  # missing weights fail here, before torch and peft load
+    from adapters.classifier import Classifier
+    from adapters.methods import METHODS, apply_method, target_modules
+    from featcache.backbones import build_backbone, count_parameters, match_targets
+
     base = Classifier(build_backbone(spec, weights=weights, random_init=random_init))
     table = Table(title=f"Adaptation methods on {spec.name} (weights: {base.backbone.weights_id})")
     for col in ("method", "targets", "modules", "trainable", "% of total", "backbone LR"):

@@ -71,6 +71,9 @@ def probe(
                                      help="Draws per level (default: all persisted)."),
     per_center: bool = typer.Option(False, "--per-center", help="Use the k-per-class-per-center draws."),
     view: str = typer.Option("cls", "--view", help="Feature view of the store."),
+    weights: Path | None = typer.Option(None, "--weights", help="Features extracted with these weights."),
+    random_init: bool = typer.Option(False, "--random-init", help="Features extracted with random weights."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Features stored as float16 or float32."),
     select: str = typer.Option("mcc", "--select", help="Metric that chooses C: mcc (at 0.5) or pr_auc."),
     solver: str = typer.Option("torch", "--solver", help="torch (batched Newton) or sklearn (reference)."),
     device: str = typer.Option("auto", "--device", help="Torch solver device: auto, cpu, cuda, ..."),
@@ -86,8 +89,8 @@ def probe(
     - few-shot MCC threshold 0.5 (the balanced-weight decision point).
     Runs already recorded in --out are read back, not refitted.
     """
-    if full and shots is not None:
-        raise typer.BadParameter("--shots and --full exclude each other", param_hint="--full")
+    if full and (shots is not None or draws is not None or per_center):
+        raise typer.BadParameter("--full excludes --shots, --draws and --per-center", param_hint="--full")
     from featcache.probe import SELECT, SOLVERS, ProbeOptions, run_probe  # torch and scikit-learn: load on use
 
     options = ProbeOptions(select=_choice(select, SELECT, "--select"),
@@ -101,7 +104,8 @@ def probe(
             bar.update(level, description=label, completed=done, total=total)
 
         report = run_probe(manifest, task, model, store=store, full=full, shots=_shots(shots), draws=draws,
-                           per_center=per_center, view=view, options=options, out=out, progress=progress)
+                           per_center=per_center, view=view, options=options, out=out, progress=progress,
+                           weights=weights, random_init=random_init, dtype=dtype)
     for line in report.skipped:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
     weights = {r.provenance.get("weights") for r in report.records}

@@ -13,7 +13,7 @@ from rich.table import Table
 from cli._common import console
 from featcache.errors import FeatcacheError
 from featcache.manifest import load_manifest
-from featcache.records import gather, load_records, summarize_records
+from featcache.records import gather, load_records, summarize_records, write_summary
 
 if TYPE_CHECKING:
     from featcache import splits as splits_lib
@@ -143,7 +143,16 @@ def results(
     for (method, n), options in sorted(legend.items()):
         console.print(f"[dim]{escape(method)} #{n}: {escape(options)}[/]", highlight=False)
     console.print("[dim]MCC@val: threshold chosen on the validation part (full data); MCC@0.5: fixed threshold[/]")
-    console.print(f"wrote {path}", highlight=False)
+    for row in summary:
+        if pooled := row["pooled"]:
+            name = " · ".join(str(row[n]) for n in ("task", "backbone", "method", "regime"))
+            intervals = ", ".join(f"{label} {pooled[m]:.3f} [{pooled[m + '_ci'][0]:.3f}, {pooled[m + '_ci'][1]:.3f}]"
+                                  for m, label in (("mcc", "MCC@0.5"), ("pr_auc", "PR-AUC")))
+            console.print(f"{name}: pooled over {row['runs']} folds ({pooled['n']} images, {pooled['patients']} "
+                          f"patients), 95% bootstrap CI over patients: {intervals}", highlight=False)
+    summary_path = write_summary(summary, path.with_name(f"{path.stem}_summary.csv"))
+    console.print(f"wrote {path} (one row per run) and {summary_path} (one row per configuration)",
+                  highlight=False)
 
 
 def _option_variants(summary: list[dict]) -> dict[tuple, int]:

@@ -604,12 +604,16 @@ def build_manifest(dataset: str | DatasetSpec, root: str | Path, out: str | Path
             f"({len(listing.missing)} listed images missing; see {spec.file.name} 'obtain')"
         )
     rows, unmapped = _canonical_rows(spec, listing.images, out.parent)
-    write_manifest(rows, out)
+    # Checked under another name first, so a manifest with errors never replaces a good one at `out`.
+    candidate = write_manifest(rows, out.with_name(f"{out.stem}.invalid{out.suffix}"))
+    validation = validate(load_manifest(candidate), check_files=False)
+    if validation.ok:
+        os.replace(candidate, out)
     return BuildReport(
         dataset=spec.name,
-        manifest=out,
+        manifest=out if validation.ok else candidate,
         root=root,
-        validation=validate(load_manifest(out), check_files=False),
+        validation=validation,
         published=spec.published,
         missing=listing.missing,
         unlisted=sorted(Path(os.path.relpath(f, root)).as_posix() for f in listing.unlisted),

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from featcache.backbones import BackboneSpec, build_backbone, get_spec
 from featcache.errors import ImageError
-from featcache.imaging import Preprocess, load_gray, to_model_input
+from featcache.imaging import Preprocess, load_gray, quantize, to_model_input
 from featcache.manifest import Manifest, load_manifest
 from featcache.store import (
     DEFAULT_CHUNK_ROWS,
@@ -103,7 +103,7 @@ def extract_features(manifest: Manifest | str | Path, model: str | BackboneSpec,
         prefix=bspec.name, spec=spec,
         data={v: DataArray((dim,), dtype, (f"{v}_dim",), fill_value=float("nan")) for v, dim in
               spec["views"].items()},
-        decode=_GrayDecoder(pre.size, pre.intensity), placeholder=torch.zeros(pre.size, pre.size),
+        decode=GrayDecoder(pre.size, pre.intensity), placeholder=torch.zeros(pre.size, pre.size),
         make_compute=make_compute, fill={v: float("nan") for v in chosen})
     return run_rows(job, manifest, batch_size=batch_size, num_workers=num_workers, on_error=on_error,
                     device=dev, chunk_rows=chunk_rows, retry_skipped=retry_skipped, progress=progress)
@@ -129,14 +129,16 @@ def feature_step(backbone: torch.nn.Module, pre: Preprocess, views: Sequence[str
     return step
 
 
-class _GrayDecoder:
-    """Picklable decode step for DataLoader workers: file -> cropped, normalised, resized float gray."""
+class GrayDecoder:
+    """Picklable decode step for DataLoader workers: file -> cropped, normalised, resized gray, as float in
+    [0, 1] or, for the pixel cache, ``quantized`` to uint8."""
 
-    def __init__(self, size: int, intensity: str):
-        self.size, self.intensity = size, intensity
+    def __init__(self, size: int, intensity: str, quantized: bool = False):
+        self.size, self.intensity, self.quantized = size, intensity, quantized
 
     def __call__(self, path: Path, bbox: tuple[int, int, int, int] | None) -> torch.Tensor:
-        return load_gray(path, self.size, bbox, self.intensity)
+        gray = load_gray(path, self.size, bbox, self.intensity)
+        return quantize(gray) if self.quantized else gray
 
 
 def resolve_device(device: str = "auto") -> torch.device:

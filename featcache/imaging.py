@@ -8,10 +8,7 @@ through ``load_gray``/``load_image``, so an LP-from-cache result and a fine-tuni
 
 from __future__ import annotations
 
-import math
-import os
-import uuid
-from collections.abc import Mapping
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +21,13 @@ from PIL import Image, ImageOps
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
-from featcache.errors import ImageError, ManifestError
+from featcache.errors import ImageError
+from featcache.fileio import atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 INTENSITIES = ("minmax", "none")
-BBOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as Pillow's RGB -> L
@@ -279,36 +276,6 @@ def _describe_dicom(ds: pydicom.Dataset) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- geometry
 
 
-def bbox_from_row(row: Mapping[str, Any]) -> BBox | None:
-    """The ``bbox_x0..bbox_y1`` manifest columns of one row as ints, or None when they are absent or empty.
-
-    Partly filled or non-integer boxes raise ``ManifestError`` naming the row's ``image_id``.
-    """
-    values = [row.get(column) for column in BBOX_COLUMNS]
-    empty = [_is_empty(v) for v in values]
-    if all(empty):
-        return None
-    image_id = row.get("image_id", "?")
-    if any(empty):
-        raise ManifestError(f"image_id {image_id}: bbox columns are only partly filled: {values}")
-    try:
-        numbers = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise ManifestError(f"image_id {image_id}: bbox values are not numbers: {values}") from None
-    if not all(n.is_integer() for n in numbers):
-        raise ManifestError(f"image_id {image_id}: bbox values must be whole pixels: {values}")
-    x0, y0, x1, y1 = (int(n) for n in numbers)
-    return x0, y0, x1, y1
-
-
-def _is_empty(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return value.strip() == ""
-    return isinstance(value, float) and math.isnan(value)
-
-
 def crop(image: np.ndarray, bbox: BBox, source: str | Path = "<array>") -> np.ndarray:
     """Crop ``(H, W)`` to the half-open box ``(x0, y0, x1, y1)``; a box off the image or empty is an error."""
     height, width = image.shape
@@ -357,16 +324,9 @@ def quantize(gray: torch.Tensor) -> torch.Tensor:
 
 def save_png(gray: torch.Tensor, path: str | Path) -> Path:
     """Write gray ``(H, W)`` in [0, 1] as an 8-bit PNG a person can open; atomic (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # not mkstemp: keep umask permissions
-    try:
-        with tmp.open("xb") as f:
-            Image.fromarray(quantize(gray).cpu().numpy()).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(quantize(gray).cpu().numpy()).save(buffer, format="PNG")
+    return atomic_write(path, buffer.getvalue())
 
 
 def to_model_input(gray: torch.Tensor, pre: Preprocess) -> torch.Tensor:

@@ -15,7 +15,6 @@ import hashlib
 import io
 import math
 import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featcache.errors import ManifestError
+from featcache.fileio import atomic_write
 
 if TYPE_CHECKING:
     from featcache.datasets import TaskSpec
@@ -150,16 +150,27 @@ class Manifest:
         if not all(name in self._columns for name in BBOX_COLUMNS):
             return None
         i = self._position(image_id)
-        values = [self._columns[name][i] for name in BBOX_COLUMNS]
-        if not any(values):
-            return None
         try:
-            x0, y0, x1, y1 = (int(v) for v in values)
-        except ValueError:
-            raise ManifestError(
-                f"{self.path}: row {i + FIRST_LINE} has a non-integer bbox {values}"
-            ) from None
-        return x0, y0, x1, y1
+            return parse_bbox([self._columns[name][i] for name in BBOX_COLUMNS])
+        except ValueError as err:
+            raise ManifestError(f"{self.path}: row {i + FIRST_LINE} ({image_id}): {err}") from None
+
+
+def parse_bbox(values: Sequence[str]) -> tuple[int, int, int, int] | None:
+    """Four bbox cells -> (x0, y0, x1, y1) in whole pixels (``12`` or ``12.0``), None when all are empty;
+    ValueError for a partial, fractional or empty box."""
+    if not any(values):
+        return None
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        raise ValueError(f"bbox {list(values)} is not four numbers") from None
+    if not all(n.is_integer() for n in numbers):
+        raise ValueError(f"bbox {list(values)} is not whole pixels")
+    x0, y0, x1, y1 = (int(n) for n in numbers)
+    if not (0 <= x0 < x1 and 0 <= y0 < y1):
+        raise ValueError(f"bbox {list(values)} needs 0 <= x0 < x1 and 0 <= y0 < y1")
+    return x0, y0, x1, y1
 
 
 # --- reading ------------------------------------------------------------------------------------------------
@@ -189,7 +200,12 @@ def _parse_csv(path: Path, data: bytes) -> dict[str, list[str]]:
     twice = sorted(name for name, n in Counter(header).items() if n > 1)
     if twice:
         raise ManifestError(f"{path}: header repeats columns {twice}")
-    body = [r for r in records[1:] if r]
+    body = records[1:]
+    while body and not body[-1]:
+        body.pop()  # trailing blank lines are harmless; inner ones would shift every reported line number
+    blank = [i + FIRST_LINE for i, r in enumerate(body) if not r]
+    if blank:
+        raise ManifestError(f"{path}: blank {_quote(blank, 'rows')}; remove them")
     short = [i + FIRST_LINE for i, r in enumerate(body) if len(r) != len(header)]
     if short:
         raise ManifestError(f"{path}: {_quote(short, 'rows')} do not have {len(header)} fields")
@@ -223,19 +239,6 @@ def _text(value: object) -> str:
         if value.is_integer():
             return str(int(value))
     return str(value).strip()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: a killed run leaves the old file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(rows: Iterable[Mapping[str, object]], path: str | Path) -> Path:
@@ -413,13 +416,8 @@ def _check_bbox(m: Manifest, errors: list[Issue], ids: Sequence[str]) -> None:
         return
     bad = []
     for i, values in enumerate(zip(*(m.column(name) for name in BBOX_COLUMNS), strict=True)):
-        if not any(values):
-            continue
         try:
-            x0, y0, x1, y1 = (int(v) for v in values)
+            parse_bbox(values)
         except ValueError:
-            bad.append(i)
-            continue
-        if not (0 <= x0 < x1 and 0 <= y0 < y1):
             bad.append(i)
     _add(errors, "bad_bbox", "bbox not four integers with 0 <= x0 < x1, 0 <= y0 < y1", bad, ids)

@@ -11,7 +11,6 @@ rows without decoding whole chunks.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,19 @@ from torch.utils.data import Dataset
 import featcache
 from featcache.backbones import BackboneSpec, get_spec
 from featcache.errors import StoreError
-from featcache.extract import ExtractResult, Progress, RowJob, run_rows
-from featcache.imaging import Preprocess, load_gray, quantize, to_model_input
+from featcache.extract import ExtractResult, GrayDecoder, Progress, RowJob, run_rows
+from featcache.imaging import Preprocess, to_model_input
 from featcache.manifest import Manifest, load_manifest
-from featcache.store import CROP_RULE, LAYOUT_VERSION, DataArray, RowGroup, default_store, group_name
+from featcache.store import (
+    CROP_RULE,
+    LAYOUT_VERSION,
+    DataArray,
+    RowGroup,
+    check_inputs,
+    default_store,
+    group_name,
+    rows_of,
+)
 
 PIXEL_PREFIX = "pixels"
 DEFAULT_PIXEL_CHUNK_ROWS = 64
@@ -51,7 +59,7 @@ def cache_pixels(manifest: Manifest | str | Path, model: str | BackboneSpec, *,
         store=Path(store) if store is not None else default_store(manifest.path, "pixels"),
         prefix=PIXEL_PREFIX, spec=pixel_spec(pre),
         data={"pixels": DataArray((size, size), "uint8", ("y", "x"), fill_value=0, sharded=True)},
-        decode=_QuantizedDecoder(size, pre.intensity),
+        decode=GrayDecoder(size, pre.intensity, quantized=True),
         placeholder=torch.zeros(size, size, dtype=torch.uint8),
         make_compute=lambda device: _identity, fill={"pixels": 0}, loads_model=False)
     return run_rows(job, manifest, batch_size=batch_size, num_workers=num_workers, on_error=on_error,
@@ -61,16 +69,6 @@ def cache_pixels(manifest: Manifest | str | Path, model: str | BackboneSpec, *,
 
 def _identity(batch: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"pixels": batch}
-
-
-class _QuantizedDecoder:
-    """Picklable decode step for DataLoader workers: file -> uint8 gray at the cache's size."""
-
-    def __init__(self, size: int, intensity: str):
-        self.size, self.intensity = size, intensity
-
-    def __call__(self, path: Path, bbox: tuple[int, int, int, int] | None) -> torch.Tensor:
-        return quantize(load_gray(path, self.size, bbox, self.intensity))
 
 
 def open_pixels(store: str | Path, pre: Preprocess) -> RowGroup:
@@ -84,22 +82,27 @@ def open_pixels(store: str | Path, pre: Preprocess) -> RowGroup:
 
 
 class PixelDataset(Dataset):
-    """Cached images as model input: item ``i`` is ``image_ids[i]`` as a ``(C, S, S)`` float tensor
-    normalised for ``model`` (or, with ``raw=True``, the stored ``(S, S)`` uint8). Every id must be cached and
-    not skipped. Safe in DataLoader workers: each process opens the store itself."""
+    """Cached images as model input: item ``i`` is image ``i`` of ``images`` as a ``(C, S, S)`` float tensor
+    normalised for ``model`` (or, with ``raw=True``, the stored ``(S, S)`` uint8). ``images`` is a manifest
+    (path or ``Manifest``: all its images, each checked against the path and crop it was cached from) or a
+    sequence of image ids. Every image must be cached and not skipped. Safe in DataLoader workers: each
+    process opens the store itself."""
 
-    def __init__(self, store: str | Path, model: str | BackboneSpec, image_ids: Sequence[str], *,
+    def __init__(self, store: str | Path, model: str | BackboneSpec, images: Any, *,
                  preprocess: Preprocess | None = None, raw: bool = False):
         self.pre = preprocess or (get_spec(model) if isinstance(model, str) else model).preprocess
         self.store, self.raw = Path(store), raw
         group = open_pixels(store, self.pre)
-        self.rows = group.locate(image_ids)
+        wanted = rows_of(images)
+        self.rows = group.locate(wanted.image_id)
         ready = (self.rows >= 0) & group.read("written")[np.maximum(self.rows, 0)]
         ready &= group.read("skip_reason")[np.maximum(self.rows, 0)] == ""
         if not ready.all():
-            missing = np.asarray(image_ids, dtype=str)[~ready]
+            missing = wanted.image_id[~ready]
             raise StoreError(f"{group.where}: {len(missing)} of {len(self.rows)} images not cached or "
                              f"skipped (e.g. {missing[:3].tolist()}); run `featcache pixels` for them")
+        if wanted.path.size:
+            check_inputs(group, self.rows, wanted)
         self.name = group.name
         self._pixels: Any = None
         self._pid: int | None = None

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from featcache.errors import SplitError, StoreError
+from featcache.extract import resolve_device
 from featcache.manifest import Manifest, load_manifest
 from featcache.metrics import binary_metrics, evaluate
 from featcache.records import RunRecord, record_path, run_key, write_record
@@ -81,10 +82,6 @@ class ProbeOptions:
             "inner_cv": f"{INNER_FOLDS}-fold when >= {INNER_CV_MIN} patients per class",
         }
 
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 class Part(NamedTuple):
@@ -118,7 +115,7 @@ def _fit(X: np.ndarray, y: np.ndarray, rows: Sequence[np.ndarray], Cs: np.ndarra
         index[i, : len(r)], mask[i, : len(r)] = r, True
     if options.solver == "sklearn":
         return fit_sklearn(X, y, index, Cs, mask=mask)
-    return fit_indexed(X, y, index, Cs, mask=mask, device=options.torch_device())
+    return fit_indexed(X, y, index, Cs, mask=mask, device=resolve_device(options.device))
 
 
 def _proba(fit: LogisticFit, X: np.ndarray) -> np.ndarray:
@@ -245,16 +242,17 @@ class TaskData:
 
 
 def load_task_data(manifest: Manifest, task: str, splits: Splits, store: str | Path, model: str,
-                   view: str = "cls") -> TaskData:
+                   view: str = "cls", **selectors) -> TaskData:
     """Features of every image the task's splits use; refuses a store whose rows do not match the manifest.
 
     ``store.load_features`` checks each row's path and crop against the manifest (a store built from another
     manifest is refused) and that every manifest image was embedded; images skipped at extraction are caught
-    here, by name, before any probe runs.
+    here, by name, before any probe runs. ``selectors`` (weights, random_init, dtype, precision) pick among
+    several groups of one backbone, as in ``store.find_feature_group``.
     """
     ids, y = manifest.labels(task)
-    group = find_feature_group(store, model, view, image_ids=manifest.ids)
-    found, X = load_features(store, model, manifest, view)
+    group = find_feature_group(store, model, view, image_ids=manifest.ids, **selectors)
+    found, X = load_features(store, model, manifest, view, **selectors)
     position = {i: r for r, i in enumerate(found.tolist())}
     needed = sorted({i for fold in splits.folds for i in fold.train + fold.val + fold.test})
     missing = [i for i in needed if i not in position]
@@ -316,8 +314,9 @@ class _Job:
             options=self.options.defining(self.view), regime=regime, shots=shots, draw=draw,
             splits_digest=self.digest, identity=self.data.identity, test_ids=self.data.ids[test].tolist(),
             test_labels=y_test.tolist(), test_scores=fitted.scores.tolist(),
+            test_patients=self.data.groups[test].tolist(),
             metrics=evaluate(y_test, fitted.scores, *scored), wall_time_s=seconds,
-            trainable_params=self.data.X.shape[1] + 1,
+            trainable_params=self.data.X.shape[1] + 1, total_params=self.data.X.shape[1] + 1,
             provenance={"store": str(self.store), "weights": self.data.weights, "C": fitted.C, "C_rule": fitted.rule,
                         "threshold": "validation" if val is not None else "0.5",
                         "converged": fitted.converged, "wall_time": "share of the level's batched solve"},
@@ -372,17 +371,18 @@ def _run_fewshot(job: _Job, k: int, draws: int | None, per_center: bool) -> None
 def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path | None = None,
               full: bool = False, shots: Sequence[int] = SHOTS, draws: int | None = None,
               per_center: bool = False, view: str = "cls", options: ProbeOptions | None = None,
-              out: str | Path = "runs", progress: Progress | None = None) -> ProbeReport:
+              out: str | Path = "runs", progress: Progress | None = None, **selectors) -> ProbeReport:
     """Probe ``model``'s cached features on ``task``: every fold (``full``) or every fold x draw of each shot
     level, one run record each in ``out``; runs whose key is already recorded are read back, not refitted.
 
     ``store`` defaults to ``features.zarr`` beside the manifest, ``draws`` to all persisted draws;
-    ``per_center`` takes the draws with k per class per center. The module docstring states the protocol.
+    ``per_center`` takes the draws with k per class per center; ``selectors`` (weights, random_init, dtype,
+    precision) choose the feature group where a store holds several. The module docstring states the protocol.
     """
     manifest_obj = load_manifest(manifest)
     splits = load_splits(manifest, task)
     store = Path(store) if store is not None else default_store(manifest_obj.path)
-    data = load_task_data(manifest_obj, task, splits, store, model, view)
+    data = load_task_data(manifest_obj, task, splits, store, model, view, **selectors)
     job = _Job(task, Path(manifest), splits, splits.digest(), data, options or ProbeOptions(), view, store,
                Path(out), ProbeReport())
     levels: list[int | None] = [None] if full else sorted(set(shots))

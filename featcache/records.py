@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.manifest import atomic_write
-from featcache.metrics import summarize
+from featcache.fileio import atomic_write
+from featcache.metrics import binary_metrics, bootstrap_ci, summarize
 
 REGIMES = ("full", "fewshot", "fewshot-center")
 KEY_LENGTH = 16
@@ -141,12 +141,13 @@ class RunRecord:
     test_ids: list[str] = field(default_factory=list)
     test_labels: list[int] = field(default_factory=list)
     test_scores: list[float] = field(default_factory=list)
+    test_patients: list[str] = field(default_factory=list)  # for patient-level bootstrap intervals
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float | None = None
     trainable_params: int | None = None
     total_params: int | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, str | None] = field(default_factory=versions)
+    versions: dict[str, str | None] = field(default_factory=lambda: dict(versions()))
     created: str = field(default_factory=_now)
 
     def __post_init__(self) -> None:
@@ -162,7 +163,10 @@ class RunRecord:
                 f"test ids ({len(self.test_ids)}), labels ({len(self.test_labels)}) and scores "
                 f"({len(self.test_scores)}) differ in length"
             )
+        if self.test_patients and len(self.test_patients) != len(self.test_ids):
+            raise ValueError(f"test patients ({len(self.test_patients)}) and ids ({len(self.test_ids)}) differ")
         self.test_ids = [str(i) for i in self.test_ids]
+        self.test_patients = [str(p) for p in self.test_patients]
         self.test_labels = [int(v) for v in self.test_labels]
         self.test_scores = [math.nan if v is None else float(v) for v in self.test_scores]  # JSON null
 
@@ -218,7 +222,10 @@ def load_records(folder: str | Path) -> list[RunRecord]:
     records = []
     for path in sorted(Path(folder).glob("[!.]*.json")):
         try:
-            records.append(RunRecord.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            records.append(RunRecord.from_dict(data))
         except (json.JSONDecodeError, TypeError, ValueError) as err:
             raise FeatcacheError(f"{path}: not a run record ({err})") from err
     return records
@@ -316,5 +323,46 @@ def summarize_records(records: list[RunRecord], metrics: tuple[str, ...] = ("mcc
         row["runs"] = len(members)
         for name in metrics:
             row[name] = summarize([m.metrics.get(name) for m in members])
+        row["pooled"] = pooled_interval(members)
         rows.append(row)
     return rows
+
+
+def pooled_interval(records: list[RunRecord], n_boot: int = 1000, seed: int = 0) -> dict[str, Any] | None:
+    """MCC at 0.5 and PR-AUC of the test predictions pooled over runs whose test sets are disjoint (the folds
+    of one cross-validation: every image scored once), each with a 95 % bootstrap interval over patients.
+    None where test sets overlap (few-shot draws share their fold's test set) or patients were not recorded."""
+    ids = [i for r in records for i in r.test_ids]
+    if not ids or len(set(ids)) != len(ids) or not all(r.test_patients for r in records):
+        return None
+    y = np.array([v for r in records for v in r.test_labels])
+    s = np.array([v for r in records for v in r.test_scores])
+    patients = np.array([p for r in records for p in r.test_patients])
+    out: dict[str, Any] = {"n": len(ids), "patients": len(set(patients.tolist()))}
+    for name in ("mcc", "pr_auc"):
+        out[name] = binary_metrics(y, s)[name]
+        out[f"{name}_ci"] = tuple(bootstrap_ci(y, s, patients, name, n_boot=n_boot, seed=seed)[:2])
+    return out
+
+
+def write_summary(rows: list[dict[str, Any]], out_csv: str | Path) -> Path:
+    """`summarize_records` rows as a CSV a person can open: mean, std and count per metric, and the pooled
+    cross-validation estimate with its patient-level 95 % interval where there is one."""
+    flat = []
+    for row in rows:
+        cells = {name: row[name] for name in (*GROUP_BY, "runs")}
+        for name, value in row.items():
+            if hasattr(value, "mean"):  # a metrics.Summary
+                cells.update({f"{name}_mean": value.mean, f"{name}_std": value.std, f"{name}_n": value.n})
+        for name, value in (row.get("pooled") or {}).items():
+            if isinstance(value, tuple):
+                cells.update({f"pooled_{name}_low": value[0], f"pooled_{name}_high": value[1]})
+            else:
+                cells[f"pooled_{name}"] = value
+        flat.append(cells)
+    columns = list(dict.fromkeys(name for cells in flat for name in cells))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _cell(v) for k, v in cells.items()} for cells in flat)
+    return atomic_write(out_csv, buffer.getvalue().encode("utf-8"))

@@ -331,7 +331,7 @@ def fit_indexed(
     ``labels`` (N,) are 0/1; ``mask`` (P, n) marks real rows when problems have different sizes (padding
     entries of ``index`` may point anywhere). ``options`` go to `fit_batch`.
     """
-    features, labels = torch.as_tensor(features).to(DTYPE), torch.as_tensor(labels)
+    features, labels = torch.as_tensor(features), torch.as_tensor(labels)  # cast per gathered chunk below
     index = torch.as_tensor(index, dtype=torch.long, device=features.device)
     mask = torch.ones_like(index, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
     Cs = torch.as_tensor(Cs, dtype=DTYPE)
@@ -342,7 +342,7 @@ def fit_indexed(
     for start in range(0, index.shape[0], size):
         rows = index[start : start + size]
         grid = Cs if Cs.dim() == 1 else Cs[start : start + size]
-        X, y = features[rows].to(device), labels[rows].to(device)
+        X, y = features[rows].to(device, DTYPE), labels[rows].to(device)
         fits.append(fit_batch(X, y, mask[start : start + size].to(device), grid, overwrite=True, **options))
     return _concat(fits)
 

@@ -22,7 +22,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from featcache import datasets
 from featcache.errors import SplitError
-from featcache.manifest import atomic_write, load_manifest
+from featcache.fileio import atomic_write
+from featcache.manifest import load_manifest
 
 SHOTS = (2, 4, 8, 16, 32)
 CENTER_SHOTS = (2, 4, 8, 16)
@@ -206,6 +207,9 @@ class _Cohort:
             )
         if ids.size == 0:
             raise SplitError("no labelled images to split")
+        if (no_patient := ids[groups == ""]).size:
+            raise SplitError(f"{no_patient.size} images have no patient id (e.g. {no_patient[:3].tolist()}); "
+                             "patient-level splits need one for every image")
         if not np.isin(y, (0, 1)).all():
             raise SplitError(f"labels must be 0/1, got {np.unique(y)[:5].tolist()}")
         order = np.argsort(ids, kind="stable")
@@ -239,6 +243,8 @@ def _rng(seed: int, stream: int, fold: int, k: int = 0, draw: int = 0) -> np.ran
 
 def _kfold(cohort: _Cohort, k: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Stratified k-fold grouped by patient: (name, pool image indices, test image indices)."""
+    if k < 2:
+        raise SplitError(f"k-fold needs k >= 2 folds, got k={k}")
     per_class = np.bincount(cohort.patient_label, minlength=2)
     if per_class.min() < k:
         c = int(per_class.argmin())
@@ -485,11 +491,16 @@ def build_splits(
     spec = datasets.get_task(task)
     manifest = load_manifest(manifest_path)
     ids, y = manifest.labels(task)
+    centers = manifest.centers(ids)
+    known = datasets.get_dataset(spec.dataset).centers
+    if known and (unknown := sorted(set(centers) - set(known))):
+        raise SplitError(f"{manifest.path}: centers {unknown} are not among {spec.dataset}'s {list(known)}; "
+                         "leave-one-center-out would make a fold of each")
     return make_splits(
         ids,
         y,
         manifest.patients(ids),
-        manifest.centers(ids),
+        centers,
         task=task,
         scheme=spec.cv if scheme == "auto" else scheme,
         k=k if k is not None else spec.k,

@@ -443,7 +443,7 @@ def load_features(store: str | Path, model: str, manifest: Any = None, view: str
     """
     if skipped not in ("drop", "raise"):
         raise ValueError(f"skipped must be 'drop' or 'raise', got {skipped!r}")
-    rows_in = _manifest_rows(manifest)
+    rows_in = rows_of(manifest)
     ids_in = None if rows_in is None else rows_in.image_id
     group = find_feature_group(store, model, view, weights=weights, random_init=random_init, dtype=dtype,
                                precision=precision, image_ids=ids_in)
@@ -459,7 +459,7 @@ def load_features(store: str | Path, model: str, manifest: Any = None, view: str
                              f"{group.spec['model']} --manifest {_manifest_path(manifest)} --store {store}` "
                              "to fill them")
         if isinstance(rows_in, Rows) and rows_in.path.size:
-            _check_inputs(group, index, rows_in)
+            check_inputs(group, index, rows_in)
     reasons = group.read("skip_reason", index) if len(index) else np.zeros(0, dtype=str)
     failed = reasons != ""
     if failed.any() and skipped == "raise":
@@ -471,7 +471,7 @@ def load_features(store: str | Path, model: str, manifest: Any = None, view: str
     return ids, features.astype(np.float32)
 
 
-def _manifest_rows(manifest: Any) -> Rows | None:
+def rows_of(manifest: Any) -> Rows | None:
     """A manifest path or object -> its Rows; a plain id sequence -> Rows with ids only."""
     if manifest is None:
         return None
@@ -488,7 +488,8 @@ def manifest_rows(manifest: Manifest) -> Rows:
     return Rows.build(manifest.ids, manifest.column("path"), (manifest.bbox(i) for i in manifest.ids))
 
 
-def _check_inputs(group: RowGroup, index: np.ndarray, rows: Rows) -> None:
+def check_inputs(group: RowGroup, index: np.ndarray, rows: Rows) -> None:
+    """Refuse rows whose stored path or crop differs from the manifest's: their contents are stale."""
     stale = (group.read("path", index) != rows.path) | np.any(group.read("bbox", index) != rows.bbox, axis=1)
     if stale.any():
         raise StoreError(f"{group.where}: {int(stale.sum())} images changed path or crop since extraction "

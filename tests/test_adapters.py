@@ -31,12 +31,23 @@ def test_method_trains_what_it_says(name, method):
         assert trainable == head
     if method == "fft":
         assert trainable == total
+    else:
+        assert trainable < total
+    head_ids = {id(p) for p in model.head_parameters()}
+    others = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in head_ids]
+    marker = {"bitfit": "bias", "lora": "lora_", "vera": "vera_lambda", "ia3": "ia3_l"}.get(method)
+    if method == "lp":
+        assert others == []
+    elif marker:  # only the method's own parameters train beside the head
+        assert others and all(marker in name for name in others), others[:5]
     x = torch.randn(2, spec.channels, spec.input_size, spec.input_size)
-    loss = model(x).pow(2).mean()
-    loss.backward()
+    model(x).pow(2).mean().backward()
     for pname, param in model.named_parameters():
-        assert (param.grad is not None) == param.requires_grad or param.grad is None, pname
+        if not param.requires_grad:
+            assert param.grad is None, f"frozen {pname} got a gradient"
     assert all(p.grad is not None for p in model.head_parameters())
+    if marker:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if marker in n)
 
 
 def test_unmatched_target_name_is_an_error():

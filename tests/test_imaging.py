@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -19,12 +18,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import convert_color_space
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from featcache.errors import ImageError, ManifestError
+from featcache.errors import ImageError
 from featcache.imaging import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocess,
-    bbox_from_row,
     decode,
     describe,
     load_gray,
@@ -251,16 +249,6 @@ def test_crop_to_bbox(tmp_path: Path) -> None:
     assert str(path) in str(err.value)
     with pytest.raises(ImageError, match="empty or outside"):
         load_gray(path, 10, bbox=(5, 5, 5, 9))
-
-
-def test_bbox_from_row() -> None:
-    assert bbox_from_row({"image_id": "a"}) is None
-    assert bbox_from_row({"bbox_x0": "", "bbox_y0": " ", "bbox_x1": math.nan, "bbox_y1": None}) is None
-    assert bbox_from_row({"bbox_x0": "1", "bbox_y0": 2.0, "bbox_x1": 30, "bbox_y1": "40"}) == (1, 2, 30, 40)
-    with pytest.raises(ManifestError, match="img7.*partly filled"):
-        bbox_from_row({"image_id": "img7", "bbox_x0": 1, "bbox_y0": 2, "bbox_x1": 3, "bbox_y1": ""})
-    with pytest.raises(ManifestError, match="whole pixels"):
-        bbox_from_row({"bbox_x0": 1.5, "bbox_y0": 2, "bbox_x1": 3, "bbox_y1": 4})
 
 
 def test_intensity_minmax_and_none() -> None:

@@ -163,8 +163,10 @@ def test_bad_bbox_and_empty_values(tmp_path):
     kinds = _kinds(validate(_manifest(tmp_path, lines)))
     assert kinds["bad_bbox"].rows == [6, 7]
     assert kinds["empty_value"].rows == [6] and "patient_id" in kinds["empty_value"].message
-    with pytest.raises(ManifestError, match="row 7 has a non-integer bbox"):
+    with pytest.raises(ManifestError, match=r"row 7 \(e2\): bbox .* is not four numbers"):
         load_manifest(tmp_path / "manifest.csv").bbox("e2")
+    with pytest.raises(ManifestError, match=r"row 6 \(e1\): bbox .* needs 0 <= x0 < x1"):
+        load_manifest(tmp_path / "manifest.csv").bbox("e1")
 
 
 def test_malformed_files(tmp_path):

@@ -280,3 +280,13 @@ def test_probe_options_validate_sort_and_serialise():
     defining = options.defining("cls")
     assert json.loads(json.dumps(defining)) == defining and defining["C_grid"] == [0.01, 0.1, 1.0]
     assert len(C_GRID) >= 10 and C_GRID[0] == pytest.approx(1e-4) and C_GRID[-1] == pytest.approx(1e2)
+
+
+def test_a_store_with_several_groups_is_probed_by_selector(cohort, tmp_path):
+    manifest = _copy(cohort, tmp_path / "c")
+    extract_features(manifest, MODEL, dtype="float32")  # beside the float16 group
+    with pytest.raises(StoreError, match="several"):
+        run_probe(manifest, TASK, MODEL, full=True, out=tmp_path / "runs")
+    report = run_probe(manifest, TASK, MODEL, full=True, out=tmp_path / "runs", dtype="float32")
+    assert report.written == 5 and all(r.provenance["weights"] == "tiny-random" for r in report.records)
+    assert all(len(r.test_patients) == len(r.test_ids) for r in report.records)

@@ -211,3 +211,37 @@ def test_cli_results(tmp_path):
     assert out.read_text() == (tmp_path / "runs" / "results.csv").read_text()
     missing = CliRunner().invoke(app, ["results", str(tmp_path / "nothing")])
     assert missing.exit_code != 0
+
+
+def _fold_record(fold: int, seed: int) -> RunRecord:
+    rng = np.random.default_rng(seed)
+    y = np.r_[0, 1, rng.integers(0, 2, 38)]
+    s = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    ids = [f"f{fold}_img{i}" for i in range(y.size)]
+    return RunRecord(task="NY", backbone="resnet18", method="lp", fold=f"fold{fold}", seed=42, regime="full",
+                     test_ids=ids, test_labels=y, test_scores=s, test_patients=[i[:-1] for i in ids],
+                     metrics=evaluate(y, s))
+
+
+def test_pooled_interval_over_disjoint_folds_and_summary_csv(tmp_path):
+    from featcache.metrics import binary_metrics
+    from featcache.records import pooled_interval, write_summary
+
+    folds = [_fold_record(f, seed=f) for f in range(5)]
+    pooled = pooled_interval(folds)
+    y = np.concatenate([r.test_labels for r in folds])
+    s = np.concatenate([r.test_scores for r in folds])
+    assert pooled["n"] == y.size and pooled["patients"] < y.size  # two images per patient id prefix
+    for name in ("mcc", "pr_auc"):
+        assert pooled[name] == pytest.approx(binary_metrics(y, s)[name])
+        low, high = pooled[f"{name}_ci"]
+        assert low < pooled[name] < high
+    draws = [_fold_record(0, seed=d) for d in range(3)]  # one fold's test set scored by several draws
+    assert pooled_interval(draws) is None
+    assert pooled_interval([make_record()]) is None  # no patients recorded
+
+    rows = summarize_records(folds)
+    path = write_summary(rows, tmp_path / "summary.csv")
+    (row,) = list(csv.DictReader(path.open()))
+    assert row["runs"] == "5" and float(row["pooled_mcc_ci_low"]) == pytest.approx(pooled["mcc_ci"][0])
+    assert float(row["mcc_mean"]) == pytest.approx(np.mean([r.metrics["mcc"] for r in folds]))

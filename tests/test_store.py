@@ -196,3 +196,11 @@ def test_pixel_cache_equals_decoding_path(tmp_path):
     assert cache_pixels(manifest, MODEL, chunk_rows=4).embedded == 0  # complete: nothing decoded again
     with pytest.raises(StoreError, match="not cached"):
         PixelDataset(tmp_path / "pixels.zarr", MODEL, ["id000", "other"])
+    assert len(PixelDataset(tmp_path / "pixels.zarr", MODEL, manifest)) == 6  # a manifest is checked row by row
+    rows = manifest.read_text().splitlines()
+    header = rows[0].split(",")
+    cells = rows[2].split(",")
+    cells[header.index("bbox_x0")] = "6"  # id001's crop changes after caching: its pixels are stale
+    manifest.write_text("\n".join([rows[0], rows[1], ",".join(cells), *rows[3:]]) + "\n")
+    with pytest.raises(StoreError, match="changed path or crop"):
+        PixelDataset(tmp_path / "pixels.zarr", MODEL, manifest)

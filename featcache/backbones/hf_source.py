@@ -70,11 +70,11 @@ def spec_for(repo: str) -> BackboneSpec:
     if isinstance(pre, str):
         pcfg = json.loads(open(pre).read())
         mean, std = tuple(pcfg.get("image_mean", mean)), tuple(pcfg.get("image_std", std))
-    from .registry import CLIP_PEFT, HF_VIT_PEFT, SWIN_PEFT
+    from .registry import CLIP_PEFT, HF_VIT_PEFT, HUB_FILES, SWIN_PEFT
 
     return BackboneSpec(
         name=f"hf:{repo}", source="hf", arch=model_type, family=family, views={"cls": dim, "mean": dim},
-        config=options, weights=WeightsSource(repo=repo, files=("model.safetensors", "pytorch_model.bin")),
+        config=options, weights=WeightsSource(repo=repo, files=HUB_FILES),
         peft={"swin": SWIN_PEFT, "clip": CLIP_PEFT}.get(family, HF_VIT_PEFT), mean=mean, std=std,
         input_size=int(getattr(config, "image_size", 224)) if family != "hf_vit" else 224,
         description=f"transformers {model_type} from {repo}",

@@ -26,7 +26,6 @@ class WeightsSource:
     repo: str | None = None
     files: tuple[str, ...] = ()
     url: str | None = None
-    how: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,13 +103,3 @@ class BackboneSpec:
         return replace(self, name=f"{self.name}-tiny", arch=self.tiny.arch or self.arch,
                        config=dict(self.tiny.config), views=dict(self.tiny.views),
                        input_size=self.tiny.input_size, weights=WeightsSource(), tiny=None, is_tiny=True)
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able summary (for records, store attributes and `featcache models`)."""
-        return {
-            "name": self.name, "source": self.source, "arch": self.arch, "family": self.family,
-            "views": dict(self.views), "input_size": self.input_size, "mean": list(self.mean),
-            "std": list(self.std), "channels": self.channels, "intensity": self.intensity,
-            "weights_repo": self.weights.repo, "peft": self.peft.as_dict(), "head": self.head,
-            "head_view": self.head_view, "tiny": self.is_tiny,
-        }

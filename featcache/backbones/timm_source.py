@@ -8,7 +8,7 @@ from timm.models import register_model
 from torch import nn
 
 from ._loading import load_into
-from .spec import BackboneSpec, PeftTargets, TinyVariant, WeightsSource
+from .spec import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, PeftTargets, TinyVariant, WeightsSource
 
 _TINY_VIT = {"embed_dim": 16, "depth": 2, "num_heads": 2, "img_size": 32, "patch_size": 8}
 
@@ -39,19 +39,19 @@ def spec_for(name: str) -> BackboneSpec:
         from featcache.errors import WeightsError
 
         raise WeightsError(f"timm:{name}: unknown timm model ({err})") from None
-    from .registry import TIMM_VIT_PEFT
+    from .registry import HUB_FILES, TIMM_VIT_PEFT
 
     vit = hasattr(probe, "num_prefix_tokens")
     dim = probe.num_features
-    repo = (cfg.hf_hub_id or "").rstrip("/") or None if cfg is not None else None
+    hub = cfg.hf_hub_id if cfg is not None else None
     return BackboneSpec(
         name=f"timm:{name}", source="timm", arch=arch, family="timm_vit" if vit else "cnn",
         views={"cls": dim, "mean": dim} if vit else {"cls": dim},
-        weights=WeightsSource(repo=repo, files=("model.safetensors", "pytorch_model.bin")),
+        weights=WeightsSource(repo=hub.rstrip("/") if hub else None, files=HUB_FILES),
         peft=TIMM_VIT_PEFT if vit else PeftTargets(conv=("conv1",)),
-        input_size=(cfg.input_size[-1] if cfg is not None else 224),
-        mean=tuple(cfg.mean) if cfg is not None else (0.485, 0.456, 0.406),
-        std=tuple(cfg.std) if cfg is not None else (0.229, 0.224, 0.225),
+        input_size=cfg.input_size[-1] if cfg is not None else 224,
+        mean=tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN,
+        std=tuple(cfg.std) if cfg is not None else IMAGENET_STD,
         description=f"timm {name}",
         tiny=TinyVariant(config=_TINY_VIT, views={"cls": 16, "mean": 16}, input_size=32, arch="featcache_tiny_vit")
         if vit else None,
