@@ -14,7 +14,7 @@ from peft import IA3Config, LoraConfig, PeftConfig, VeraConfig, get_peft_model
 
 from adapters.classifier import Classifier
 from featcache.backbones import BackboneSpec, match_targets
-from featcache.errors import FeatcacheError
+from featcache.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise FeatcacheError(f"unknown method {name!r}: one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown method {name!r}: one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -54,7 +54,7 @@ def target_modules(spec: BackboneSpec, method: Method) -> tuple[list[str], list[
     targets = list(dict.fromkeys(names))
     feedforward = [n for n in spec.peft.feedforward if n in targets]
     if method.config is not None and not targets:
-        raise FeatcacheError(f"{method.name} does not apply to {spec.name}: it declares no "
+        raise UsageError(f"{method.name} does not apply to {spec.name}: it declares no "
                              f"{'/'.join(method.sets)} modules")
     return targets, feedforward
 
@@ -72,7 +72,7 @@ def apply_method(classifier: Classifier, name: str, r: int = 8) -> Classifier:
         targets, feedforward = target_modules(spec, method)
         unmatched = [n for n, paths in match_targets(model, tuple(targets)).items() if not paths]
         if unmatched:
-            raise FeatcacheError(f"{spec.name}: {method.name} targets match no module: {', '.join(unmatched)}")
+            raise UsageError(f"{spec.name}: {method.name} targets match no module: {', '.join(unmatched)}")
         classifier.backbone.model = get_peft_model(model, method.config(targets, feedforward, r))
     for param in classifier.head_parameters():
         param.requires_grad = True

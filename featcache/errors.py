@@ -11,6 +11,10 @@ class FeatcacheError(Exception):
     exit_code = 2
 
 
+class UsageError(FeatcacheError):
+    """An unknown name or an option that does not apply: backbone, method, task, view."""
+
+
 class ImageError(FeatcacheError):
     """An image file that cannot be turned into a tensor."""
 
@@ -30,6 +34,10 @@ class ManifestError(FeatcacheError):
 
 class SplitError(FeatcacheError):
     """Splits that cannot be made or do not match their manifest."""
+
+
+class RecordError(FeatcacheError):
+    """A run record file that is not one (malformed JSON, missing fields)."""
 
 
 class StoreError(FeatcacheError):

@@ -74,11 +74,8 @@ def _identity(batch: torch.Tensor) -> dict[str, torch.Tensor]:
 def open_pixels(store: str | Path, pre: Preprocess) -> RowGroup:
     """The pixel group for ``pre`` in ``store``; a missing one says which command builds it."""
     name = group_name(PIXEL_PREFIX, pixel_spec(pre))
-    try:
-        return RowGroup.open(store, name)
-    except StoreError:
-        raise StoreError(f"{store}: no pixel cache for size {pre.size}, intensity {pre.intensity!r}; run "
-                         f"`featcache pixels --model ... --manifest ... --store {store}`") from None
+    return RowGroup.open(store, name, missing=f"{store}: no pixel cache for size {pre.size}, intensity "
+                         f"{pre.intensity!r}; run `featcache pixels --model ... --manifest ... --store {store}`")
 
 
 class PixelDataset(Dataset):

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import FeatcacheError
+from featcache.errors import RecordError
 from featcache.fileio import atomic_write
 from featcache.metrics import binary_metrics, bootstrap_ci, summarize
 
@@ -227,7 +227,7 @@ def load_records(folder: str | Path) -> list[RunRecord]:
                 raise ValueError(f"a JSON {type(data).__name__}, not an object")
             records.append(RunRecord.from_dict(data))
         except (json.JSONDecodeError, TypeError, ValueError) as err:
-            raise FeatcacheError(f"{path}: not a run record ({err})") from err
+            raise RecordError(f"{path}: not a run record ({err})") from err
     return records
 
 

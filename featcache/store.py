@@ -244,12 +244,15 @@ class RowGroup:
         return cls(group, where)
 
     @classmethod
-    def open(cls, store: str | Path, name: str, mode: str = "r") -> RowGroup:
-        root = open_root(store, mode)
+    def open(cls, store: str | Path, name: str, mode: str = "r", missing: str | None = None) -> RowGroup:
+        """Open group ``name``; ``missing`` replaces the message when the store or the group is absent (a
+        group built under another spec is still refused with its own message)."""
         where = f"{store}/{name}"
-        group = cls._maybe_open(root, name, where)
+        if missing and not (Path(store) / "zarr.json").is_file():
+            raise StoreError(missing)
+        group = cls._maybe_open(open_root(store, mode), name, where)
         if group is None:
-            raise StoreError(f"{where}: no finished group here")
+            raise StoreError(missing or f"{where}: no finished group here")
         return group
 
     # ---- reading

@@ -121,7 +121,7 @@ def list_backbones() -> list[str]:
 
 def get_spec(name: str) -> BackboneSpec:
     """Resolve a backbone name: a table entry, `timm:`/`hf:`/`open_clip:` ids, `-tiny` variants of either."""
-    from featcache.errors import FeatcacheError
+    from featcache.errors import UsageError
 
     base, tiny = (name[: -len("-tiny")], True) if name.endswith("-tiny") else (name, False)
     prefix, _, ident = base.partition(":")
@@ -132,8 +132,8 @@ def get_spec(name: str) -> BackboneSpec:
 
         spec = {"timm": timm_source, "hf": hf_source, "open_clip": open_clip_source}[prefix].spec_for(ident)
     else:
-        raise FeatcacheError(f"unknown backbone {name!r}: one of {', '.join(BACKBONES)}, or timm:NAME, hf:ORG/NAME, "
+        raise UsageError(f"unknown backbone {name!r}: one of {', '.join(BACKBONES)}, or timm:NAME, hf:ORG/NAME, "
                              "open_clip:NAME (add -tiny for the tiny random variant)")
     if tiny and spec.tiny is None:
-        raise FeatcacheError(f"{base} has no tiny variant")
+        raise UsageError(f"{base} has no tiny variant")
     return spec.as_tiny() if tiny else spec
