@@ -160,7 +160,7 @@ def run_rows(job: RowJob, manifest: Manifest, *, batch_size: int = 64, num_worke
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     started = time.perf_counter()
-    rows = manifest_rows(manifest)
+    rows = manifest_rows(manifest, stamp=True)
     device = device or resolve_device()
     dist = Distributed.from_env()
     added, changed = 0, []

@@ -6,6 +6,7 @@ Layout (documented for plain-zarr readers in the README)::
         <view>        (N, D)  float16|float32, chunks (R, D)    one array per feature view
         image_id      (N,)    string                            row order of every array
         path, bbox    (N,), (N, 4)                              the input of each row (bbox -1 = no crop)
+        stamp         (N, 2)                                    file size and mtime when embedded
         written       (N,)    bool                              set only after the row's chunk is on disk
         skip_reason   (N,)    string                            why an image was skipped ("" = embedded)
         attrs: kind, spec, spec_sha256, layout
@@ -24,7 +25,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,8 @@ DEFAULT_CHUNK_ROWS = 256
 FEATURE_DTYPES = ("float16", "float32")
 ON_ERROR = ("fail", "skip")  # what extraction does with an unreadable image
 CROP_RULE = "manifest bbox (x0, y0, x1, y1), half-open, decoded pixels; crop, then intensity, then resize"
-ROW_ARRAYS = ("image_id", "path", "bbox", "written", "skip_reason")
 NO_BBOX = (-1, -1, -1, -1)
+NO_STAMP = (-1, -1)
 
 
 # --------------------------------------------------------------------------------------------- keys
@@ -119,6 +120,7 @@ class Rows:
     image_id: np.ndarray  # (n,) str
     path: np.ndarray  # (n,) str
     bbox: np.ndarray  # (n, 4) int64, NO_BBOX where the image is not cropped
+    stamp: np.ndarray | None = None  # (n, 2) int64 file size and mtime (ns) when extracting; NO_STAMP if absent
 
     def __post_init__(self) -> None:
         counts = Counter(self.image_id.tolist())
@@ -158,9 +160,11 @@ _ROW_LAYOUT = {  # `written` last in creation order: see create_or_open
     "image_id": DataArray((), str, (), ""),
     "path": DataArray((), str, (), ""),
     "bbox": DataArray((4,), "int64", ("corner",), -1),
+    "stamp": DataArray((2,), "int64", ("size_mtime",), -1),
     "skip_reason": DataArray((), str, (), ""),
     "written": DataArray((), "bool", (), False),
 }
+ROW_ARRAYS = tuple(_ROW_LAYOUT)
 
 
 @dataclass(frozen=True)
@@ -305,8 +309,11 @@ class RowGroup:
         so a kill in between re-embeds them and never keeps stale ones."""
         index = self.locate(rows.image_id)
         known = np.flatnonzero(index >= 0)
-        changed = known[(self.read("path", index[known]) != rows.path[known])
-                        | np.any(self.read("bbox", index[known]) != rows.bbox[known], axis=1)]
+        differs = (self.read("path", index[known]) != rows.path[known]) | np.any(
+            self.read("bbox", index[known]) != rows.bbox[known], axis=1)
+        if rows.stamp is not None:  # a file replaced under the same name is a changed input too
+            differs |= np.any(self.read("stamp", index[known]) != rows.stamp[known], axis=1)
+        changed = known[differs]
         if len(changed):
             self._set_rows("written", index[changed], False)
             self._set_rows("skip_reason", index[changed], "")
@@ -322,6 +329,8 @@ class RowGroup:
         if len(fix):
             self._set_rows("path", index[fix], rows.path[fix])
             self._set_rows("bbox", index[fix], rows.bbox[fix])
+            if rows.stamp is not None:
+                self._set_rows("stamp", index[fix], rows.stamp[fix])
             self._set_rows("image_id", index[new], rows.image_id[new])
         return SyncReport(index, len(new), rows.image_id[changed].tolist())
 
@@ -486,9 +495,23 @@ def rows_of(manifest: Any) -> Rows | None:
     return Rows(ids, np.zeros(0, dtype=str), np.zeros((0, 4), dtype=np.int64))
 
 
-def manifest_rows(manifest: Manifest) -> Rows:
-    """The store identity of each manifest image: id, path relative to the manifest root, crop box."""
-    return Rows.build(manifest.ids, manifest.column("path"), (manifest.bbox(i) for i in manifest.ids))
+def manifest_rows(manifest: Manifest, stamp: bool = False) -> Rows:
+    """The store identity of each manifest image: id, path relative to the manifest root, crop box, and with
+    ``stamp`` the file's size and modification time (extraction compares them; readers of a store, whose
+    images may live elsewhere by then, do not)."""
+    rows = Rows.build(manifest.ids, manifest.column("path"), (manifest.bbox(i) for i in manifest.ids))
+    if not stamp:
+        return rows
+    stamps = [_stamp(manifest.root / path) for path in rows.path]
+    return replace(rows, stamp=np.array(stamps, dtype=np.int64).reshape(-1, 2))
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        info = path.stat()
+    except OSError:
+        return NO_STAMP  # a missing file fails (or is skipped) when decoded, with its own message
+    return info.st_size, info.st_mtime_ns
 
 
 def check_inputs(group: RowGroup, index: np.ndarray, rows: Rows) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from PIL import Image
 from test_store import MODEL, write_cohort
 from typer.testing import CliRunner
 
@@ -210,3 +211,16 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "10 rows computed" in run.stdout and run.stdout.count("images,") == 1  # rank 0 alone reports
     _assert_same(_arrays(tmp_path / "two.zarr", single.group), _arrays(tmp_path / "one.zarr", single.group))
+
+
+def test_a_file_replaced_under_the_same_name_is_embedded_again(tmp_path):
+    manifest = write_cohort(tmp_path, 6)
+    first = extract_features(manifest, MODEL, chunk_rows=4)
+    before = load_features(first.store, MODEL, manifest)[1]
+    Image.fromarray(np.full((40, 48), 200, dtype=np.uint8)).save(tmp_path / "img002.png")  # new pixels
+    again = extract_features(manifest, MODEL, chunk_rows=4)
+    assert again.changed == ["id002"] and again.embedded == 1
+    after = load_features(first.store, MODEL, manifest)[1]
+    assert not np.array_equal(after[2], before[2])
+    np.testing.assert_array_equal(np.delete(after, 2, axis=0), np.delete(before, 2, axis=0))
+    assert extract_features(manifest, MODEL, chunk_rows=4).embedded == 0  # and then it is complete

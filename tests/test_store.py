@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -38,18 +39,23 @@ MODEL = "dinov2-s-tiny"  # two views (cls, mean), builds instantly offline
 
 def write_cohort(folder: Path, n: int, *, bbox: dict[int, tuple[int, int, int, int]] | None = None,
                  broken: tuple[int, ...] = ()) -> Path:
-    """``n`` small random gray PNGs (broken ones are not images) and their canonical manifest."""
+    """``n`` small random gray PNGs (image i is the same whatever ``n``; broken ones are not images) and their
+    canonical manifest."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(n)
     bbox = bbox or {}
     header = "image_id,path,patient_id,center,bbox_x0,bbox_y0,bbox_x1,bbox_y1"
     lines = [header]
     for i in range(n):
         name = f"img{i:03d}.png"
         if i in broken:
-            (folder / name).write_text("not an image")
+            content = b"not an image"
         else:
-            Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(folder / name)
+            buffer = io.BytesIO()
+            pixels = np.random.default_rng(i).integers(0, 256, (40, 48), dtype=np.uint8)
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            content = buffer.getvalue()
+        if not (folder / name).is_file() or (folder / name).read_bytes() != content:
+            (folder / name).write_bytes(content)  # an unchanged image keeps its file (and modification time)
         box = ",".join(map(str, bbox[i])) if i in bbox else ",,,"
         lines.append(f"id{i:03d},{name},p{i // 2},C{i % 2},{box}")
     manifest = folder / "manifest.csv"
