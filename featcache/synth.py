@@ -10,6 +10,7 @@ written with its canonical manifest (task ``SYN``: ALIVE / DEATH, lung bounding 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
+from featcache.fileio import atomic_write
 from featcache.manifest import BBOX_COLUMNS, write_manifest
 
 TASK = "SYN"
@@ -157,9 +159,9 @@ def write_dicom(
     ds.set_pixel_data(
         values, "MONOCHROME1" if monochrome1 else "MONOCHROME2", bits_stored, generate_instance_uid=False
     )
-    path = Path(path)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return atomic_write(path, buffer.getvalue())
 
 
 def _save(path: Path, image: np.ndarray, fmt: str, p: Patient, image_id: str, view: str) -> None:
@@ -175,7 +177,9 @@ def _save(path: Path, image: np.ndarray, fmt: str, p: Patient, image_id: str, vi
         )
     else:
         depth = np.uint8 if fmt == "png" else np.uint16
-        Image.fromarray(np.round(image * np.iinfo(depth).max).astype(depth)).save(path, compress_level=1)
+        buffer = io.BytesIO()
+        Image.fromarray(np.round(image * np.iinfo(depth).max).astype(depth)).save(buffer, "PNG", compress_level=1)
+        atomic_write(path, buffer.getvalue())
 
 
 def _styles(centers: int, rng: np.random.Generator) -> list[CenterStyle]:

@@ -240,3 +240,37 @@ def test_cli_fails_fast_on_missing_weights(tmp_path):
     assert len(lines) == 1 and "facebook/dinov2-small/model.safetensors" in lines[0], done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert elapsed < 2.0, f"took {elapsed:.2f} s"
+
+
+def test_hf_id_from_the_local_cache(tmp_path, monkeypatch):
+    """`hf:ORG/NAME` reads config.json (and preprocessor_config.json) from the cache, then loads its weights."""
+    import json
+
+    from transformers import Dinov2Config, Dinov2Model
+
+    repo = tmp_path / "hub" / "models--someone--tiny-dinov2"
+    snapshot = repo / "snapshots" / "rev1"
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, patch_size=14,
+                          image_size=28)
+    torch.manual_seed(0)
+    Dinov2Model(config).save_pretrained(snapshot)
+    (snapshot / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("rev1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("FEATCACHE_WEIGHTS", str(tmp_path / "none"))
+    spec = get_spec("hf:someone/tiny-dinov2")
+    assert spec.family == "hf_vit" and spec.views == {"cls": 16, "mean": 16} and spec.mean == (0.5, 0.5, 0.5)
+    backbone = build_backbone(spec)
+    assert backbone.weights_id == "hf:someone/tiny-dinov2@rev1/model.safetensors"
+    reference = Dinov2Model.from_pretrained(snapshot).eval()
+    x = torch.randn(2, 3, 28, 28)
+    assert torch.allclose(_features(backbone, x)["cls"], reference(pixel_values=x).last_hidden_state[:, 0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_open_clip_id_random_init():
+    spec = get_spec("open_clip:ViT-B-32/laion2b_s34b_b79k")
+    assert spec.weights.repo and spec.views == {"proj": 512, "mean": 768}
+    out = _features(build_backbone(spec, random_init=True), _images(spec, n=1))
+    assert {k: v.shape[-1] for k, v in out.items()} == dict(spec.views)
