@@ -33,17 +33,22 @@ def methods(
     table = Table(title=f"Adaptation methods on {spec.name} (weights: {base.backbone.weights_id})")
     for col in ("method", "targets", "modules", "trainable", "% of total", "backbone LR"):
         table.add_column(col)
+    notes: list[str] = []
     for method in METHODS.values():
         try:
             targets = target_modules(spec, method)[0]
         except FeatcacheError as err:  # a method that does not apply to this backbone is shown as such
-            table.add_row(method.name, f"n/a: {err}", "", "", "", "")
+            table.add_row(method.name, "n/a", "-", "-", "-", "-")
+            notes.append(str(err))
             continue
         trainable, total = count_parameters(apply_method(copy.deepcopy(base), method.name, r=rank))
         modules = sum(len(v) for v in match_targets(base.backbone.model, tuple(targets)).values())
-        table.add_row(method.name, " ".join(targets) or method.trains, str(modules), f"{trainable:,}",
-                      f"{100 * trainable / total:.3f}", str(method.backbone_lr or "-"))
+        what = " ".join(targets) or {"none": "head only", "all": "everything", "bias": "biases"}[method.trains]
+        table.add_row(method.name, what, str(modules) if targets else "-", f"{trainable:,}", f"{100 * trainable / total:.3f}",
+                      str(method.backbone_lr or "-"))
     console.print(table)
+    for note in notes:
+        console.print(f"[dim]n/a: {note}[/]", highlight=False)
 
 
 def main() -> None:
