@@ -44,8 +44,8 @@ def methods(
         trainable, total = count_parameters(apply_method(copy.deepcopy(base), method.name, r=rank))
         modules = sum(len(v) for v in match_targets(base.backbone.model, tuple(targets)).values())
         what = " ".join(targets) or {"none": "head only", "all": "everything", "bias": "biases"}[method.trains]
-        table.add_row(method.name, what, str(modules) if targets else "-", f"{trainable:,}", f"{100 * trainable / total:.3f}",
-                      str(method.backbone_lr or "-"))
+        table.add_row(method.name, what, str(modules) if targets else "-", f"{trainable:,}",
+                      f"{100 * trainable / total:.3f}", str(method.backbone_lr or "-"))
     console.print(table)
     for note in notes:
         console.print(f"[dim]n/a: {note}[/]", highlight=False)

@@ -106,7 +106,8 @@ def _print_list(title: str, items: list[str]) -> None:
 
 def _print_report(report: ValidationReport, counts: bool = True) -> None:
     if counts:
-        table = Table(title=f"{report.path}: {report.images} images, {report.patients} patients")
+        console.print(f"{report.path}: {report.images} images, {report.patients} patients", highlight=False)
+        table = Table()
         for name in ("task", "class", "images"):
             table.add_column(name, justify="right" if name == "images" else "left")
         for task, classes in report.tasks.items():
