@@ -121,7 +121,7 @@ def results(
     if not records:
         raise FeatcacheError(f"{folder}: no run records (<run key>.json) in this folder")
     path = gather(folder, out if out is not None else folder / "results.csv")
-    summary = summarize_records(records, metrics=("mcc_val_thr", "mcc", "pr_auc"))
+    summary = summarize_records(records, metrics=("mcc_val_thr", "mcc", "pr_auc"), pooled=True)
     variants = _option_variants(summary)
     shared = [n for n in ("task", "backbone", "method") if len({row[n] for row in summary}) == 1]
     title = " · ".join([str(folder), *(str(summary[0][n]) for n in shared), f"{len(records)} runs"])

@@ -252,7 +252,7 @@ def load_task_data(manifest: Manifest, task: str, splits: Splits, store: str | P
     """
     ids, y = manifest.labels(task)
     group = find_feature_group(store, model, view, image_ids=manifest.ids, **selectors)
-    found, X = load_features(store, model, manifest, view, **selectors)
+    found, X = load_features(store, model, manifest, view, group=group)
     position = {i: r for r, i in enumerate(found.tolist())}
     needed = sorted({i for fold in splits.folds for i in fold.train + fold.val + fold.test})
     missing = [i for i in needed if i not in position]

@@ -304,7 +304,8 @@ def options_label(options: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(_flatten(options, "").items()))
 
 
-def summarize_records(records: list[RunRecord], metrics: tuple[str, ...] = ("mcc", "pr_auc")) -> list[dict]:
+def summarize_records(records: list[RunRecord], metrics: tuple[str, ...] = ("mcc", "pr_auc"),
+                      pooled: bool = False) -> list[dict]:
     """Mean ± std and count of ``metrics`` over folds and draws, one row per :data:`GROUP_BY` value."""
     groups: dict[tuple, list[RunRecord]] = {}
     for record in sorted(records, key=_sort_key):
@@ -323,7 +324,7 @@ def summarize_records(records: list[RunRecord], metrics: tuple[str, ...] = ("mcc
         row["runs"] = len(members)
         for name in metrics:
             row[name] = summarize([m.metrics.get(name) for m in members])
-        row["pooled"] = pooled_interval(members)
+        row["pooled"] = pooled_interval(members) if pooled else None  # bootstraps: only when asked
         rows.append(row)
     return rows
 

@@ -443,7 +443,8 @@ def _holds(group: RowGroup, image_ids: Sequence[str]) -> bool:
 
 def load_features(store: str | Path, model: str, manifest: Any = None, view: str = "cls", *,
                   weights: str | Path | None = None, random_init: bool = False, dtype: str | None = None,
-                  precision: str | None = None, skipped: str = "drop") -> tuple[np.ndarray, np.ndarray]:
+                  precision: str | None = None, skipped: str = "drop", group: RowGroup | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Cached features as numpy: ``(image_ids, X)`` with ``X`` float32 of shape ``(n, D)``, row i of image i.
 
     ``manifest`` (a path, a ``Manifest`` or a sequence of image ids) selects and orders the rows; every one of
@@ -451,14 +452,15 @@ def load_features(store: str | Path, model: str, manifest: Any = None, view: str
     A given manifest is also checked against each row's stored path and crop, so stale features never pass.
     Without it, all embedded rows come back in store order. ``skipped`` images (``--on-error skip``) are
     dropped from the result by default (their ids are then absent), or ``"raise"``. The group is found by
-    ``find_feature_group`` (same selectors); no model is loaded.
+    ``find_feature_group`` (same selectors) unless a caller that already found it passes ``group``; no model
+    is loaded.
     """
     if skipped not in ("drop", "raise"):
         raise ValueError(f"skipped must be 'drop' or 'raise', got {skipped!r}")
     rows_in = rows_of(manifest)
     ids_in = None if rows_in is None else rows_in.image_id
-    group = find_feature_group(store, model, view, weights=weights, random_init=random_init, dtype=dtype,
-                               precision=precision, image_ids=ids_in)
+    group = group or find_feature_group(store, model, view, weights=weights, random_init=random_init,
+                                        dtype=dtype, precision=precision, image_ids=ids_in)
     written = group.read("written")
     if ids_in is None:
         index = np.flatnonzero(written)

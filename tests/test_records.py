@@ -240,7 +240,7 @@ def test_pooled_interval_over_disjoint_folds_and_summary_csv(tmp_path):
     assert pooled_interval(draws) is None
     assert pooled_interval([make_record()]) is None  # no patients recorded
 
-    rows = summarize_records(folds)
+    rows = summarize_records(folds, pooled=True)
     path = write_summary(rows, tmp_path / "summary.csv")
     (row,) = list(csv.DictReader(path.open()))
     assert row["runs"] == "5" and float(row["pooled_mcc_ci_low"]) == pytest.approx(pooled["mcc_ci"][0])
