@@ -45,7 +45,7 @@ INNER_FOLDS = 4
 INNER_CV_MIN = 8
 SELECT = ("mcc", "pr_auc")
 SOLVERS = ("torch", "sklearn")
-METHOD = "lp"
+METHOD = "probe"  # logistic regression on cached features; never "lp", the end-to-end trained head of stage 2
 TIE = 1e-12
 
 Progress = Callable[[str, int, int], None]  # (level label, levels done, levels in all)

@@ -147,6 +147,9 @@ class RunRecord:
     trainable_params: int | None = None
     total_params: int | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Gradient-trained runs (stage 2): best_epoch, val_loss (at the best epoch), epochs_run, stopped ("early",
+    # "max-epochs"), and curves {"train_loss": [...], "val_loss": [...]}, one value per epoch. Empty for probes.
+    training: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=lambda: dict(versions()))
     created: str = field(default_factory=_now)
 
@@ -253,6 +256,7 @@ def record_row(record: RunRecord) -> dict[str, Any]:
     row.update(_flatten(record.options, "opt_"))
     clashing = set(record.metrics) & set(row)
     row.update(_flatten({(f"metric_{k}" if k in clashing else k): v for k, v in record.metrics.items()}, ""))
+    row.update(_flatten({k: v for k, v in record.training.items() if k != "curves"}, "train_"))
     row.update(_flatten(record.versions, "version_"))
     return row
 
@@ -260,10 +264,11 @@ def record_row(record: RunRecord) -> dict[str, Any]:
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     seen = {name for row in rows for name in row}
     options = sorted(n for n in seen if n.startswith("opt_"))
+    training = sorted(n for n in seen if n.startswith("train_"))
     version = sorted(n for n in seen if n.startswith("version_"))
-    rest = seen - set(_CORE_COLUMNS) - set(options) - set(version)
+    rest = seen - set(_CORE_COLUMNS) - set(options) - set(training) - set(version)
     metric_cols = [m for m in _METRIC_ORDER if m in rest] + sorted(rest - set(_METRIC_ORDER))
-    return list(_CORE_COLUMNS) + options + metric_cols + version
+    return list(_CORE_COLUMNS) + options + metric_cols + training + version
 
 
 def _cell(value: Any) -> Any:
@@ -302,6 +307,37 @@ def gather(folder: str | Path, out_csv: str | Path) -> Path:
 def options_label(options: dict[str, Any]) -> str:
     """Options as short text, e.g. ``lr=0.001,r=8``; distinguishes LoRA r=4 from r=16 in summaries."""
     return ",".join(f"{k}={v}" for k, v in sorted(_flatten(options, "").items()))
+
+
+def select_head_lr(records: list[RunRecord]) -> tuple[list[RunRecord], list[str]]:
+    """Model selection for gradient-trained runs, on validation data only: per task x backbone x method x
+    options (less ``head_lr``) x regime x shots, keep the runs of the head LR whose mean validation loss
+    (``training.val_loss``) over folds and draws is lowest. Runs without ``options.head_lr`` pass through.
+    Returns the kept records and one line per group saying what was chosen."""
+    groups: dict[tuple, dict[float, list[RunRecord]]] = {}
+    kept: list[RunRecord] = []
+    for record in sorted(records, key=_sort_key):
+        if "head_lr" not in record.options:
+            kept.append(record)
+            continue
+        rest = {k: v for k, v in record.options.items() if k != "head_lr"}
+        label = (record.task, record.backbone, record.method, options_label(rest), record.regime, record.shots)
+        groups.setdefault(label, {}).setdefault(float(record.options["head_lr"]), []).append(record)
+    notes = []
+    for label, by_lr in groups.items():
+        losses = {lr: float(np.mean([_val_loss(r) for r in runs])) for lr, runs in by_lr.items()}
+        best = min(sorted(losses), key=lambda lr: (not math.isfinite(losses[lr]), losses[lr]))
+        kept.extend(by_lr[best])
+        task, backbone, method, _, regime, shots = label
+        level = regime if shots is None else f"{regime} k={shots}"
+        tried = ", ".join(f"{lr:g}: {losses[lr]:.4g}" for lr in sorted(losses))
+        notes.append(f"{task} {backbone} {method} {level}: head LR {best:g} by mean validation loss ({tried})")
+    return sorted(kept, key=_sort_key), notes
+
+
+def _val_loss(record: RunRecord) -> float:
+    value = record.training.get("val_loss")
+    return float("nan") if value is None else float(value)
 
 
 def summarize_records(records: list[RunRecord], metrics: tuple[str, ...] = ("mcc", "pr_auc"),
