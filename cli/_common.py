@@ -8,6 +8,7 @@ from collections.abc import Callable
 import typer
 from rich.console import Console
 
+from cli._study import use_study
 from featcache.errors import FeatcacheError
 
 console = Console()
@@ -15,9 +16,10 @@ err_console = Console(stderr=True)
 
 
 def new_app(help: str) -> typer.Typer:
-    """A command group (kept a group even with one verb, so `APP VERB` always works)."""
+    """A command group (kept a group even with one verb, so `APP VERB` always works); its callback installs
+    the study file's defaults (`cli._study`)."""
     app = typer.Typer(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-    app.callback()(lambda: None)
+    app.callback()(use_study)
     return app
 
 

@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from cli._common import console
-from featcache.backbones import BACKBONES, locate
+from featcache.backbones import ALIASES, BACKBONES, locate
 from featcache.backbones.weights import weights_root
 from featcache.errors import WeightsError
 
@@ -18,7 +18,9 @@ def models() -> None:
         table.add_column(col)
     for spec in BACKBONES.values():
         views = ", ".join(f"{v}:{d}" for v, d in spec.views.items())
-        table.add_row(spec.name, spec.source, views, str(spec.input_size), " ".join(spec.peft.all_names()),
+        aliases = [alias for alias, name in ALIASES.items() if name == spec.name]
+        named = f"{spec.name} (alias: {', '.join(aliases)})" if aliases else spec.name
+        table.add_row(named, spec.source, views, str(spec.input_size), " ".join(spec.peft.all_names()),
                       spec.description)
     console.print(table)
 

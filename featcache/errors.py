@@ -42,3 +42,7 @@ class RecordError(FeatcacheError):
 
 class StoreError(FeatcacheError):
     """A feature/pixel store that is missing, incomplete, or built under another spec."""
+
+
+class StudyError(FeatcacheError):
+    """A study file or grid that is malformed or names something unknown; names the file and key."""
