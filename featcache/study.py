@@ -49,7 +49,8 @@ class Exclusion:
 @dataclass(frozen=True)
 class Grid:
     """What a study runs. ``draws`` bounds few-shot draws of cached probes, ``train_draws`` those of trained
-    methods (each draw of each level is a training run); ``folds`` is ``all`` or a list of fold names."""
+    methods (each draw of each level is a training run). Probes always run every fold (they cost seconds);
+    ``train_folds`` is ``all`` (None) or the fold names trained end to end."""
 
     name: str
     backbones: tuple[str, ...]
@@ -61,7 +62,7 @@ class Grid:
     center_shots: tuple[int, ...] = ()
     draws: int = 100
     train_draws: int = 5
-    folds: tuple[str, ...] | None = None  # None: every fold of the splits
+    train_folds: tuple[str, ...] | None = None  # None: every fold of the splits
     head_lrs: tuple[float, ...] = HEAD_LRS
     view: str = "cls"
     train: dict[str, Any] = field(default_factory=dict)  # adapters.train.TrainSettings fields
@@ -81,7 +82,7 @@ def parse_grid(raw: Mapping[str, Any], file: Path) -> Grid:
     """A grid from its YAML mapping; unknown keys, methods or backbones are refused with the file and key."""
     from featcache.backbones import get_spec
 
-    known = {"name", "backbones", "methods", "tasks", "ranks", "regimes", "draws", "train_draws", "folds",
+    known = {"name", "backbones", "methods", "tasks", "ranks", "regimes", "draws", "train_draws", "train_folds",
              "head_lrs", "view", "train", "exclude"}
     _unknown(raw, known, file, "grid")
     for key in ("backbones", "methods"):
@@ -102,7 +103,7 @@ def parse_grid(raw: Mapping[str, Any], file: Path) -> Grid:
                          f"{', '.join(STAGE1_METHODS + STAGE2_METHODS)}")
     regimes = raw.get("regimes") or {}
     _unknown(regimes, {"full", "shots", "center_shots"}, file, "grid.regimes")
-    folds = raw.get("folds", "all")
+    folds = raw.get("train_folds", "all")
     exclude = tuple(_exclusion(item, file) for item in raw.get("exclude") or [])
     return Grid(
         name=str(raw.get("name", file.stem)), backbones=backbones, methods=methods,
@@ -112,7 +113,7 @@ def parse_grid(raw: Mapping[str, Any], file: Path) -> Grid:
         shots=_tuple(regimes.get("shots", []), int, "grid.regimes.shots", file),
         center_shots=_tuple(regimes.get("center_shots", []), int, "grid.regimes.center_shots", file),
         draws=int(raw.get("draws", 100)), train_draws=int(raw.get("train_draws", 5)),
-        folds=None if folds == "all" else _tuple(folds, str, "grid.folds", file),
+        train_folds=None if folds == "all" else _tuple(folds, str, "grid.train_folds", file),
         head_lrs=_tuple(raw.get("head_lrs", list(HEAD_LRS)), float, "grid.head_lrs", file),
         view=str(raw.get("view", "cls")), train=dict(raw.get("train") or {}), exclude=exclude, file=file,
     )
