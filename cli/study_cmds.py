@@ -1,0 +1,169 @@
+"""`featcache init`, `featcache study plan|run` and `featcache report`: a study as one folder."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import typer
+from rich import box
+from rich.table import Table
+
+from cli._common import console, new_app
+from featcache.errors import StudyError
+from featcache.study import Study, find_study, load_study, shipped_grids, write_study
+
+
+def _study() -> Study:
+    path = find_study()
+    if path is None:
+        raise StudyError(f"no study.yaml in {Path.cwd()} or above it; write one with `featcache init`")
+    return load_study(path)
+
+
+def _hours(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:,.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def init(
+    manifest: str | None = typer.Option(None, "--manifest", help="Manifest of the study (relative to here)."),
+    task: list[str] = typer.Option([], "--task", help="Task key; repeat for several."),
+    model: str | None = typer.Option(None, "--model", help="Default backbone of single commands."),
+    grid: str = typer.Option("smoke", "--grid", help=f"Grid: {', '.join(shipped_grids())}, or a grid file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing study.yaml."),
+) -> None:
+    """Write a commented study.yaml here: every command run in this folder or below takes its defaults from it."""
+    path = write_study(Path.cwd(), manifest=manifest, tasks=tuple(task), model=model, grid=grid, force=force)
+    console.print(f"wrote {path}; edit it, then `featcache study plan`", highlight=False)
+
+
+def plan_cmd(
+    only: str | None = typer.Option(None, "--only", help="Filter: FIELD=GLOB[,FIELD=GLOB] over stage, backbone, "
+                                                        "task, method, rank, regime, k (alternatives with |)."),
+    excluded: bool = typer.Option(False, "--excluded", help="List every excluded entry, not one line per reason."),
+) -> None:
+    """Print the grid's runs per stage and method, what already has a record, and the cost of the rest
+    (from the wall times measured in existing records)."""
+    from adapters import sweep
+
+    study = _study()
+    grid = study.grid()
+    entries, left_out = sweep.expand(study, grid, sweep.parse_only(only))
+    with console.status("matching the grid against the records"):
+        rows = sweep.plan(study, grid, entries)
+        costs = sweep.estimate(rows, study.runs)
+    title = f"{study.name} · grid {grid.name} · {len(entries)} entries · records in {study.runs}"
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for name in ("stage", "method", "entries", "runs", "recorded", "missing", "estimated time", "basis"):
+        table.add_column(name, justify="right" if name in ("entries", "runs", "recorded", "missing") else "left")
+    groups: dict[tuple[int, str], list] = defaultdict(list)
+    for row in rows:
+        groups[row.entry.stage, row.entry.variant].append(row)
+    totals = defaultdict(float)
+    for (stage, method), members in sorted(groups.items()):
+        seconds = [costs[r.entry].seconds for r in members]
+        known = sum(s for s in seconds if s is not None)
+        unknown = any(s is None for s in seconds)
+        totals[stage] += known
+        time = "unknown" if unknown and not known else ("≥ " if unknown else "") + _hours(known)
+        bases = {costs[r.entry].basis for r in members if r.missing}
+        basis = bases.pop() if len(bases) == 1 else ("per backbone" if bases else "–")
+        table.add_row(str(stage), method, str(len(members)), f"{sum(r.planned for r in members):,}",
+                      f"{sum(r.recorded for r in members):,}", f"{sum(r.missing for r in members):,}", time, basis)
+    console.print(table)
+    for stage in sorted({r.entry.stage for r in rows}):
+        mine = [r for r in rows if r.entry.stage == stage]
+        console.print(f"stage {stage}: {sum(r.planned for r in mine):,} runs, {sum(r.recorded for r in mine):,} "
+                      f"recorded, {sum(r.missing for r in mine):,} to run, about {_hours(totals[stage])} by "
+                      f"measured run times{' (extraction not included)' if stage == 1 else ''}", highlight=False)
+    notes = sorted({r.note for r in rows if not r.exact and r.note})
+    for note in notes:
+        console.print(f"[dim]counted from the task specs, not exact keys: {note}[/]", highlight=False)
+    _print_excluded(left_out, excluded)
+
+
+def _print_excluded(left_out: list, every: bool) -> None:
+    if not left_out:
+        return
+    if every:
+        for item in left_out:
+            console.print(f"excluded {item.entry.label}: {item.reason}", markup=False, highlight=False)
+        return
+    by_reason: dict[str, list] = defaultdict(list)
+    for item in left_out:
+        by_reason[item.reason].append(item.entry)
+    console.print(f"{len(left_out)} entries excluded (--excluded lists each):", highlight=False)
+    for reason, members in by_reason.items():
+        pairs = sorted({f"{e.variant} on {e.backbone}" for e in members})
+        shown = ", ".join(pairs[:6]) + (f" and {len(pairs) - 6} more" if len(pairs) > 6 else "")
+        console.print(f"  {len(members)} × {shown}: {reason}", markup=False, highlight=False, soft_wrap=True)
+
+
+def run_cmd(
+    only: str | None = typer.Option(None, "--only", help="Filter as in `study plan`."),
+    executor: str = typer.Option("inline", "--executor", help="inline (here, one after another), local "
+                                 "(submitit LocalExecutor: subprocesses), slurm (submitit job arrays)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for submitted jobs and report them; "
+                                                             "--no-wait returns once they are submitted."),
+) -> None:
+    """Run what the grid lacks: per backbone, extract once then every probe; then every training entry. Runs
+    already recorded are skipped, so a killed study restarted runs only the missing keys."""
+    from adapters import sweep
+
+    study = _study()
+    grid = study.grid()
+    entries, left_out = sweep.expand(study, grid, sweep.parse_only(only))
+    for line in sweep.ensure_splits(study, grid, {e.task for e in entries}):
+        console.print(line, highlight=False)
+    with console.status("matching the grid against the records"):
+        rows = sweep.plan(study, grid, entries)
+    batches = sweep.make_batches(rows, int(study.executor.get("runs_per_task", 1)))
+    done = sum(r.planned for r in rows if r.exact and r.missing == 0)
+    console.print(f"{len(entries)} entries ({len(left_out)} excluded); {len(batches)} batches to run, "
+                  f"{done:,} runs already recorded", highlight=False)
+
+    def progress(i: int, n: int, result, batch) -> None:
+        if result is None:
+            console.print(f"[{i + 1}/{n}] {batch.label}", markup=False, highlight=False)
+            return
+        console.print(f"    wrote {result.written}, {result.existing} already recorded, "
+                      f"{len(result.skipped)} levels skipped, {result.seconds:.1f} s", highlight=False)
+
+    results, jobs = sweep.execute(batches, study, grid, executor=executor, wait=wait, progress=progress)
+    if jobs:
+        console.print(f"submitted {len(jobs)} {executor} jobs ({', '.join(jobs[:5])}{' ...' if len(jobs) > 5 else ''});"
+                      f" logs in {study.root / 'jobs'}", highlight=False)
+    for result in results:
+        for line in result.skipped:
+            console.print(f"[yellow]skipped[/] {line}", highlight=False)
+    if results:
+        written = sum(r.written for r in results)
+        console.print(f"wrote {written:,} run records to {study.runs}; `featcache report` summarises them",
+                      highlight=False)
+
+
+def report(
+    results: Path = typer.Option(Path("runs"), "--results", help="Folder of run records."),
+    out: Path = typer.Option(Path("report"), "--out", help="Folder for report.md and figures/."),
+) -> None:
+    """Write a Markdown report with PNG figures from the records alone: tables (head LR chosen on validation
+    loss, patient-level 95 % intervals), box plots, MCC against trainable share, few-shot curves, compute."""
+    from featcache.report import write_report
+
+    made = write_report(results, out)
+    for note in made.notes:
+        console.print(f"[dim]{note}[/]", highlight=False)
+    console.print(f"wrote {made.markdown} ({made.records} records, {len(made.figures)} figures in "
+                  f"{made.markdown.parent / 'figures'})", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `init`, `report` and the `study` sub-app (`plan`, `run`)."""
+    app.command("init")(init)
+    app.command("report")(report)
+    sub = new_app("The study's grid: what it holds and what is recorded (plan), and running what is missing.")
+    sub.command("plan")(plan_cmd)
+    sub.command("run")(run_cmd)
+    app.add_typer(sub, name="study")
