@@ -422,7 +422,10 @@ def submitit_executor(kind: str, folder: Path, settings: dict[str, Any]) -> Any:
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=time_min)
         return executor
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    except RuntimeError as err:  # submitit found no srun/sbatch: not on a SLURM cluster
+        raise StudyError(f"--executor slurm: {err} (submit from a SLURM login node, or use --executor local)") from None
     params: dict[str, Any] = {"timeout_min": time_min, "slurm_array_parallelism": int(settings.get("array_parallelism", 16))}
     for key, name in (("partition", "slurm_partition"), ("gpus_per_node", "gpus_per_node"),
                       ("cpus_per_task", "cpus_per_task"), ("mem_gb", "mem_gb"), ("account", "slurm_account"),
