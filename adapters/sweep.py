@@ -408,11 +408,6 @@ def run_batches(batches: Sequence[Batch], study: Study, grid: Grid) -> list[Batc
     return [run_batch(batch, study, grid) for batch in batches]
 
 
-def _chunks(items: Sequence[Batch], n: int) -> list[list[Batch]]:
-    n = max(1, min(n, len(items)))
-    return [list(items[i::n]) for i in range(n)]
-
-
 def submitit_executor(kind: str, folder: Path, settings: dict[str, Any]) -> Any:
     """A submitit executor: ``local`` (subprocesses on this machine) or ``slurm``, with the study's resources."""
     import submitit
@@ -439,9 +434,10 @@ def submitit_executor(kind: str, folder: Path, settings: dict[str, Any]) -> Any:
 def execute(batches: list[Batch], study: Study, grid: Grid, *, executor: str = "inline",
             folder: Path | None = None, wait: bool = True,
             progress: Callable[[int, int, BatchResult | None, Batch], None] | None = None) -> tuple[list[BatchResult], list[str]]:
-    """Run the batches. ``inline``: here, one after another. ``local``/``slurm``: a submitit job array (local:
-    ``executor.array_parallelism`` tasks, default 1, so one GPU is not oversubscribed; slurm: one task per
-    batch). Returns the results (empty when not waiting) and the submitted job ids."""
+    """Run the batches. ``inline``: here, one after another. ``local``: submitit's LocalExecutor, one
+    subprocess running them in turn (one GPU is never oversubscribed). ``slurm``: a job array with one task per
+    batch, at most ``executor.array_parallelism`` at once. Returns the results (empty when not waiting) and the
+    submitted job ids."""
     if executor not in EXECUTORS:
         raise UsageError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     if not batches:
@@ -456,7 +452,7 @@ def execute(batches: list[Batch], study: Study, grid: Grid, *, executor: str = "
                 progress(i + 1, len(batches), results[-1], batch)
         return results, []
     folder = folder or study.root / "jobs"
-    tasks = _chunks(batches, int(study.executor.get("array_parallelism", 1)) if executor == "local" else len(batches))
+    tasks = [list(batches)] if executor == "local" else [[batch] for batch in batches]
     submitter = submitit_executor(executor, folder, study.executor)
     jobs = submitter.map_array(run_batches, tasks, [study] * len(tasks), [grid] * len(tasks))
     ids = [job.job_id for job in jobs]

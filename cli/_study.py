@@ -47,7 +47,10 @@ def _dynamic(study: Study) -> dict[str, Callable[[], Any]]:
     def random_init() -> bool:
         return not _given("weights") and study.weights_for(_param("model"))[1]
 
-    return {"manifest": manifest, "weights": weights, "random_init": random_init}
+    def pixels() -> str | None:  # training reads the cache where `featcache pixels` made one, else decodes
+        return str(study.pixels) if study.pixels is not None and study.pixels.exists() else None
+
+    return {"manifest": manifest, "weights": weights, "random_init": random_init, "pixels": pixels}
 
 
 def command_defaults(study: Study) -> dict[str, dict[str, Any]]:
@@ -70,7 +73,7 @@ def command_defaults(study: Study) -> dict[str, dict[str, Any]]:
         "export": dict(features),
         "stores": dict(features),
         "report": {"results": runs, "out": str(study.report)},
-        "train": {**data, **weights, "out": runs, **({"pixels": str(study.pixels)} if study.pixels else {})},
+        "train": {**data, **weights, "out": runs, **({"pixels": dynamic["pixels"]} if study.pixels else {})},
         "methods": {**common, **weights},
         "predict": {k: v for k, v in data.items() if k == "manifest"},
     }
@@ -96,6 +99,8 @@ def _annotate(group: Any, defaults: dict[str, Any], study: Study) -> None:
             if param.name in ("weights", "random_init") and callable(value):
                 named = ", ".join(f"{k}={v}" for k, v in study.weights.items()) or "none listed"
                 note = f"per backbone from {study.path} ({named})"
+            elif param.name == "pixels" and callable(value):
+                note = f"from {study.path} where the cache exists"
             elif callable(value):
                 note = f"per task from {study.path}"
             else:

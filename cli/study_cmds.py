@@ -32,10 +32,18 @@ def init(
     task: list[str] = typer.Option([], "--task", help="Task key; repeat for several."),
     model: str | None = typer.Option(None, "--model", help="Default backbone of single commands."),
     grid: str = typer.Option("smoke", "--grid", help=f"Grid: {', '.join(shipped_grids())}, or a grid file."),
+    weights: list[str] = typer.Option([], "--weights", help="BACKBONE=PATH or BACKBONE=random-init; repeat."),
     force: bool = typer.Option(False, "--force", help="Replace an existing study.yaml."),
 ) -> None:
     """Write a commented study.yaml here: every command run in this folder or below takes its defaults from it."""
-    path = write_study(Path.cwd(), manifest=manifest, tasks=tuple(task), model=model, grid=grid, force=force)
+    policy = {}
+    for item in weights:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise typer.BadParameter(f"{item!r}: give BACKBONE=PATH or BACKBONE=random-init", param_hint="--weights")
+        policy[name.strip()] = value.strip()
+    path = write_study(Path.cwd(), manifest=manifest, tasks=tuple(task), model=model, grid=grid, weights=policy,
+                       force=force)
     console.print(f"wrote {path}; edit it, then `featcache study plan`", highlight=False)
 
 
