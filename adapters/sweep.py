@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from featcache.backbones import get_spec
-from featcache.datasets import get_dataset, get_task
+from featcache.datasets import get_task
 from featcache.errors import FeatcacheError, StudyError, UsageError
 from featcache.records import load_records
+from featcache.report import variant
 from featcache.study import RANKED, Grid, Study
 
 FIELDS = ("stage", "backbone", "task", "method", "rank", "regime", "k")
@@ -290,9 +291,8 @@ def estimate(rows: list[PlanRow], records_folder: Path | None) -> dict[Entry, Es
         for record in load_records(records_folder):
             if record.wall_time_s is None or not math.isfinite(record.wall_time_s):
                 continue
-            variant = record.method if record.options.get("rank") is None else f"{record.method}-r{record.options['rank']}"
-            per[record.backbone, variant].append(record.wall_time_s)
-            per_method[variant].append(record.wall_time_s)
+            per[record.backbone, variant(record)].append(record.wall_time_s)
+            per_method[variant(record)].append(record.wall_time_s)
     out: dict[Entry, Estimate] = {}
     for row in rows:
         entry = row.entry
@@ -420,8 +420,10 @@ def submitit_executor(kind: str, folder: Path, settings: dict[str, Any]) -> Any:
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     except RuntimeError as err:  # submitit found no srun/sbatch: not on a SLURM cluster
-        raise StudyError(f"--executor slurm: {err} (submit from a SLURM login node, or use --executor local)") from None
-    params: dict[str, Any] = {"timeout_min": time_min, "slurm_array_parallelism": int(settings.get("array_parallelism", 16))}
+        raise StudyError(f"--executor slurm: {err} (submit from a SLURM login node, or use --executor local)"
+                         ) from None
+    params: dict[str, Any] = {"timeout_min": time_min,
+                              "slurm_array_parallelism": int(settings.get("array_parallelism", 16))}
     for key, name in (("partition", "slurm_partition"), ("gpus_per_node", "gpus_per_node"),
                       ("cpus_per_task", "cpus_per_task"), ("mem_gb", "mem_gb"), ("account", "slurm_account"),
                       ("qos", "slurm_qos"), ("constraint", "slurm_constraint")):
@@ -433,7 +435,8 @@ def submitit_executor(kind: str, folder: Path, settings: dict[str, Any]) -> Any:
 
 def execute(batches: list[Batch], study: Study, grid: Grid, *, executor: str = "inline",
             folder: Path | None = None, wait: bool = True,
-            progress: Callable[[int, int, BatchResult | None, Batch], None] | None = None) -> tuple[list[BatchResult], list[str]]:
+            progress: Callable[[int, int, BatchResult | None, Batch], None] | None = None
+            ) -> tuple[list[BatchResult], list[str]]:
     """Run the batches. ``inline``: here, one after another. ``local``: submitit's LocalExecutor, one
     subprocess running them in turn (one GPU is never oversubscribed). ``slurm``: a job array with one task per
     batch, at most ``executor.array_parallelism`` at once. Returns the results (empty when not waiting) and the

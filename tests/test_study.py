@@ -14,7 +14,7 @@ from cli.featcache_app import app as featcache_app
 from featcache.backbones import get_spec
 from featcache.datasets import get_task
 from featcache.errors import StudyError, WeightsError
-from featcache.study import STUDY_FILE, find_study, load_grid, load_study, write_study
+from featcache.study import STUDY_FILE, find_study, load_grid, load_study
 from featcache.synth import make_cohort
 
 CNNS = ("resnet18", "resnet50", "densenet121", "medclip-resnet")

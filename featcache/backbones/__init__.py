@@ -7,12 +7,12 @@ from .registry import ALIASES, BACKBONES, canonical_name, get_spec, list_backbon
 from .spec import BackboneSpec, PeftTargets, TinyVariant, WeightsSource
 from .weights import WeightsLocation, download_hint, load_state_dict, locate, weights_identity
 
-_BUILD = ("Backbone", "build_backbone", "canonical_name", "count_parameters", "match_targets")
+_BUILD = ("Backbone", "build_backbone", "count_parameters", "match_targets")
 
 __all__ = [
-    "ALIASES", "BACKBONES", "Backbone", "BackboneSpec", "PeftTargets", "TinyVariant", "WeightsLocation", "WeightsSource",
-    "build_backbone", "canonical_name", "count_parameters", "download_hint", "get_spec", "list_backbones", "load_state_dict",
-    "locate", "match_targets", "weights_identity",
+    "ALIASES", "BACKBONES", "Backbone", "BackboneSpec", "PeftTargets", "TinyVariant", "WeightsLocation",
+    "WeightsSource", "build_backbone", "canonical_name", "count_parameters", "download_hint", "get_spec",
+    "list_backbones", "load_state_dict", "locate", "match_targets", "weights_identity",
 ]
 
 
