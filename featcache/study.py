@@ -222,6 +222,13 @@ def _unknown(raw: Mapping[str, Any], known: set[str], file: Path, where: str) ->
         raise StudyError(f"{file}: {where}: unknown key(s) {extra}; known: {', '.join(sorted(known))}")
 
 
+def _mapping(raw: Mapping[str, Any], key: str, file: Path, prefix: str = "") -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise StudyError(f"{file}: {prefix}{key}: expected a mapping, got {value!r}")
+    return dict(value)
+
+
 def load_study(path: str | Path) -> Study:
     """Parse a study file; a wrong key or value is one line naming the file and key."""
     path = Path(path).resolve()
@@ -232,18 +239,15 @@ def load_study(path: str | Path) -> Study:
     def where(value: Any) -> Path | None:
         return None if value in (None, "") else (root / str(value)).resolve()
 
-    weights = raw.get("weights") or {}
-    _unknown(weights, set(map(str, weights)), path, "weights")
+    weights = _mapping(raw, "weights", path)
     policy = {canonical_name(str(name)): (RANDOM_INIT if str(value) == RANDOM_INIT else str(where(value)))
               for name, value in weights.items() if value not in (None, "")}
-    executor = raw.get("executor") or {}
+    executor = _mapping(raw, "executor", path)
     _unknown(executor, set(_EXECUTOR_KEYS), path, "executor")
-    defaults = raw.get("defaults") or {}
-    _unknown(defaults, set(map(str, defaults)), path, "defaults")
-    for command, options in defaults.items():
-        _unknown(options, set(map(str, options)), path, f"defaults.{command}")
-    manifests = raw.get("manifests") or {}
-    _unknown(manifests, set(map(str, manifests)), path, "manifests")
+    defaults = _mapping(raw, "defaults", path)
+    for command in defaults:
+        _mapping(defaults, command, path, "defaults.")
+    manifests = _mapping(raw, "manifests", path)
     tasks = raw.get("tasks") or []
     return Study(
         path=path, name=str(raw.get("name", root.name)), manifest=where(raw.get("manifest")),

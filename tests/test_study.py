@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from adapters import sweep
 from cli.featcache_app import app as featcache_app
-from featcache.backbones import get_spec
+from featcache.backbones import ALIASES, get_spec
 from featcache.datasets import get_task
 from featcache.errors import StudyError, WeightsError
 from featcache.study import STUDY_FILE, find_study, load_grid, load_study
@@ -268,3 +268,34 @@ def test_study_plan_and_run_commands(cohort, tmp_path, monkeypatch):
     again = runner.invoke(featcache_app, ["study", "plan"], env={"COLUMNS": "200"})
     line = next(x for x in again.output.splitlines() if x.strip().startswith("1 ") and "probe" in x)
     assert line.split()[3:6] == ["35", "5", "30"]  # runs, recorded, missing: 5 folds x (1 + 2 levels x 3 draws)
+
+
+def _verbatim(tmp_path: Path, monkeypatch) -> None:
+    make_cohort(tmp_path / "cohort", patients=42, positive_rate=0.5, size=32, seed=5, images_per_patient=(1, 1))
+    _study_file(tmp_path, "manifest: cohort/manifest.csv\ntasks: [SYN]\nmodel: medclip\nruns: runs\n"
+                          "weights: {medclip: random-init}\n"
+                          "defaults: {splits: {draws: 2}, extract: {workers: 0, batch_size: 16}}\n")
+    monkeypatch.chdir(tmp_path / "cohort")
+    runner = CliRunner()
+    assert runner.invoke(featcache_app, ["splits"]).exit_code == 0
+    extracted = runner.invoke(featcache_app, ["extract", "--model", "medclip"])
+    assert extracted.exit_code == 0, extracted.output
+    assert "medclip-vit" in extracted.output and "random-init" in extracted.output
+    probed = runner.invoke(featcache_app, ["probe", "--shots", "16"])
+    assert probed.exit_code == 0, probed.output
+    records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    backbone = get_spec("medclip").name
+    assert records and {(r["backbone"], r["task"], r["shots"]) for r in records} == {(backbone, "SYN", 16)}
+    assert {r["provenance"]["weights"] for r in records} <= {"random-init", "tiny-random"}
+
+
+def test_the_three_commands_work_verbatim_inside_a_study(tmp_path, monkeypatch):
+    """The study mechanism end to end; `medclip` points at the tiny Swin here to keep the suite fast (the alias
+    itself is tested above, the real-size run below under -m slow and in `make demo`)."""
+    monkeypatch.setitem(ALIASES, "medclip", "medclip-vit-tiny")
+    _verbatim(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_the_three_commands_work_verbatim_inside_a_study_real_size(tmp_path, monkeypatch):
+    _verbatim(tmp_path, monkeypatch)
