@@ -110,8 +110,8 @@ def _annotate(group: Any, defaults: dict[str, Any], study: Study) -> None:
 
 def use_study(ctx: typer.Context) -> None:
     """Group callback of both console scripts: find the study file, install its defaults, say which it is."""
-    if ctx.parent is not None:  # a sub-group (`featcache manifest ...`) inherits the root's defaults
-        return
+    if ctx.parent is not None or ctx.invoked_subcommand == "init":  # sub-groups inherit the root's defaults;
+        return  # `init` writes a study file and must work beside a broken one
     path = find_study()
     if path is None:
         return
