@@ -55,8 +55,15 @@ def target_modules(spec: BackboneSpec, method: Method) -> tuple[list[str], list[
     feedforward = [n for n in spec.peft.feedforward if n in targets]
     if method.config is not None and not targets:
         raise UsageError(f"{method.name} does not apply to {spec.name}: it declares no "
-                             f"{'/'.join(method.sets)} modules")
+                         f"{'/'.join(method.sets)} modules; use {_alternatives(spec, method)} instead")
     return targets, feedforward
+
+
+def _alternatives(spec: BackboneSpec, method: Method) -> str:
+    """The parameter-efficient methods that do apply to ``spec``, adapters first, as text."""
+    names = [m.name for m in METHODS.values() if m.config is not None and m is not method
+             and any(getattr(spec.peft, s) for s in m.sets)] + ["bitfit"]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def apply_method(classifier: Classifier, name: str, r: int = 8) -> Classifier:
