@@ -64,31 +64,35 @@ def plan_cmd(
         costs = sweep.estimate(rows, study.runs)
     title = f"{study.name} · grid {grid.name} · {len(entries)} entries · records in {study.runs}"
     table = Table(title=title, box=box.SIMPLE_HEAD)
-    for name in ("stage", "method", "entries", "runs", "recorded", "missing", "estimated time", "basis"):
-        table.add_column(name, justify="right" if name in ("entries", "runs", "recorded", "missing") else "left")
+    for name in ("stage", "method", "entries", "runs", "recorded", "missing", "est. time"):
+        table.add_column(name, justify="left" if name in ("stage", "method") else "right", no_wrap=True)
     groups: dict[tuple[int, str], list] = defaultdict(list)
     for row in rows:
         groups[row.entry.stage, row.entry.variant].append(row)
-    totals = defaultdict(float)
+    totals: dict[int, float] = defaultdict(float)
+    unmeasured: dict[int, list[str]] = defaultdict(list)
     for (stage, method), members in sorted(groups.items()):
         seconds = [costs[r.entry].seconds for r in members]
         known = sum(s for s in seconds if s is not None)
-        unknown = any(s is None for s in seconds)
         totals[stage] += known
-        time = "unknown" if unknown and not known else ("≥ " if unknown else "") + _hours(known)
-        bases = {costs[r.entry].basis for r in members if r.missing}
-        basis = bases.pop() if len(bases) == 1 else ("per backbone" if bases else "–")
+        if any(s is None for s in seconds):
+            unmeasured[stage].append(method)
+        time = ("≥ " + _hours(known) if known else "unknown") if method in unmeasured[stage] else _hours(known)
         table.add_row(str(stage), method, str(len(members)), f"{sum(r.planned for r in members):,}",
-                      f"{sum(r.recorded for r in members):,}", f"{sum(r.missing for r in members):,}", time, basis)
+                      f"{sum(r.recorded for r in members):,}", f"{sum(r.missing for r in members):,}", time)
     console.print(table)
     for stage in sorted({r.entry.stage for r in rows}):
         mine = [r for r in rows if r.entry.stage == stage]
+        cost = f"about {_hours(totals[stage])} by the run times measured in the records"
+        if unmeasured[stage]:
+            cost += f", plus {', '.join(unmeasured[stage])} (no run measured yet)"
         console.print(f"stage {stage}: {sum(r.planned for r in mine):,} runs, {sum(r.recorded for r in mine):,} "
-                      f"recorded, {sum(r.missing for r in mine):,} to run, about {_hours(totals[stage])} by "
-                      f"measured run times{' (extraction not included)' if stage == 1 else ''}", highlight=False)
+                      f"recorded, {sum(r.missing for r in mine):,} to run; {cost}"
+                      f"{' (feature extraction not included)' if stage == 1 else ''}", highlight=False)
     notes = sorted({r.note for r in rows if not r.exact and r.note})
     for note in notes:
-        console.print(f"[dim]counted from the task specs, not exact keys: {note}[/]", highlight=False)
+        console.print(f"[dim]counted from the task specs (`study run` makes splits and features first): {note}[/]",
+                      highlight=False)
     _print_excluded(left_out, excluded)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from featcache.backbones.weights import RANDOM_INIT, TINY_RANDOM
 from featcache.errors import RecordError
 from featcache.fileio import atomic_write
+from featcache.metrics import bootstrap_ci
 from featcache.records import RunRecord, load_records, select_head_lr, summarize_records
 
 STAGE1 = ("probe",)
@@ -43,6 +44,12 @@ def variant(record: RunRecord) -> str:
     """Method name with its rank where it has one: ``lora-r8``; the cached probe stays ``probe``."""
     rank = record.options.get("rank")
     return record.method if rank in (None, "") else f"{record.method}-r{rank}"
+
+
+def threshold(record: RunRecord) -> float:
+    """The threshold behind `mcc`: the validation-chosen one for full-data runs that have it, else 0.5."""
+    value = record.metrics.get("val_threshold") if record.regime == "full" else None
+    return 0.5 if value is None or not math.isfinite(float(value)) else float(value)
 
 
 def mcc(record: RunRecord) -> float:
@@ -95,11 +102,25 @@ class Report:
 # ---------------------------------------------------------------------------------------------------- tables
 
 
+def pooled_ci(records: list[RunRecord], n_boot: int = 1000, seed: int = 0) -> dict[str, tuple] | None:
+    """95 % patient-level bootstrap intervals of MCC and PR-AUC over the folds' pooled test predictions, each
+    image predicted at its own run's threshold (as `mcc`). None where test sets overlap or lack patients."""
+    ids = [i for r in records for i in r.test_ids]
+    if not ids or len(set(ids)) != len(ids) or not all(r.test_patients for r in records):
+        return None
+    y = np.array([v for r in records for v in r.test_labels])
+    s = np.array([v for r in records for v in r.test_scores], dtype=np.float64)
+    calls = np.concatenate([np.asarray(r.test_scores) >= threshold(r) for r in records]).astype(np.float64)
+    patients = np.array([p for r in records for p in r.test_patients])
+    return {"mcc": tuple(bootstrap_ci(y, calls, patients, "mcc", n_boot=n_boot, seed=seed)[:2]),
+            "pr_auc": tuple(bootstrap_ci(y, s, patients, "pr_auc", n_boot=n_boot, seed=seed)[:2])}
+
+
 def full_table(records: list[RunRecord]) -> list[dict[str, Any]]:
     """One row per task x backbone x method variant (full data, head LR already chosen): fold mean ± std of
     MCC and PR-AUC, and the pooled patient-level 95 % intervals."""
     rows = []
-    for row in summarize_records(records, metrics=("mcc_val_thr", "mcc", "pr_auc"), pooled=True):
+    for row in summarize_records(records, metrics=("pr_auc",)):
         members = [r for r in records if (r.task, r.backbone, r.method) == (row["task"], row["backbone"],
                                                                             row["method"])
                    and r.regime == "full" and _options_match(r, row["options"])]
@@ -110,7 +131,7 @@ def full_table(records: list[RunRecord]) -> list[dict[str, Any]]:
             "runs": row["runs"], "random": any(is_random(r) for r in members),
             "mcc_mean": float(finite.mean()) if finite.size else math.nan,
             "mcc_std": float(finite.std(ddof=1)) if finite.size > 1 else math.nan,
-            "pr_auc_mean": row["pr_auc"].mean, "pr_auc_std": row["pr_auc"].std, "pooled": row["pooled"],
+            "pr_auc_mean": row["pr_auc"].mean, "pr_auc_std": row["pr_auc"].std, "pooled": pooled_ci(members),
             "head_lr": members[0].options.get("head_lr"),
         })
     return rows
@@ -332,16 +353,15 @@ def _full_section(task: str, records: list[RunRecord], figures: Path, report: Re
     table = []
     for r in rows:
         pooled = r["pooled"]
-        ci = (f"{pooled['mcc_ci'][0]:.3f} – {pooled['mcc_ci'][1]:.3f}",
-              f"{pooled['pr_auc_ci'][0]:.3f} – {pooled['pr_auc_ci'][1]:.3f}") if pooled else ("–", "–")
+        ci = tuple(f"{pooled[m][0]:.3f} – {pooled[m][1]:.3f}" for m in ("mcc", "pr_auc")) if pooled else ("–", "–")
         lr = "–" if r["head_lr"] is None else f"{float(r['head_lr']):g}"
         name = f"{r['backbone']} *({RANDOM_MARK})*" if r["random"] else r["backbone"]
         table.append([name, r["method"], lr, r["runs"], _fmt(r["mcc_mean"], r["mcc_std"]),
                       _fmt(r["pr_auc_mean"], r["pr_auc_std"]), *ci])
     lines = ["### Full data", "", *_table(("backbone", "method", "head LR", "folds", "MCC (mean ± std)",
-                                          "PR-AUC (mean ± std)", "MCC@0.5 95% CI", "PR-AUC 95% CI"), table), "",
-             "95 % intervals: the folds' test predictions pooled (each image scored once), 1,000 bootstrap "
-             "resamples of patients.", ""]
+                                          "PR-AUC (mean ± std)", "MCC 95% CI", "PR-AUC 95% CI"), table), "",
+             "95 % intervals: the folds' test predictions pooled (each image scored once, MCC at its run's "
+             "threshold), 1,000 bootstrap resamples of patients.", ""]
     box = box_figure(task, records, figures / f"{task}_mcc_box.png")
     report.figures.append(box)
     lines += [f"![{task} MCC per method]({box.relative_to(report.markdown.parent)})", ""]

@@ -11,10 +11,10 @@ fc() { echo "+ featcache $*"; "$BIN/featcache" "$@"; }
 ad() { echo "+ adapters $*"; "$BIN/adapters" "$@"; }
 
 rm -rf "$OUT" && mkdir -p "$OUT" && cd "$OUT"
-fc synth --out cohort --patients 60 --positive-rate 0.5 --centers 3 --images-per-patient 1 2
+fc synth --out cohort --patients 60 --positive-rate 0.5 --centers 3 --images-per-patient 1 1
 fc init --manifest cohort/manifest.csv --task SYN --model medclip --weights medclip=random-init --grid smoke
-# The demo's one real-size training stays short: one fold, one head LR, two epochs (--help has the benchmark's).
-sed -i.bak 's/^  train: {}.*/  train: {fold: fold0, head_lr: "1e-3", max_epochs: 2, warmup: 0, patience: 2}/' study.yaml
+# The demo's one real-size training stays short: one fold, one head LR, one epoch (--help has the benchmark's).
+sed -i.bak 's/^  train: {}.*/  train: {fold: fold0, head_lr: "1e-3", max_epochs: 1, warmup: 0}/' study.yaml
 rm -f study.yaml.bak
 fc manifest validate                  # the study's manifest
 fc study plan                         # the smoke grid: runs per stage, nothing recorded yet
