@@ -242,6 +242,9 @@ def share_figure(task: str, records: list[RunRecord], path: Path) -> tuple[Path 
         mine = [p for p in points if p[0] == method]
         ax.scatter([p[2] * 100 for p in mine], [p[3] for p in mine], marker=_MARKERS[i % len(_MARKERS)], s=45,
                    label=method)
+        for _, backbone, share, value in mine:  # which backbone each point is
+            ax.annotate(backbone, (share * 100, value), xytext=(4, 3), textcoords="offset points", fontsize=7,
+                        color="0.35")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
     ax.set_ylabel("MCC, mean over folds")
@@ -253,9 +256,23 @@ def share_figure(task: str, records: list[RunRecord], path: Path) -> tuple[Path 
     return out, missing
 
 
+_REGIME_STYLE = {"fewshot": ("-", ""), "fewshot-center": ("--", " per center")}
+
+
+def _quartiles(records: list[RunRecord]) -> list[tuple[int, float, float, float]]:
+    """(k, q1, median, q3) of MCC over the runs of each k."""
+    out = []
+    for k in sorted({r.shots for r in records}):
+        values = np.array([mcc(r) for r in records if r.shots == k])
+        values = values[np.isfinite(values)]
+        if values.size:
+            out.append((k, *np.percentile(values, [25, 50, 75])))
+    return out
+
+
 def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
-    """MCC at 0.5 against k per method: median line and interquartile band over draws and folds; the first
-    panel pools every backbone, the others show one backbone each."""
+    """MCC at 0.5 against k per method (dashed: k per class per center): median line and interquartile band
+    (and bar) over draws and folds; the first panel pools every backbone, the others show one each."""
     plt = _pyplot()
     backbones = sorted({r.backbone for r in records})
     panels = [("all backbones", records)] + ([(b, [r for r in records if r.backbone == b]) for b in backbones]
@@ -267,21 +284,19 @@ def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for ax, (name, members) in zip(axes.flat, panels, strict=False):
         for method in methods:
-            ks = sorted({r.shots for r in members if variant(r) == method})
-            stats = []
-            for k in ks:
-                values = np.array([mcc(r) for r in members if variant(r) == method and r.shots == k])
-                values = values[np.isfinite(values)]
-                if values.size:
-                    stats.append((k, *np.percentile(values, [25, 50, 75])))
-            if not stats:
-                continue
-            k, q1, med, q3 = (np.array(c) for c in zip(*stats, strict=True))
-            ax.plot(k, med, marker="o", color=colors[method], label=method)
-            ax.fill_between(k, q1, q3, color=colors[method], alpha=0.2, linewidth=0)
+            for regime, (style, suffix) in _REGIME_STYLE.items():
+                stats = _quartiles([r for r in members if variant(r) == method and r.regime == regime])
+                if not stats:
+                    continue
+                k, q1, med, q3 = (np.array(c) for c in zip(*stats, strict=True))
+                color = colors[method]
+                ax.plot(k, med, marker="o", linestyle=style, color=color, label=f"{method}{suffix}")
+                ax.fill_between(k, q1, q3, color=color, alpha=0.15, linewidth=0)
+                ax.vlines(k, q1, q3, color=color, alpha=0.6, linewidth=1.5)
         ax.set_xscale("log", base=2)
         ticks = sorted({r.shots for r in members})
         ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_title(name)
         ax.set_xlabel("k (images per class)")
         ax.grid(alpha=0.3)
@@ -289,11 +304,14 @@ def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
         ax.set_ylabel("MCC at 0.5")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    regimes = " and ".join(sorted({r.regime for r in records}))
-    fig.suptitle(_title(f"{task}: MCC against k ({regimes}), median and interquartile band over folds and draws",
+    fig.suptitle(_title(f"{task}: few-shot MCC against k, median and interquartile range over folds and draws",
                         records))
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, title="method", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    labels: dict[str, Any] = {}  # every method and regime drawn in any panel, once
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labels.setdefault(label, handle)
+    fig.legend(list(labels.values()), list(labels), title="method", loc="center left", bbox_to_anchor=(1.0, 0.5),
+               frameon=False)
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)

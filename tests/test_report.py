@@ -80,7 +80,7 @@ def test_report_tables_hold_the_known_numbers(records, tmp_path, monkeypatch):
         assert f"]({figure.relative_to(made.markdown.parent)})" in text
     marked = {t.split(":")[1].split(",")[0].strip(): "(random weights)" in t for t in titles if t.startswith("AFC")}
     # the full-data figures hold dinov2-s's random-weight runs; the few-shot one has pretrained runs only
-    assert marked == {"MCC per method": True, "MCC against trainable share": True, "MCC against k (fewshot)": False}
+    assert marked == {"MCC per method": True, "MCC against trainable share": True, "few-shot MCC against k": False}
 
 
 def test_report_share_plot_places_the_probe_on_its_backbone(records):

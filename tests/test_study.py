@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adapters import sweep
+from cli.adapters_app import app as adapters_app
 from cli.featcache_app import app as featcache_app
 from featcache.backbones import ALIASES, get_spec
 from featcache.datasets import get_task
@@ -274,7 +275,8 @@ def _verbatim(tmp_path: Path, monkeypatch) -> None:
     make_cohort(tmp_path / "cohort", patients=42, positive_rate=0.5, size=32, seed=5, images_per_patient=(1, 1))
     _study_file(tmp_path, "manifest: cohort/manifest.csv\ntasks: [SYN]\nmodel: medclip\nruns: runs\n"
                           "weights: {medclip: random-init}\n"
-                          "defaults: {splits: {draws: 2}, extract: {workers: 0, batch_size: 16}}\n")
+                          "defaults: {splits: {draws: 2}, extract: {workers: 0, batch_size: 16},\n"
+                          "           train: {fold: fold0, head_lr: '1e-3', max_epochs: 1, warmup: 0}}\n")
     monkeypatch.chdir(tmp_path / "cohort")
     runner = CliRunner()
     assert runner.invoke(featcache_app, ["splits"]).exit_code == 0
@@ -287,6 +289,11 @@ def _verbatim(tmp_path: Path, monkeypatch) -> None:
     backbone = get_spec("medclip").name
     assert records and {(r["backbone"], r["task"], r["shots"]) for r in records} == {(backbone, "SYN", 16)}
     assert {r["provenance"]["weights"] for r in records} <= {"random-init", "tiny-random"}
+    trained = runner.invoke(adapters_app, ["train", "--method", "bitfit"])
+    assert trained.exit_code == 0, trained.output
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    bitfit = [r for r in runs if r["method"] == "bitfit"]
+    assert [(r["backbone"], r["fold"], r["options"]["head_lr"]) for r in bitfit] == [(backbone, "fold0", 1e-3)]
 
 
 def test_the_three_commands_work_verbatim_inside_a_study(tmp_path, monkeypatch):
@@ -299,3 +306,21 @@ def test_the_three_commands_work_verbatim_inside_a_study(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_the_three_commands_work_verbatim_inside_a_study_real_size(tmp_path, monkeypatch):
     _verbatim(tmp_path, monkeypatch)
+
+
+def test_study_run_trains_stage_two_entries_by_their_keys(cohort, tmp_path):
+    study, _, _ = _fresh(cohort, tmp_path)
+    grid = load_grid({"backbones": ["resnet18-tiny"], "methods": ["bitfit", "lora"], "ranks": [4],
+                      "train_folds": ["fold0"], "head_lrs": [1e-3], "train": {"max_epochs": 1, "warmup": 0}},
+                     tmp_path)
+    entries, excluded = sweep.expand(study, grid)
+    assert [e.variant for e in entries] == ["bitfit", "lora-r4"] and not excluded
+    rows = sweep.plan(study, grid, entries)
+    assert all(r.exact and (r.planned, r.recorded) == (1, 0) for r in rows)
+    results, _ = sweep.execute(sweep.make_batches(rows), study, grid)
+    assert [r.written for r in results] == [1, 1]
+    from adapters.train import planned_keys
+
+    keys = {k for e in entries for k in planned_keys(**sweep.train_arguments(study, grid, e))}
+    assert keys == {p.stem for p in study.runs.glob("*.json")}
+    assert all(r.missing == 0 for r in sweep.plan(study, grid, entries))
