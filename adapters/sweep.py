@@ -13,7 +13,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -470,7 +470,3 @@ def execute(batches: list[Batch], study: Study, grid: Grid, *, executor: str = "
             raise StudyError(f"job {job.job_id} failed ({first.strip()}); log: {job.paths.stderr}") from None
     return results, ids
 
-
-def with_runs(study: Study, runs: Path | None) -> Study:
-    """The study with another records folder (``--results`` style overrides)."""
-    return study if runs is None else replace(study, runs=runs.resolve())

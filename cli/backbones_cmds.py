@@ -15,11 +15,11 @@ def models() -> None:
     """List the backbones of the registry: source, views and dimensions, input, PEFT target names."""
     table = Table(title="Backbones (also: timm:NAME, hf:ORG/NAME, open_clip:NAME; add -tiny for a tiny random variant)")
     for col in ("name", "source", "views", "input", "PEFT targets", "about"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name")
     for spec in BACKBONES.values():
         views = ", ".join(f"{v}:{d}" for v, d in spec.views.items())
         aliases = [alias for alias, name in ALIASES.items() if name == spec.name]
-        named = f"{spec.name} (alias: {', '.join(aliases)})" if aliases else spec.name
+        named = f"{spec.name}\n(alias: {', '.join(aliases)})" if aliases else spec.name
         table.add_row(named, spec.source, views, str(spec.input_size), " ".join(spec.peft.all_names()),
                       spec.description)
     console.print(table)
