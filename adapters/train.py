@@ -32,6 +32,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,7 +422,7 @@ class _Trainer:
             for i, part in enumerate(micro):
                 mine = part[acc.process_index:: acc.num_processes]
                 last = i == len(micro) - 1
-                with acc.no_sync(self.ddp) if not last else _nothing():
+                with acc.no_sync(self.ddp) if not last else nullcontext():
                     x = self.images.batch(rows[mine], self.plan.spec.preprocess, acc.device)
                     if self.plan.settings.augment:
                         x = _augment(x, generator)
@@ -505,14 +506,6 @@ class _Trainer:
                         "trainable_share": self.trainable / self.total, "processes": self.acc.num_processes,
                         "device": self.acc.device.type},
         )
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
