@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli._common import console
+from featcache.errors import SplitError
 from featcache.metrics import Summary
 from featcache.records import RunRecord, summarize_records
 
@@ -57,6 +58,15 @@ def _table(records: list[RunRecord], title: str) -> Table:
         table.add_row(row["regime"], k, str(row["runs"]), _mean_std(mcc), _mean_std(row["pr_auc"]),
                       f"{median_c:.3g}", rules)
     return table
+
+
+def _nothing_ran(task: str, skipped: list[str]) -> str:
+    """One line saying why a request ran no probe at all (every fold of every level skipped)."""
+    if not skipped:
+        return f"no probe ran for {task}: the split file holds no draws for the requested levels"
+    more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+    return (f"no probe ran for {task}: every requested level was skipped in every fold ({skipped[0]}{more}); "
+            "ask for a k the splits drew (`featcache splits` lists them)")
 
 
 def probe(
@@ -106,6 +116,8 @@ def probe(
         report = run_probe(manifest, task, model, store=store, full=full, shots=_shots(shots), draws=draws,
                            per_center=per_center, view=view, options=options, out=out, progress=progress,
                            weights=weights, random_init=random_init, dtype=dtype)
+    if not report.records:
+        raise SplitError(_nothing_ran(task, report.skipped))
     for line in report.skipped:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
     weights = {r.provenance.get("weights") for r in report.records}

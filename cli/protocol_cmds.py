@@ -107,7 +107,17 @@ def splits(
         folds = ", ".join(reasons)
         first, why = next(iter(reasons.items()))
         console.print(f"[yellow]skipped[/] {kind} k={shot} in {folds} ({first}: {why})", highlight=False)
-    console.print(f"{made.draws} draws per few-shot level; wrote {path}", highlight=False)
+    console.print(f"wrote {path}: {len(made.folds)} folds; {_drawn(made)}", highlight=False)
+
+
+def _drawn(made: splits_lib.Splits) -> str:
+    """What was really drawn: the levels present in at least one fold, never the levels only asked for."""
+    said = []
+    for kind, label in (("fewshot", "few-shot"), ("fewshot_center", "per-center few-shot")):
+        levels = sorted({k for fold in made.folds for k in getattr(fold, kind)})
+        if levels:
+            said.append(f"{label} k={','.join(map(str, levels))} ({made.draws} draws each)")
+    return "; ".join(said) or "no few-shot draws"
 
 
 def results(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ FORMAT = 1
 # Independent random streams: a change to one never shifts the draws of another.
 _VAL, _FEWSHOT, _FEWSHOT_CENTER = 0, 1, 2
 _CLASS_NAMES = ("negative", "positive")
+_SHOWN = 5  # ids quoted in one message
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,12 @@ class Splits:
             if fold.name == which:
                 return fold
         raise SplitError(f"task {self.task}: no fold named {which!r} (have {', '.join(self.fold_names)})")
+
+    def require_validation(self) -> None:
+        """Full-data runs choose C (or epochs) on the validation part: refuse splits made without one."""
+        if empty := [fold.name for fold in self.folds if not fold.val]:
+            raise SplitError(f"task {self.task}: {', '.join(empty)} have no validation part (made with --val-fraction "
+                             f"0); full-data runs need one: recompute the splits with a validation share")
 
     @property
     def fold_names(self) -> tuple[str, ...]:
@@ -249,7 +257,9 @@ def _kfold(cohort: _Cohort, k: int, seed: int) -> list[tuple[str, np.ndarray, np
     if per_class.min() < k:
         c = int(per_class.argmin())
         raise SplitError(
-            f"class {c} ({_CLASS_NAMES[c]}) has {per_class[c]} patients, fewer than k={k} folds; lower --k"
+            f"class {c} ({_CLASS_NAMES[c]}) has {per_class[c]} patients, fewer than k={k} folds; lower --k (this "
+            f"cohort allows at most {per_class[c]}, {max_folds(per_class, validation=True) or 'none'} with a "
+            "validation part)"
         )
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [
@@ -373,7 +383,9 @@ def make_splits(
     (StratifiedGroupKFold, shuffled with ``seed``) or "loco" (one fold per center). ``val_fraction`` of each
     class's training patients form the validation part (default 0.15 for k-fold, 0.10 for LoCo). Few-shot sets
     are drawn from train + val; ``per_center`` (default: when there are several centers) adds the draws with
-    ``center_shots`` per class per center. A shot level some class cannot fill is skipped and recorded.
+    ``center_shots`` per class per center. A shot level some class cannot fill is skipped and recorded; a
+    cohort too small for a validation part with both classes, or for any requested shot level at all, is
+    refused with what it does allow (:func:`max_folds`). The result passes :func:`check_splits`.
     """
     if scheme not in SCHEMES:
         raise SplitError(f"unknown cv scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -387,13 +399,15 @@ def make_splits(
             f"draws {draws}, seed {seed})"
         )
     cohort = _Cohort.build(ids, y, groups, centers)
+    explicit_center = bool(per_center)
     if per_center is None:
         per_center = np.unique(cohort.centers).size > 1
     parts = _kfold(cohort, k, seed) if scheme == "kfold" else _loco(cohort)
-    folds = []
+    folds, pools = [], []
     for no, (name, pool_idx, test_idx) in enumerate(parts):
         train_idx, val_idx = _carve_val(cohort, pool_idx, fraction, _rng(seed, _VAL, no))
         pool = _Pool(cohort, pool_idx)
+        pools.append(pool)
         fewshot, skipped = _fewshot(pool, name, no, shots, draws, seed)
         center_draws, center_skipped = (
             _fewshot_center(pool, name, no, center_shots, draws, seed) if per_center else ({}, {})
@@ -409,7 +423,7 @@ def make_splits(
                 {"fewshot": skipped, "fewshot_center": center_skipped},
             )
         )
-    return Splits(
+    made = Splits(
         task=task,
         scheme=scheme,
         k=k if scheme == "kfold" else None,
@@ -421,6 +435,48 @@ def make_splits(
         manifest_digest=manifest_digest,
         folds=tuple(folds),
     )
+    _check_capacity(made, cohort, pools, explicit_center)
+    check_splits(made, f"task {task}" if task else "splits", Cohort.of(ids, y, groups, centers))
+    return made
+
+
+def max_folds(cohort_per_class: Sequence[int], validation: bool) -> int:
+    """Most k-fold folds a cohort with these patients per class allows: each fold tests at least one patient
+    of each class and, with validation, leaves two in its pool (one validates, one trains); 0 if none."""
+    n = int(min(cohort_per_class))
+    fits = [k for k in range(2, n + 1) if not validation or n - -(-n // k) >= 2]
+    return max(fits, default=0)
+
+
+def _check_capacity(splits: Splits, cohort: _Cohort, pools: list[_Pool], explicit_center: bool) -> None:
+    """Refuse, with what the cohort does allow, splits a small cohort cannot fill: a validation part without
+    both classes, or few-shot levels of which not one could be drawn in any fold."""
+    where = f"task {splits.task}" if splits.task else "splits"
+    per_class = np.bincount(cohort.patient_label, minlength=2)
+    cohort_size = f"{per_class[0]} negative / {per_class[1]} positive patients"
+    for fold, pool in zip(splits.folds, pools, strict=True):
+        counts = [pool.patients_of(c).size for c in (0, 1)]
+        if splits.val_fraction > 0 and min(counts) < 2:
+            c = int(np.argmin(counts))
+            if splits.scheme == "kfold":
+                most = max_folds(per_class, validation=True)
+                hint = f"with a validation part it allows at most --k {most}" if most else "it is too small for a validation part"
+            else:
+                hint = "leave-one-center-out leaves too few of them in this pool; try --scheme kfold"
+            raise SplitError(f"{where}: {fold.name}'s train+val holds {counts[c]} {_CLASS_NAMES[c]} patient(s), too "
+                             f"few to keep one for validation and one for training; the cohort has {cohort_size}, "
+                             f"{hint}; or pass --val-fraction 0 (no validation part, few-shot only)")
+    if splits.shots and not any(fold.fewshot for fold in splits.folds):
+        best = max(min(pool.patients_of(c).size for c in (0, 1)) for pool in pools)
+        raise SplitError(f"{where}: no few-shot level k={','.join(map(str, splits.shots))} can be drawn in any fold: "
+                         f"the folds' train+val hold at most {best} patient(s) of the smaller class ({cohort_size}); "
+                         + (f"pass --shots with k <= {best}, or --shots '' for none" if best else "pass --shots ''"))
+    if explicit_center and splits.center_shots and not any(fold.fewshot_center for fold in splits.folds):
+        best = max(min((pool.patients_of(c, site).size for site in np.unique(cohort.patient_center[pool.patients])
+                        for c in (0, 1)), default=0) for pool in pools)
+        raise SplitError(f"{where}: no per-center few-shot level k={','.join(map(str, splits.center_shots))} can be "
+                         f"drawn in any fold: the folds' train+val hold at most {best} patient(s) per class per center; "
+                         + (f"pass --center-shots with k <= {best}" if best else "pass --no-per-center"))
 
 
 def describe(splits: Splits, ids: Sequence[str], y: Sequence[int], groups: Sequence[str]) -> list[dict]:
@@ -443,6 +499,99 @@ def describe(splits: Splits, ids: Sequence[str], y: Sequence[int], groups: Seque
     return rows
 
 
+# --- checking a split file ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """What a split file is checked against: label, patient and center of every image labelled for its task."""
+
+    label: dict[str, int]
+    patient: dict[str, str]
+    center: dict[str, str]
+
+    @classmethod
+    def of(cls, ids: Sequence[str], y: Sequence[int], groups: Sequence[str], centers: Sequence[str] | None):
+        ids = [str(i) for i in ids]
+        sites = [""] * len(ids) if centers is None else [str(c) for c in centers]
+        return cls(dict(zip(ids, (int(v) for v in y), strict=True)), dict(zip(ids, map(str, groups), strict=True)),
+                   dict(zip(ids, sites, strict=True)))
+
+
+def _shown(items: Iterable[str]) -> str:
+    items = sorted(set(items))
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+def check_splits(splits: Splits, where: str, cohort: Cohort | None = None) -> None:
+    """Refuse, in one line naming ``where``, the fold and the ids, a split file that could leak or mislead.
+
+    Without a cohort: parts share no image, few-shot draws lie inside their fold's train + val, train and
+    test are non-empty (val too when a validation share was asked for). With one (the manifest's task
+    labels): every id is labelled for the task, parts share no patient, train and test hold both classes (val
+    too), and each draw has k patients of each class (per center for per-center draws), one image each.
+    """
+    names = [fold.name for fold in splits.folds]
+    if not names or len(set(names)) != len(names):
+        raise SplitError(f"{where}: fold names must be present and distinct, got {names}")
+    for fold in splits.folds:
+        _check_fold(fold, splits.val_fraction > 0, f"{where}: {fold.name}", cohort)
+
+
+def _check_fold(fold: Fold, has_val: bool, where: str, cohort: Cohort | None) -> None:
+    parts = {"train": fold.train, "val": fold.val, "test": fold.test}
+    for part, members in parts.items():
+        if not all(isinstance(i, str) for i in members):
+            raise SplitError(f"{where}: {part} holds ids that are not strings")
+        if not members and (part != "val" or has_val):
+            raise SplitError(f"{where}: the {part} part is empty")
+        if len(set(members)) != len(members):
+            raise SplitError(f"{where}: {part} repeats ids {_shown(i for i, n in Counter(members).items() if n > 1)}")
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        if both := set(parts[a]) & set(parts[b]):
+            raise SplitError(f"{where}: ids in both {a} and {b}: {_shown(both)}")
+    pool = set(fold.train) | set(fold.val)
+    for kind in ("fewshot", "fewshot_center"):
+        for k, draws in getattr(fold, kind).items():
+            for r, ids in enumerate(draws):
+                if outside := set(ids) - pool:
+                    raise SplitError(f"{where}: {kind} k={k} draw {r} holds ids outside train + val: {_shown(outside)}")
+    if cohort is not None:
+        _check_fold_labels(fold, parts, has_val, where, cohort)
+
+
+def _check_fold_labels(fold: Fold, parts: dict, has_val: bool, where: str, cohort: Cohort) -> None:
+    for part, members in parts.items():
+        if unknown := [i for i in members if i not in cohort.label]:
+            raise SplitError(f"{where}: {part} holds ids the manifest does not label for this task: {_shown(unknown)}")
+    patients = {part: {cohort.patient[i] for i in members} for part, members in parts.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        if both := patients[a] & patients[b]:
+            raise SplitError(f"{where}: patients in both {a} and {b}: {_shown(both)}")
+    for part, members in parts.items():
+        if part == "val" and not has_val:
+            continue
+        if lacking := {0, 1} - {cohort.label[i] for i in members}:
+            c = lacking.pop()
+            raise SplitError(f"{where}: the {part} part has no {_CLASS_NAMES[c]} (class {c}) patients")
+    for kind in ("fewshot", "fewshot_center"):
+        for k, draws in getattr(fold, kind).items():
+            for r, ids in enumerate(draws):
+                _check_draw(ids, k, kind == "fewshot_center", f"{where}: {kind} k={k} draw {r}", cohort)
+
+
+def _check_draw(ids: Sequence[str], k: int, per_center: bool, where: str, cohort: Cohort) -> None:
+    if len({cohort.patient[i] for i in ids}) != len(ids):
+        raise SplitError(f"{where}: two images of one patient ({_shown(ids)})")
+    strata = Counter((cohort.center[i] if per_center else "", cohort.label[i]) for i in ids)
+    sites = {site for site, _ in strata}
+    if any(strata[(site, c)] != k for site in sites for c in (0, 1)):
+        got = ", ".join(f"{site + '/' if site else ''}{_CLASS_NAMES[c]} {strata[(site, c)]}"
+                        for site in sorted(sites) for c in (0, 1))
+        raise SplitError(f"{where}: not {k} patients per class{' per center' if per_center else ''} ({got})")
+
+
 # --- persistence next to the manifest -------------------------------------------------------------------
 
 
@@ -462,12 +611,16 @@ def save_splits(splits: Splits, manifest_path: str | Path) -> Path:
 
 
 def read_splits(path: str | Path) -> Splits:
-    """A split file as it is, without checking it against a manifest."""
+    """A split file, checked on its own (:func:`check_splits` without a cohort), not against a manifest."""
     path = Path(path)
     try:
-        return Splits.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-        raise SplitError(f"{path}: not a valid split file ({err})") from err
+        splits = Splits.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except OSError as err:
+        raise SplitError(f"{path}: cannot read split file ({err.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise SplitError(f"{path}: not a valid split file ({type(err).__name__}: {err})") from None
+    check_splits(splits, str(path))
+    return splits
 
 
 def _command(manifest_path: str | Path, task: str) -> str:
@@ -487,7 +640,8 @@ def build_splits(
     seed: int = SEED,
     per_center: bool | None = None,
 ) -> Splits:
-    """:func:`make_splits` on a manifest task; "auto" scheme, k and per-center come from its task spec."""
+    """:func:`make_splits` on a manifest task; "auto" scheme and k come from its task spec, per-center draws
+    by default when its dataset has centers and the manifest more than one."""
     spec = datasets.get_task(task)
     manifest = load_manifest(manifest_path)
     ids, y = manifest.labels(task)
@@ -509,23 +663,27 @@ def build_splits(
         center_shots=center_shots,
         draws=draws,
         seed=seed,
-        per_center=spec.has_centers if per_center is None else per_center,
+        per_center=per_center if per_center is not None or spec.has_centers else False,
         manifest_digest=manifest.digest(),
     )
 
 
 def load_splits(manifest_path: str | Path, task: str) -> Splits:
-    """The persisted splits of ``task``, refused when the manifest changed since they were made."""
+    """The persisted splits of ``task``, refused when the manifest changed since they were made or when the
+    file fails :func:`check_splits` against the manifest (a hand edit that would leak test patients)."""
     path = splits_path(manifest_path, task)
     if not path.is_file():
         raise SplitError(f"{path}: no splits for task {task}; make them with {_command(manifest_path, task)}")
     splits = read_splits(path)
     if splits.task != task:
         raise SplitError(f"{path}: holds splits of task {splits.task!r}, not {task!r}")
-    current = load_manifest(manifest_path).digest()
+    manifest = load_manifest(manifest_path)
+    current = manifest.digest()
     if splits.manifest_digest != current:
         raise SplitError(
             f"{path}: made for manifest digest {splits.manifest_digest[:12]}, but {manifest_path} is now "
             f"{current[:12]}; recompute with {_command(manifest_path, task)}"
         )
+    ids, y = manifest.labels(task)
+    check_splits(splits, str(path), Cohort.of(ids, y, manifest.patients(ids), manifest.centers(ids)))
     return splits
