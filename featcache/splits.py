@@ -258,8 +258,8 @@ def _kfold(cohort: _Cohort, k: int, seed: int) -> list[tuple[str, np.ndarray, np
         c = int(per_class.argmin())
         raise SplitError(
             f"class {c} ({_CLASS_NAMES[c]}) has {per_class[c]} patients, fewer than k={k} folds; lower --k (this "
-            f"cohort allows at most {per_class[c]}, {max_folds(per_class, validation=True) or 'none'} with a "
-            "validation part)"
+            f"cohort allows --k {folds_allowed(per_class, validation=False)}, with a validation part "
+            f"{folds_allowed(per_class, validation=True)})"
         )
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [
@@ -385,7 +385,7 @@ def make_splits(
     are drawn from train + val; ``per_center`` (default: when there are several centers) adds the draws with
     ``center_shots`` per class per center. A shot level some class cannot fill is skipped and recorded; a
     cohort too small for a validation part with both classes, or for any requested shot level at all, is
-    refused with what it does allow (:func:`max_folds`). The result passes :func:`check_splits`.
+    refused with what it does allow (:func:`folds_allowed`). The result passes :func:`check_splits`.
     """
     if scheme not in SCHEMES:
         raise SplitError(f"unknown cv scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -440,12 +440,15 @@ def make_splits(
     return made
 
 
-def max_folds(cohort_per_class: Sequence[int], validation: bool) -> int:
-    """Most k-fold folds a cohort with these patients per class allows: each fold tests at least one patient
-    of each class and, with validation, leaves two in its pool (one validates, one trains); 0 if none."""
-    n = int(min(cohort_per_class))
+def folds_allowed(per_class: Sequence[int], validation: bool) -> str:
+    """The k-fold k a cohort with these patients per class allows, as text ("2..9", "3", "none"): each fold
+    tests at least one patient of each class and, with validation, leaves two in its pool (one validates, one
+    trains); more folds leave bigger pools, so the smallest k is the one validation limits."""
+    n = int(min(per_class))
     fits = [k for k in range(2, n + 1) if not validation or n - -(-n // k) >= 2]
-    return max(fits, default=0)
+    if not fits:
+        return "none"
+    return str(fits[0]) if fits[0] == fits[-1] else f"{fits[0]}..{fits[-1]}"
 
 
 def _check_capacity(splits: Splits, cohort: _Cohort, pools: list[_Pool], explicit_center: bool) -> None:
@@ -459,8 +462,9 @@ def _check_capacity(splits: Splits, cohort: _Cohort, pools: list[_Pool], explici
         if splits.val_fraction > 0 and min(counts) < 2:
             c = int(np.argmin(counts))
             if splits.scheme == "kfold":
-                most = max_folds(per_class, validation=True)
-                hint = f"with a validation part it allows at most --k {most}" if most else "it is too small for a validation part"
+                fits = folds_allowed(per_class, validation=True)
+                hint = f"with a validation part it allows --k {fits}" if fits != "none" else \
+                    "it is too small for a validation part"
             else:
                 hint = "leave-one-center-out leaves too few of them in this pool; try --scheme kfold"
             raise SplitError(f"{where}: {fold.name}'s train+val holds {counts[c]} {_CLASS_NAMES[c]} patient(s), too "
