@@ -31,7 +31,15 @@ import yaml
 from pydicom.errors import InvalidDicomError
 
 from featcache.errors import ManifestError
-from featcache.manifest import BBOX_COLUMNS, ValidationReport, load_manifest, validate, write_manifest
+from featcache.manifest import (
+    BBOX_COLUMNS,
+    DATA_ROOTS_VAR,
+    ValidationReport,
+    data_roots,
+    inside,
+    validate,
+    write_manifest,
+)
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
 ENV_VAR = "FEATCACHE_DATASETS"
@@ -597,6 +605,9 @@ def build_manifest(dataset: str | DatasetSpec, root: str | Path, out: str | Path
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise ManifestError(f"{root}: data root is not a folder")
+    if not inside(root, data_roots(out.parent)):
+        raise ManifestError(f"{out}: write the manifest in {root} or a folder above it, so its image paths stay "
+                            f"inside its folder (or list {root} in ${DATA_ROOTS_VAR})")
     listing = BUILDERS[spec.layout](spec, root, _read_metadata(spec, root))
     if not listing.images:
         raise ManifestError(
@@ -606,7 +617,7 @@ def build_manifest(dataset: str | DatasetSpec, root: str | Path, out: str | Path
     rows, unmapped = _canonical_rows(spec, listing.images, out.parent)
     # Checked under another name first, so a manifest with errors never replaces a good one at `out`.
     candidate = write_manifest(rows, out.with_name(f"{out.stem}.invalid{out.suffix}"))
-    validation = validate(load_manifest(candidate), check_files=False)
+    validation = validate(candidate, check_files=False)
     if validation.ok:
         os.replace(candidate, out)
     return BuildReport(
