@@ -11,7 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli._common import console
+from featcache import datasets
 from featcache.errors import SplitError
+from featcache.manifest import load_manifest
 from featcache.metrics import Summary
 from featcache.records import RunRecord, summarize_records
 
@@ -72,6 +74,8 @@ def _nothing_ran(task: str, skipped: list[str]) -> str:
 def probe(
     model: str = typer.Option(..., "--model", help="Backbone whose cached features to probe."),
     task: str = typer.Option(..., "--task", help="Task key, a label column of the manifest (e.g. AFC)."),
+    positive: str | None = typer.Option(None, "--positive", help="Positive class of a two-class column of "
+                                        "your own (default: the one its split file was made with)."),
     manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest; its splits must exist."),
     store: Path | None = typer.Option(None, "--store",
                                       help="Feature store (default: features.zarr beside the manifest)."),
@@ -103,6 +107,8 @@ def probe(
         raise typer.BadParameter("--full excludes --shots, --draws and --per-center", param_hint="--full")
     from featcache.probe import SELECT, SOLVERS, ProbeOptions, run_probe  # torch and scikit-learn: load on use
 
+    if positive is not None:
+        datasets.task_for(load_manifest(manifest), task, positive)
     options = ProbeOptions(select=_choice(select, SELECT, "--select"),
                            solver=_choice(solver, SOLVERS, "--solver"), device=device)
     columns = (TextColumn("probing {task.description}"), BarColumn(), MofNCompleteColumn(),

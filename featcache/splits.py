@@ -15,14 +15,14 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from featcache import datasets
-from featcache.errors import SplitError
+from featcache.errors import ManifestError, SplitError
 from featcache.fileio import atomic_write
 from featcache.manifest import load_manifest
 
@@ -107,6 +107,7 @@ class Splits:
     draws: int
     manifest_digest: str
     folds: tuple[Fold, ...]
+    classes: tuple[str, ...] = ()  # (negative, positive) of an ad-hoc task; its labels are defined here
 
     def fold(self, which: Fold | str | int) -> Fold:
         """A fold by object, name ("fold0", "center-A") or position."""
@@ -162,7 +163,7 @@ class Splits:
             "draws": self.draws,
             "manifest_digest": self.manifest_digest,
             "folds": [fold.to_dict() for fold in self.folds],
-        }
+        } | ({"classes": list(self.classes)} if self.classes else {})  # spec tasks' files keep their bytes
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, fixed separators): equal splits give equal bytes."""
@@ -187,6 +188,7 @@ class Splits:
             draws=d["draws"],
             manifest_digest=d["manifest_digest"],
             folds=tuple(Fold.from_dict(f) for f in d["folds"]),
+            classes=tuple(d.get("classes", ())),
         )
 
 
@@ -650,11 +652,11 @@ def build_splits(
     manifest = load_manifest(manifest_path)
     ids, y = manifest.labels(task)
     centers = manifest.centers(ids)
-    known = datasets.get_dataset(spec.dataset).centers
+    known = datasets.get_dataset(spec.dataset).centers if spec.dataset else ()
     if known and (unknown := sorted(set(centers) - set(known))):
         raise SplitError(f"{manifest.path}: centers {unknown} are not among {spec.dataset}'s {list(known)}; "
                          "leave-one-center-out would make a fold of each")
-    return make_splits(
+    made = make_splits(
         ids,
         y,
         manifest.patients(ids),
@@ -670,6 +672,7 @@ def build_splits(
         per_center=per_center if per_center is not None or spec.has_centers else False,
         manifest_digest=manifest.digest(),
     )
+    return made if spec.dataset else replace(made, classes=(spec.negative, spec.positive))
 
 
 def load_splits(manifest_path: str | Path, task: str) -> Splits:
@@ -688,6 +691,25 @@ def load_splits(manifest_path: str | Path, task: str) -> Splits:
             f"{path}: made for manifest digest {splits.manifest_digest[:12]}, but {manifest_path} is now "
             f"{current[:12]}; recompute with {_command(manifest_path, task)}"
         )
+    _check_classes(splits, manifest, path)
     ids, y = manifest.labels(task)
     check_splits(splits, str(path), Cohort.of(ids, y, manifest.patients(ids), manifest.centers(ids)))
     return splits
+
+
+def _check_classes(splits: Splits, manifest, path: Path) -> None:
+    """An ad-hoc task's file says which class is positive: it defines the task when this process has not
+    (`probe --task died` after `splits --task died --positive 1`), and refuses another positive class."""
+    task = splits.task
+    if not splits.classes:
+        return
+    if len(splits.classes) != 2:
+        raise SplitError(f"{path}: 'classes' must be [negative, positive], got {list(splits.classes)}")
+    try:
+        spec = datasets.get_task(task)
+    except ManifestError:
+        spec = datasets.task_for(manifest, task, positive=splits.classes[1])
+    if (spec.negative, spec.positive) != splits.classes:
+        raise SplitError(f"{path}: made with {task} positive class {splits.classes[1]!r}, not {spec.positive!r}; "
+                         f"recompute with `featcache splits --manifest {manifest.path} --task {task} --positive "
+                         f"{spec.positive}`")
