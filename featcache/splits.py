@@ -458,31 +458,38 @@ def _check_capacity(splits: Splits, cohort: _Cohort, pools: list[_Pool], explici
     both classes, or few-shot levels of which not one could be drawn in any fold."""
     where = f"task {splits.task}" if splits.task else "splits"
     per_class = np.bincount(cohort.patient_label, minlength=2)
-    cohort_size = f"{per_class[0]} negative / {per_class[1]} positive patients"
-    for fold, pool in zip(splits.folds, pools, strict=True):
-        counts = [pool.patients_of(c).size for c in (0, 1)]
-        if splits.val_fraction > 0 and min(counts) < 2:
-            c = int(np.argmin(counts))
-            if splits.scheme == "kfold":
-                fits = folds_allowed(per_class, validation=True)
-                hint = f"with a validation part it allows --k {fits}" if fits != "none" else \
-                    "it is too small for a validation part"
-            else:
-                hint = "leave-one-center-out leaves too few of them in this pool; try --scheme kfold"
-            raise SplitError(f"{where}: {fold.name}'s train+val holds {counts[c]} {_CLASS_NAMES[c]} patient(s), too "
-                             f"few to keep one for validation and one for training; the cohort has {cohort_size}, "
-                             f"{hint}; or pass --val-fraction 0 (no validation part, few-shot only)")
+    size = f"{per_class[0]} negative / {per_class[1]} positive patients"
+    if splits.val_fraction > 0:
+        _check_validation_room(splits, pools, per_class, where, size)
     if splits.shots and not any(fold.fewshot for fold in splits.folds):
         best = max(min(pool.patients_of(c).size for c in (0, 1)) for pool in pools)
         raise SplitError(f"{where}: no few-shot level k={','.join(map(str, splits.shots))} can be drawn in any fold: "
-                         f"the folds' train+val hold at most {best} patient(s) of the smaller class ({cohort_size}); "
+                         f"the folds' train+val hold at most {best} patient(s) of the smaller class ({size}); "
                          + (f"pass --shots with k <= {best}, or --shots '' for none" if best else "pass --shots ''"))
     if explicit_center and splits.center_shots and not any(fold.fewshot_center for fold in splits.folds):
         best = max(min((pool.patients_of(c, site).size for site in np.unique(cohort.patient_center[pool.patients])
                         for c in (0, 1)), default=0) for pool in pools)
-        raise SplitError(f"{where}: no per-center few-shot level k={','.join(map(str, splits.center_shots))} can be "
-                         f"drawn in any fold: the folds' train+val hold at most {best} patient(s) per class per center; "
+        levels = ",".join(map(str, splits.center_shots))
+        raise SplitError(f"{where}: no per-center few-shot level k={levels} can be drawn in any fold: the folds' "
+                         f"train+val hold at most {best} patient(s) per class per center; "
                          + (f"pass --center-shots with k <= {best}" if best else "pass --no-per-center"))
+
+
+def _check_validation_room(splits: Splits, pools: list[_Pool], per_class: np.ndarray, where: str, size: str) -> None:
+    """Each fold's pool must keep one patient of each class for validation and one for training."""
+    for fold, pool in zip(splits.folds, pools, strict=True):
+        counts = [pool.patients_of(c).size for c in (0, 1)]
+        if min(counts) >= 2:
+            continue
+        c = int(np.argmin(counts))
+        fits = folds_allowed(per_class, validation=True)
+        if splits.scheme != "kfold":
+            hint = "leave-one-center-out leaves too few of them in this pool; try --scheme kfold"
+        else:
+            hint = f"with a validation part it allows --k {fits}" if fits != "none" else "too few for a validation part"
+        raise SplitError(f"{where}: {fold.name}'s train+val holds {counts[c]} {_CLASS_NAMES[c]} patient(s), too few "
+                         f"to keep one for validation and one for training; the cohort has {size}, {hint}; or pass "
+                         "--val-fraction 0 (no validation part, few-shot only)")
 
 
 def describe(splits: Splits, ids: Sequence[str], y: Sequence[int], groups: Sequence[str]) -> list[dict]:

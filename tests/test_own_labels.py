@@ -88,7 +88,8 @@ def test_splits_and_probe_on_a_column_of_ones_own(tmp_path, monkeypatch):
 
 def test_a_hand_edited_positive_class_is_refused(tmp_path):
     manifest = _with_died(tmp_path)
-    assert _run("splits", "--manifest", str(manifest), "--task", "died", "--positive", "1", "--shots", "").exit_code == 0
+    made = _run("splits", "--manifest", str(manifest), "--task", "died", "--positive", "1", "--shots", "")
+    assert made.exit_code == 0, made.output
     path = splits_path(manifest, "died")
     path.write_text(path.read_text().replace('"classes":["0","1"]', '"classes":["1","2"]'))
     with pytest.raises(SplitError, match=r"made with died positive class '2', not '1'; recompute with `featcache "

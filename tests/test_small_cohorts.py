@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.featcache_app import app
-from featcache.errors import SplitError
+from featcache.errors import SplitError, UsageError
 from featcache.splits import build_splits, folds_allowed, load_splits, make_splits, save_splits
 from featcache.synth import make_cohort
 
@@ -68,6 +68,8 @@ def test_probe_says_why_nothing_ran(tmp_path):
     assert "no probe ran for SYN: every requested level was skipped" in str(skipped.exception)
     full = CliRunner().invoke(app, [*base, "--full"])
     assert isinstance(full.exception, SplitError) and "no validation part" in str(full.exception)
+    tpu = CliRunner().invoke(app, [*base, "--shots", "2", "--device", "tpu"])
+    assert isinstance(tpu.exception, UsageError) and "'tpu' is not supported" in str(tpu.exception)
     assert not list(tmp_path.glob("runs/*.json"))
     assert CliRunner().invoke(app, [*base, "--shots", "2"]).exit_code == 0
 
