@@ -38,6 +38,7 @@ FORMAT = 1
 _VAL, _FEWSHOT, _FEWSHOT_CENTER = 0, 1, 2
 _CLASS_NAMES = ("negative", "positive")
 _SHOWN = 5  # ids quoted in one message
+_KINDS = ("fewshot", "fewshot_center")
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,7 @@ class Fold:
             test=tuple(d["test"]),
             fewshot=draws(d["fewshot"]),
             fewshot_center=draws(d["fewshot_center"]),
-            skipped={
-                kind: {int(k): why for k, why in levels.items()} for kind, levels in d["skipped"].items()
-            },
+            skipped={kind: {int(k): str(why) for k, why in d["skipped"].get(kind, {}).items()} for kind in _KINDS},
         )
 
 
@@ -565,7 +564,7 @@ def _check_fold(fold: Fold, has_val: bool, where: str, cohort: Cohort | None) ->
         if both := set(parts[a]) & set(parts[b]):
             raise SplitError(f"{where}: ids in both {a} and {b}: {_shown(both)}")
     pool = set(fold.train) | set(fold.val)
-    for kind in ("fewshot", "fewshot_center"):
+    for kind in _KINDS:
         for k, draws in getattr(fold, kind).items():
             for r, ids in enumerate(draws):
                 if outside := set(ids) - pool:
@@ -588,7 +587,7 @@ def _check_fold_labels(fold: Fold, parts: dict, has_val: bool, where: str, cohor
         if lacking := {0, 1} - {cohort.label[i] for i in members}:
             c = lacking.pop()
             raise SplitError(f"{where}: the {part} part has no {_CLASS_NAMES[c]} (class {c}) patients")
-    for kind in ("fewshot", "fewshot_center"):
+    for kind in _KINDS:
         for k, draws in getattr(fold, kind).items():
             for r, ids in enumerate(draws):
                 _check_draw(ids, k, kind == "fewshot_center", f"{where}: {kind} k={k} draw {r}", cohort)

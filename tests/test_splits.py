@@ -337,6 +337,11 @@ def test_split_file_checked_on_its_own(tmp_path, kfold):
     _edit(path, lambda fold, _d: fold["val"].append(fold["test"][0]))
     with pytest.raises(SplitError, match=r"fold0: ids in both val and test: img"):
         read_splits(path)
-    path.write_text("{not json")
-    with pytest.raises(SplitError, match="not a valid split file"):
-        read_splits(path)
+    for garbage in ("{not json", '{"format": 1, "folds": [{"name": 3}]}', "[]"):
+        path.write_text(garbage)
+        with pytest.raises(SplitError, match="not a valid split file"):
+            read_splits(path)
+    data = json.loads(save_splits(kfold, tmp_path / "cohort.csv").read_text())
+    data["folds"][0]["skipped"] = {}  # a kind left out reads as nothing skipped, not a KeyError later
+    path.write_text(json.dumps(data))
+    assert read_splits(path).folds[0].skipped == {"fewshot": {}, "fewshot_center": {}}
