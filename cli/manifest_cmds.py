@@ -87,8 +87,8 @@ def validate_cmd(
         True, "--check-files/--no-check-files", help="Check every image exists."
     ),
 ) -> None:
-    """Check a manifest: duplicate ids, missing files, labels outside a task's mapping, one patient with
-    conflicting labels or in two centers. Exits non-zero when any is found."""
+    """Check a manifest: duplicate or empty ids, missing files, paths outside its folder, labels outside a
+    task's mapping, one patient with conflicting labels or in two centers. Exits non-zero when any is found."""
     report = validate(manifest, check_files=check_files)
     _print_report(report)
     report.raise_for_errors()

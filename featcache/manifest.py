@@ -387,8 +387,6 @@ def validate(manifest: Manifest | str | Path, check_files: bool = True) -> Valid
     uses = Counter(ids)
     dup = [i for i, image_id in enumerate(ids) if image_id and uses[image_id] > 1]
     _add(errors, "duplicate_id", "image_id used by more than one row", dup, ids)
-    outside = f"image paths outside the manifest's folder (allow a folder with ${DATA_ROOTS_VAR})"
-    _add(errors, "path_outside_root", outside, outside_rows(m), ids)
     if check_files and "path" in m.columns:
         root = os.fspath(m.root)
         missing = [
@@ -396,6 +394,8 @@ def validate(manifest: Manifest | str | Path, check_files: bool = True) -> Valid
         ]
         _add(errors, "missing_file", f"image files not found under {m.root}", missing, ids)
     _check_bbox(m, errors, ids)
+    outside = f"image paths outside the manifest's folder (allow a folder with ${DATA_ROOTS_VAR})"
+    _add(errors, "path_outside_root", outside, outside_rows(m), ids)
 
     two = _clashes(patients, centers, range(len(m)))
     _add(errors, "patient_in_two_centers", "a patient appears in more than one center", two, ids)
