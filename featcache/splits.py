@@ -437,7 +437,7 @@ def make_splits(
         folds=tuple(folds),
     )
     _check_capacity(made, cohort, pools, explicit_center)
-    check_splits(made, f"task {task}" if task else "splits", Cohort.of(ids, y, groups, centers))
+    check_splits(made, f"task {task}" if task else "splits", TaskLabels.of(ids, y, groups, centers))
     return made
 
 
@@ -515,7 +515,7 @@ def describe(splits: Splits, ids: Sequence[str], y: Sequence[int], groups: Seque
 
 
 @dataclass(frozen=True)
-class Cohort:
+class TaskLabels:
     """What a split file is checked against: label, patient and center of every image labelled for its task."""
 
     label: dict[str, int]
@@ -530,13 +530,13 @@ class Cohort:
                    dict(zip(ids, sites, strict=True)))
 
 
-def _shown(items: Iterable[str]) -> str:
-    items = sorted(set(items))
+def _shown(items: Iterable[object]) -> str:
+    items = sorted({str(i) for i in items})
     more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
     return ", ".join(items[:_SHOWN]) + more
 
 
-def check_splits(splits: Splits, where: str, cohort: Cohort | None = None) -> None:
+def check_splits(splits: Splits, where: str, cohort: TaskLabels | None = None) -> None:
     """Refuse, in one line naming ``where``, the fold and the ids, a split file that could leak or mislead.
 
     Without a cohort: parts share no image, few-shot draws lie inside their fold's train + val, train and
@@ -551,7 +551,7 @@ def check_splits(splits: Splits, where: str, cohort: Cohort | None = None) -> No
         _check_fold(fold, splits.val_fraction > 0, f"{where}: {fold.name}", cohort)
 
 
-def _check_fold(fold: Fold, has_val: bool, where: str, cohort: Cohort | None) -> None:
+def _check_fold(fold: Fold, has_val: bool, where: str, cohort: TaskLabels | None) -> None:
     parts = {"train": fold.train, "val": fold.val, "test": fold.test}
     for part, members in parts.items():
         if not all(isinstance(i, str) for i in members):
@@ -567,13 +567,15 @@ def _check_fold(fold: Fold, has_val: bool, where: str, cohort: Cohort | None) ->
     for kind in _KINDS:
         for k, draws in getattr(fold, kind).items():
             for r, ids in enumerate(draws):
+                if not all(isinstance(i, str) for i in ids):
+                    raise SplitError(f"{where}: {kind} k={k} draw {r} holds ids that are not strings")
                 if outside := set(ids) - pool:
                     raise SplitError(f"{where}: {kind} k={k} draw {r} holds ids outside train + val: {_shown(outside)}")
     if cohort is not None:
         _check_fold_labels(fold, parts, has_val, where, cohort)
 
 
-def _check_fold_labels(fold: Fold, parts: dict, has_val: bool, where: str, cohort: Cohort) -> None:
+def _check_fold_labels(fold: Fold, parts: dict, has_val: bool, where: str, cohort: TaskLabels) -> None:
     for part, members in parts.items():
         if unknown := [i for i in members if i not in cohort.label]:
             raise SplitError(f"{where}: {part} holds ids the manifest does not label for this task: {_shown(unknown)}")
@@ -593,7 +595,7 @@ def _check_fold_labels(fold: Fold, parts: dict, has_val: bool, where: str, cohor
                 _check_draw(ids, k, kind == "fewshot_center", f"{where}: {kind} k={k} draw {r}", cohort)
 
 
-def _check_draw(ids: Sequence[str], k: int, per_center: bool, where: str, cohort: Cohort) -> None:
+def _check_draw(ids: Sequence[str], k: int, per_center: bool, where: str, cohort: TaskLabels) -> None:
     if len({cohort.patient[i] for i in ids}) != len(ids):
         raise SplitError(f"{where}: two images of one patient ({_shown(ids)})")
     strata = Counter((cohort.center[i] if per_center else "", cohort.label[i]) for i in ids)
@@ -699,7 +701,7 @@ def load_splits(manifest_path: str | Path, task: str) -> Splits:
         )
     _check_classes(splits, manifest, path)
     ids, y = manifest.labels(task)
-    check_splits(splits, str(path), Cohort.of(ids, y, manifest.patients(ids), manifest.centers(ids)))
+    check_splits(splits, str(path), TaskLabels.of(ids, y, manifest.patients(ids), manifest.centers(ids)))
     return splits
 
 

@@ -337,6 +337,11 @@ def test_split_file_checked_on_its_own(tmp_path, kfold):
     _edit(path, lambda fold, _d: fold["val"].append(fold["test"][0]))
     with pytest.raises(SplitError, match=r"fold0: ids in both val and test: img"):
         read_splits(path)
+    data = json.loads(kfold.to_json())
+    data["folds"][1]["fewshot"]["2"][0] = [["nested"], 7]
+    path.write_text(json.dumps(data))
+    with pytest.raises(SplitError, match="fold1: fewshot k=2 draw 0 holds ids that are not strings"):
+        read_splits(path)
     for garbage in ("{not json", '{"format": 1, "folds": [{"name": 3}]}', "[]"):
         path.write_text(garbage)
         with pytest.raises(SplitError, match="not a valid split file"):
