@@ -118,7 +118,8 @@ def _print_report(report: ValidationReport, counts: bool = True) -> None:
         centers = ", ".join(f"{c} {n}" for c, n in report.centers.items())
         console.print(f"centers: {centers}", highlight=False)
     if report.extra_columns:
-        console.print(f"other columns (kept, not tasks): {', '.join(report.extra_columns)}", highlight=False)
+        console.print(f"other columns (kept, not tasks; a two-class one is a task with --task NAME --positive "
+                      f"VALUE): {', '.join(report.extra_columns)}", highlight=False)
     for issue in report.errors:
         console.print(f"[red]error[/] {escape(str(issue))}", highlight=False)
     if report.ok:
