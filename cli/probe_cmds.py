@@ -11,6 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli._common import console
+from featcache import datasets
+from featcache.errors import SplitError
+from featcache.manifest import load_manifest
 from featcache.metrics import Summary
 from featcache.records import RunRecord, summarize_records
 
@@ -59,9 +62,20 @@ def _table(records: list[RunRecord], title: str) -> Table:
     return table
 
 
+def _nothing_ran(task: str, skipped: list[str]) -> str:
+    """One line saying why a request ran no probe at all (every fold of every level skipped)."""
+    if not skipped:
+        return f"no probe ran for {task}: the split file holds no draws for the requested levels"
+    more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+    return (f"no probe ran for {task}: every requested level was skipped in every fold ({skipped[0]}{more}); "
+            "ask for a k the splits drew (`featcache splits` lists them)")
+
+
 def probe(
     model: str = typer.Option(..., "--model", help="Backbone whose cached features to probe."),
     task: str = typer.Option(..., "--task", help="Task key, a label column of the manifest (e.g. AFC)."),
+    positive: str | None = typer.Option(None, "--positive", help="Positive class of a two-class column of "
+                                        "your own (default: the one its split file was made with)."),
     manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest; its splits must exist."),
     store: Path | None = typer.Option(None, "--store",
                                       help="Feature store (default: features.zarr beside the manifest)."),
@@ -93,6 +107,8 @@ def probe(
         raise typer.BadParameter("--full excludes --shots, --draws and --per-center", param_hint="--full")
     from featcache.probe import SELECT, SOLVERS, ProbeOptions, run_probe  # torch and scikit-learn: load on use
 
+    if positive is not None:
+        datasets.task_for(load_manifest(manifest), task, positive)
     options = ProbeOptions(select=_choice(select, SELECT, "--select"),
                            solver=_choice(solver, SOLVERS, "--solver"), device=device)
     columns = (TextColumn("probing {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -106,6 +122,8 @@ def probe(
         report = run_probe(manifest, task, model, store=store, full=full, shots=_shots(shots), draws=draws,
                            per_center=per_center, view=view, options=options, out=out, progress=progress,
                            weights=weights, random_init=random_init, dtype=dtype)
+    if not report.records:
+        raise SplitError(_nothing_ran(task, report.skipped))
     for line in report.skipped:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
     weights = {r.provenance.get("weights") for r in report.records}

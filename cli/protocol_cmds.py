@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli._common import console
+from featcache import datasets
 from featcache.errors import FeatcacheError
 from featcache.manifest import load_manifest
 from featcache.records import gather, load_records, summarize_records, write_summary
@@ -55,6 +56,10 @@ def splits(
     task: str = typer.Option(
         ..., "--task", help="Task key, a label column of the manifest (e.g. AFC, NY_icu)."
     ),
+    positive: str | None = typer.Option(
+        None, "--positive", help="For a two-class column of your own (e.g. --task died --positive 1): its "
+        "positive class; no dataset spec needed."
+    ),
     k: int | None = typer.Option(None, "--k", help="Folds for k-fold (default: the task spec's, 5)."),
     scheme: str = typer.Option("auto", "--scheme", help="auto (from the task spec) | kfold | loco."),
     val_fraction: float | None = typer.Option(
@@ -74,6 +79,7 @@ def splits(
     """Compute a task's patient-level folds, validation parts and few-shot draws; save beside the manifest."""
     from featcache import splits as splits_lib  # scikit-learn: imported only by the commands that need it
 
+    datasets.task_for(load_manifest(manifest), task, positive)
     made = splits_lib.build_splits(
         manifest,
         task,
@@ -107,7 +113,17 @@ def splits(
         folds = ", ".join(reasons)
         first, why = next(iter(reasons.items()))
         console.print(f"[yellow]skipped[/] {kind} k={shot} in {folds} ({first}: {why})", highlight=False)
-    console.print(f"{made.draws} draws per few-shot level; wrote {path}", highlight=False)
+    console.print(f"wrote {path}: {len(made.folds)} folds; {_drawn(made)}", highlight=False)
+
+
+def _drawn(made: splits_lib.Splits) -> str:
+    """What was really drawn: the levels present in at least one fold, never the levels only asked for."""
+    said = []
+    for kind, label in (("fewshot", "few-shot"), ("fewshot_center", "per-center few-shot")):
+        levels = sorted({k for fold in made.folds for k in getattr(fold, kind)})
+        if levels:
+            said.append(f"{label} k={','.join(map(str, levels))} ({made.draws} draws each)")
+    return "; ".join(said) or "no few-shot draws"
 
 
 def results(

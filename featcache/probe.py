@@ -381,6 +381,8 @@ def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path 
     """
     manifest_obj = load_manifest(manifest)
     splits = load_splits(manifest, task)
+    if full:
+        splits.require_validation()
     store = Path(store) if store is not None else default_store(manifest_obj.path)
     data = load_task_data(manifest_obj, task, splits, store, model, view, **selectors)
     job = _Job(task, Path(manifest), splits, splits.digest(), data, options or ProbeOptions(), view, store,
