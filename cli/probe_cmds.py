@@ -48,13 +48,13 @@ def _table(records: list[RunRecord], title: str) -> Table:
                   caption="MCC: threshold from the validation part (full data) or 0.5 (few-shot)")
     for name in ("regime", "k", "runs", "MCC", "PR-AUC", "C (median)", "C rule"):
         table.add_column(name, justify="left" if name in ("regime", "C rule") else "right")
-    for row in summarize_records(records, ("mcc", "mcc_val_thr", "pr_auc")):
+    for row in summarize_records(records, ("mcc", "mcc_val_thr", "average_precision")):
         level = [r for r in records if (r.regime, r.shots) == (row["regime"], row["shots"])]
         mcc = row["mcc_val_thr"] if row["regime"] == "full" else row["mcc"]
         median_c = np.median([r.provenance.get("C", np.nan) for r in level])
         rules = ", ".join(sorted({str(r.provenance.get("C_rule")) for r in level}))
         k = "–" if row["shots"] is None else str(row["shots"])
-        table.add_row(row["regime"], k, str(row["runs"]), _mean_std(mcc), _mean_std(row["pr_auc"]),
+        table.add_row(row["regime"], k, str(row["runs"]), _mean_std(mcc), _mean_std(row["average_precision"]),
                       f"{median_c:.3g}", rules)
     return table
 
@@ -74,7 +74,7 @@ def probe(
     weights: Path | None = typer.Option(None, "--weights", help="Features extracted with these weights."),
     random_init: bool = typer.Option(False, "--random-init", help="Features extracted with random weights."),
     dtype: str | None = typer.Option(None, "--dtype", help="Features stored as float16 or float32."),
-    select: str = typer.Option("mcc", "--select", help="Metric that chooses C: mcc (at 0.5) or pr_auc."),
+    select: str = typer.Option("mcc", "--select", help="Metric that chooses C: mcc (at 0.5) or average_precision."),
     solver: str = typer.Option("torch", "--solver", help="torch (batched Newton) or sklearn (reference)."),
     device: str = typer.Option("auto", "--device", help="Torch solver device: auto, cpu, cuda, ..."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder of run records (one JSON per run)."),

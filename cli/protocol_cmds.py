@@ -121,7 +121,7 @@ def results(
     if not records:
         raise FeatcacheError(f"{folder}: no run records (<run key>.json) in this folder")
     path = gather(folder, out if out is not None else folder / "results.csv")
-    summary = summarize_records(records, metrics=("mcc_val_thr", "mcc", "pr_auc"), pooled=True)
+    summary = summarize_records(records, metrics=("mcc_val_thr", "mcc", "average_precision"), pooled=True)
     variants = _option_variants(summary)
     shared = [n for n in ("task", "backbone", "method") if len({row[n] for row in summary}) == 1]
     title = " · ".join([str(folder), *(str(summary[0][n]) for n in shared), f"{len(records)} runs"])
@@ -137,7 +137,7 @@ def results(
                  "method": f"{row['method']} #{variant}" if variant else row["method"]}
         regime = row["regime"] if row["shots"] is None else f"{row['regime']} k={row['shots']}"
         table.add_row(*(cells[n] for n in columns), regime, str(row["runs"]),
-                      *(_mean_std(row[m]) for m in ("mcc_val_thr", "mcc", "pr_auc")))
+                      *(_mean_std(row[m]) for m in ("mcc_val_thr", "mcc", "average_precision")))
     console.print(table)
     legend = {(key[2], n): key[3] for key, n in variants.items()}
     for (method, n), options in sorted(legend.items()):
@@ -147,7 +147,7 @@ def results(
         if pooled := row["pooled"]:
             name = " · ".join(str(row[n]) for n in ("task", "backbone", "method", "regime"))
             intervals = ", ".join(f"{label} {pooled[m]:.3f} [{pooled[m + '_ci'][0]:.3f}, {pooled[m + '_ci'][1]:.3f}]"
-                                  for m, label in (("mcc", "MCC@0.5"), ("pr_auc", "PR-AUC")))
+                                  for m, label in (("mcc", "MCC@0.5"), ("average_precision", "PR-AUC")))
             console.print(f"{name}: pooled over {row['runs']} folds ({pooled['n']} images, {pooled['patients']} "
                           f"patients), 95% bootstrap CI over patients: {intervals}", highlight=False)
     summary_path = write_summary(summary, path.with_name(f"{path.stem}_summary.csv"))

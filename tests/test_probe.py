@@ -85,9 +85,9 @@ def test_choose_c_takes_the_best_and_the_smaller_c_on_ties():
     scores = np.array([[0.6, 0.6, 0.4, 0.4], [0.2, 0.3, 0.7, 0.8], [0.1, 0.2, 0.9, 0.8],
                        [0.9, 0.1, 0.2, 0.3]])
     assert choose_c([scores], [y], "mcc").tolist() == [1]  # rows 1 and 2 are perfect: the smaller C wins
-    assert choose_c([scores[[0, 3]]], [y], "pr_auc").tolist() == [1]  # AP 0.5 < 0.58
-    assert choose_c([scores[[3, 2, 1]]], [y], "pr_auc").tolist() == [1]  # two perfect rankings: the first
-    assert choose_c([scores], [np.ones(4, dtype=int)], "pr_auc").tolist() == [0]  # undefined everywhere
+    assert choose_c([scores[[0, 3]]], [y], "average_precision").tolist() == [1]  # AP 0.5 < 0.58
+    assert choose_c([scores[[3, 2, 1]]], [y], "average_precision").tolist() == [1]  # two perfect rankings: the first
+    assert choose_c([scores], [np.ones(4, dtype=int)], "average_precision").tolist() == [0]  # undefined everywhere
 
 
 def test_full_data_choice_equals_sklearn_on_validation():
@@ -98,7 +98,7 @@ def test_full_data_choice_equals_sklearn_on_validation():
     order = rng.permutation(len(y))
     parts = [Part(np.sort(order[:200]), np.sort(order[200:300]), np.sort(order[300:])),
              Part(np.sort(order[100:300]), np.sort(order[300:])[:60], np.sort(order[:100]))]
-    for select in ("mcc", "pr_auc"):
+    for select in ("mcc", "average_precision"):
         fitted = probe_full(X, y, parts, ProbeOptions(select=select))
         for part, fit in zip(parts, fitted, strict=True):
             scaler = StandardScaler().fit(X64[part.train])
@@ -187,7 +187,7 @@ def test_cli_fewshot_16_prints_its_table_and_skips_recorded_runs(cohort, tmp_pat
     first = records[0]
     assert first.provenance["C_rule"] == "inner-cv" and first.provenance["threshold"] == "0.5"
     assert first.options["solver"] == "torch" and first.identity.startswith(MODEL)
-    assert len(first.test_scores) == len(first.test_ids) > 0 and first.metrics["pr_auc"] is not None
+    assert len(first.test_scores) == len(first.test_ids) > 0 and first.metrics["average_precision"] is not None
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "wrote 0 run records (15 already there)" in " ".join(again.output.split())
 
