@@ -351,3 +351,19 @@ def test_a_store_with_several_groups_is_probed_by_selector(cohort, tmp_path):
     report = run_probe(manifest, TASK, MODEL, full=True, out=tmp_path / "runs", dtype="float32")
     assert report.written == 5 and all(r.provenance["weights"] == "tiny-random" for r in report.records)
     assert all(len(r.test_patients) == len(r.test_ids) for r in report.records)
+
+
+def test_cli_warns_of_c_at_a_grid_edge_and_refuses_bad_grids(cohort, tmp_path):
+    runner = CliRunner()
+    base = ["probe", "--model", MODEL, "--task", TASK, "--manifest", str(cohort), "--full", "--out", str(tmp_path)]
+    result = runner.invoke(app, [*base, "--c-grid", "1e-6,1e-5", "--no-refit"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning full data: C at the grid's" in text and "widen the grid (--c-grid)" in text
+    records = load_records(tmp_path)
+    assert len(records) == 5 and all(r.provenance["C_edge"] in ("lower", "upper") for r in records)
+    assert all(r.options["refit"] == "none" and r.provenance["threshold"] == "validation" for r in records)
+    assert all(r.options["C_grid"] == [1e-6, 1e-5] for r in records)
+    for bad in ("0,1", "a,b", ""):
+        assert runner.invoke(app, [*base, "--c-grid", bad]).exit_code == 2
+    assert len(load_records(tmp_path)) == 5

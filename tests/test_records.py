@@ -334,3 +334,35 @@ def test_results_csv_has_the_selection_outcome(tmp_path):
     assert rows["probe"]["selected_C"] == "0.1" and rows["probe"]["C_rule"] == "validation"
     assert rows["probe"]["head_lr_selected"] == "" and rows["lp0.001"]["head_lr_selected"] == "True"
     assert rows["lp0.01"]["head_lr_selected"] == "False" and rows["lp0.001"]["train_best_epoch"] == "12"
+
+
+def test_cli_results_selects_head_lr_shows_patient_level_and_writes_selection(tmp_path):
+    folder = tmp_path / "runs"
+    for fold in range(2):
+        for lr, loss in ((1e-2, 0.5), (1e-3, 0.2)):
+            run = make_record(method="lp", options={"head_lr": lr}, regime="full", shots=None, draw=None,
+                              fold=f"fold{fold}", rng_seed=fold)
+            run.training = {"best_epoch": 7, "val_loss": loss}
+            write_record(run, folder)
+        probe = make_record(method="probe", options={"head": "l2-logreg"}, regime="full", shots=None, draw=None,
+                            fold=f"fold{fold}", rng_seed=fold)
+        probe.test_patients = [f"p{i // 2}" for i in range(len(probe.test_ids))]
+        probe.test_labels = [probe.test_labels[i - i % 2] for i in range(len(probe.test_ids))]
+        probe.metrics = evaluate(probe.test_labels, probe.test_scores, patients=probe.test_patients)
+        probe.provenance = {"C": 100.0, "C_rule": "validation", "C_edge": "upper" if fold else None}
+        write_record(probe, folder)
+    result = CliRunner().invoke(app, ["results", str(folder), "--level", "patient", "--pr-trapezoid"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "selected NY resnet18 lp full: head LR 0.001 by mean validation loss" in text
+    assert "C at an edge of the grid in 1 of 2 runs" in text and "patient level" in text and "PR trapz" in text
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert len(rows) == 6 and {r["selected_C"] for r in rows if r["method"] == "probe"} == {"100.0"}
+    assert sorted(r["head_lr_selected"] for r in rows if r["method"] == "lp") == ["False", "False", "True", "True"]
+    summary = {r["method"]: r for r in csv.DictReader((folder / "results_summary.csv").open())}
+    assert summary["lp"]["options"] == "head_lr=0.001" and summary["lp"]["runs"] == "2"
+    assert summary["probe"]["patient_mcc_mean"] != summary["probe"]["mcc_mean"]
+    assert summary["probe"]["patient_average_precision_folds"] == "2"
+    every = CliRunner().invoke(app, ["results", str(folder), "--all-head-lrs"])
+    assert every.exit_code == 0 and "selected" not in every.output
+    assert CliRunner().invoke(app, ["results", str(folder), "--level", "study"]).exit_code == 2
