@@ -8,13 +8,22 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich import box
+from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from cli._common import console
 from featcache.errors import FeatcacheError
 from featcache.manifest import load_manifest
-from featcache.records import load_records, select_head_lr, summarize_records, write_results, write_summary
+from featcache.records import (
+    load_records,
+    options_label,
+    select_head_lr,
+    summarize_records,
+    write_results,
+    write_summary,
+)
 
 if TYPE_CHECKING:
     from featcache import splits as splits_lib
@@ -145,11 +154,9 @@ def results(
     summary = summarize_records(kept, metrics=(*names, *(f"patient_{n}" for n in names)), pooled=True)
     shown = [n for n in names if n != ("average_precision" if trapezoid else "pr_auc_trapezoid")]
     prefix = "patient_" if level == "patient" else ""
-    console.print(_results_table(f"{folder} · {level} level", summary, [prefix + n for n in shown], len(kept)))
-    variants = _option_variants(summary)
-    legend = {(key[2], n): key[3] for key, n in variants.items()}
-    for (method, n), options in sorted(legend.items()):
-        console.print(f"[dim]{escape(method)} #{n}: {escape(options)}[/]", highlight=False)
+    _print_whole(_results_table(f"{folder} · {level} level", summary, [prefix + n for n in shown], len(kept)))
+    for line in _variant_legend(summary, kept):
+        console.print(f"[dim]{escape(line)}[/]", highlight=False)
     console.print(f"[dim]{level} level; mean ± std over folds, few-shot draws averaged within each fold first; "
                   "draw sd: MCC@0.5 std over the draws of a fold (mean over folds); drawn: fewest distinct "
                   "patients per class (positive/negative) the draws of a fold came from; MCC@val: threshold "
@@ -171,13 +178,23 @@ def results(
                   highlight=False)
 
 
+def _print_whole(table: Table) -> None:
+    """A table never cut: off a terminal (a log file) the line grows to the table's natural width instead of
+    truncating cells at the default 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(file=console.file, width=max(console.width, width), no_color=console.no_color).print(table)
+
+
 def _results_table(where: str, summary: list[dict], metrics: list[str], runs: int) -> Table:
     """One row per configuration: the columns that vary, the level, runs, metrics, draw spread, drawn."""
     variants = _option_variants(summary)
     shared = [n for n in ("task", "backbone", "method") if len({row[n] for row in summary}) == 1]
     title = " · ".join([where, *(str(summary[0][n]) for n in shared), f"{runs} runs"])
     table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
-    columns = [n for n in ("task", "backbone", "method") if n not in shared]
+    columns = [n for n in ("task", "backbone", "method") if n not in shared or (n == "method" and variants)]
     fewshot = any(row["shots"] is not None for row in summary)
     metrics = [m for m in metrics if any(row[m].n for row in summary)]  # e.g. no MCC@val in few-shot only
     mcc = next((m for m in metrics if m.removeprefix("patient_") == "mcc"), None)
@@ -213,6 +230,23 @@ def _edge_lines(records: list) -> list[str]:
             tally[1] += 1
     return [f"{name}: C at an edge of the grid in {hit} of {n} runs; the best C may lie beyond it"
             for name, (hit, n) in counts.items() if hit]
+
+
+def _variant_legend(summary: list[dict], records: list) -> list[str]:
+    """One line per numbered option set: only the options in which the sets of one method differ
+    ("–" where a set lacks one, e.g. records of an older version), so the legend stays readable."""
+    variants = _option_variants(summary)
+    options = {options_label(r.options): r.options for r in records}
+    sets: dict[tuple, list[tuple[int, dict]]] = {}
+    for (task, backbone, method, label), n in variants.items():
+        sets.setdefault((task, backbone, method), []).append((n, options[label]))
+    lines = {}
+    for (_, _, method), numbered in sets.items():
+        names = sorted({k for _, o in numbered for k in o})
+        differ = [k for k in names if len({options_label({k: o.get(k, "–")}) for _, o in numbered}) > 1]
+        for n, o in numbered:
+            lines[(method, n)] = options_label({k: o.get(k, "–") for k in differ})
+    return [f"{method} #{n}: {text}" for (method, n), text in sorted(lines.items())]
 
 
 def _option_variants(summary: list[dict]) -> dict[tuple, int]:

@@ -365,4 +365,12 @@ def test_cli_results_selects_head_lr_shows_patient_level_and_writes_selection(tm
     assert summary["probe"]["patient_average_precision_folds"] == "2"
     every = CliRunner().invoke(app, ["results", str(folder), "--all-head-lrs"])
     assert every.exit_code == 0 and "selected" not in every.output
+    other = make_record(method="probe", options={"head": "l2-logreg", "refit": "none"}, regime="full", shots=None,
+                        draw=None)
+    write_record(other, folder)  # a second option set: numbered, and the legend names only what differs
+    text = CliRunner().invoke(app, ["results", str(folder)]).output
+    assert {"probe #1: refit=–", "probe #2: refit=none"} <= set(text.splitlines()) or \
+        {"probe #1: refit=none", "probe #2: refit=–"} <= set(text.splitlines())
+    assert "head=" not in text
+    assert all(len(line) <= 80 or "±" in line for line in text.splitlines())  # only the table may be wider
     assert CliRunner().invoke(app, ["results", str(folder), "--level", "study"]).exit_code == 2
