@@ -6,8 +6,9 @@ Protocol defaults (each is recorded in the run records' options or provenance):
   (``n / (2 n_c)`` on those rows), which makes 0.5 the class-balanced decision threshold.
 - C comes from ``C_GRID``, 13 log-spaced values 1e-4 ... 1e2, chosen by ``select``: MCC at 0.5 or average
   precision on held-out scores. MCC at 0.5 is a step function of C, so several C often tie: values within
-  ``TIE`` of the best are ranked by the class-balanced log-loss of the same held-out scores (smooth, so a
-  7e-9 score change cannot flip the choice among them), and only then does the smaller C win. A chosen C at
+  ``TIE`` of the best are ranked by the class-balanced log-loss of the same held-out scores (smooth: a tiny
+  score change moves it by a tiny amount, where a tie list ordered by C alone hinges on which C happen to
+  tie), and only then does the smaller C win. A chosen C at
   either end of the grid is flagged (``C_edge`` in provenance, a warning in the report): the optimum may lie
   beyond it.
 - Full data: every C is fitted on the training part and scored on the validation part. With ``refit`` (the
