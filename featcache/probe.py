@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -292,7 +292,7 @@ def probe_fewshot(X: np.ndarray, y: np.ndarray, groups: np.ndarray, supports: Se
 # ------------------------------------------------------------------------------------------ tasks and records
 
 
-@lru_cache(maxsize=None)
+@cache
 def backbone_parameters(model: str) -> int | None:
     """Parameters of the frozen backbone as built, counted on the meta device (no memory, no weights read);
     None where it cannot be built here (an id whose config is not on this machine)."""
