@@ -157,11 +157,7 @@ def results(
     _print_whole(_results_table(f"{folder} · {level} level", summary, [prefix + n for n in shown], len(kept)))
     for line in _variant_legend(summary, kept):
         console.print(f"[dim]{escape(line)}[/]", highlight=False)
-    console.print(f"[dim]{level} level; mean ± std over folds, few-shot draws averaged within each fold first; "
-                  "draw sd: MCC@0.5 std over the draws of a fold (mean over folds); drawn: fewest distinct "
-                  "patients per class (positive/negative) the draws of a fold came from; MCC@val: threshold "
-                  "chosen on held-out scores of the tested model (full data); AP: average precision; PR trapz: "
-                  "trapezoid area under the precision-recall curve[/]")
+    console.print(f"[dim]{_key_line(summary, shown, level)}[/]", highlight=False)
     for line in notes:
         console.print(f"selected {line}", highlight=False)
     for line in _edge_lines(kept):
@@ -176,6 +172,26 @@ def results(
     summary_path = write_summary(summary, path.with_name(f"{path.stem}_summary.csv"))
     console.print(f"wrote {path} (one row per run) and {summary_path} (one row per configuration)",
                   highlight=False)
+
+
+KEYS = {
+    "fewshot": "few-shot draws averaged within each fold first; draw sd: MCC@0.5 std over the draws of a fold "
+               "(mean over folds); drawn: fewest distinct patients per class (positive/negative) the draws of a "
+               "fold came from",
+    "mcc_val_thr": "MCC@val: threshold chosen on held-out scores of the tested model (full data)",
+    "average_precision": "AP: average precision",
+    "pr_auc_trapezoid": "PR trapz: trapezoid area under the precision-recall curve",
+}
+
+
+def _key_line(summary: list[dict], shown: list[str], level: str) -> str:
+    """What the table's numbers are, for the columns it has."""
+    scope = "a patient's score = mean of its images' scores" if level == "patient" else "each image counts"
+    parts = [f"{level} level ({scope}); mean ± std over folds"]
+    if any(row["shots"] is not None for row in summary):
+        parts.append(KEYS["fewshot"])
+    parts += [KEYS[name] for name in shown if name in KEYS]
+    return "; ".join(parts)
 
 
 def _print_whole(table: Table) -> None:
