@@ -387,6 +387,7 @@ def validate(manifest: Manifest | str | Path, check_files: bool = True) -> Valid
     uses = Counter(ids)
     dup = [i for i, image_id in enumerate(ids) if image_id and uses[image_id] > 1]
     _add(errors, "duplicate_id", "image_id used by more than one row", dup, ids)
+    _check_duplicate_paths(m, errors, ids)
     if check_files and "path" in m.columns:
         root = os.fspath(m.root)
         missing = [
@@ -431,6 +432,17 @@ def validate(manifest: Manifest | str | Path, check_files: bool = True) -> Valid
         extra_columns=[name for name in m.columns if name not in canonical and name not in known],
         errors=errors,
     )
+
+
+def _check_duplicate_paths(m: Manifest, errors: list[Issue], ids: Sequence[str]) -> None:
+    """One file under two rows (copied rows, or two ids/patients for one image) could put the same image in
+    train and test; normalised paths (``a/./b.png`` is ``a/b.png``) must be unique."""
+    if "path" not in m.columns:
+        return
+    paths = [os.path.normpath(rel) if rel else "" for rel in m.column("path")]
+    uses = Counter(paths)
+    dup = [i for i, rel in enumerate(paths) if rel and uses[rel] > 1]
+    _add(errors, "duplicate_path", "one image file named by more than one row", dup, ids)
 
 
 def _clashes(keys: Sequence[str], values: Sequence[str], positions: Iterable[int]) -> list[int]:

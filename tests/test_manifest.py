@@ -115,9 +115,20 @@ def test_valid_manifest_counts(tmp_path):
 
 
 def test_duplicate_ids(tmp_path):
-    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1.png,pB,C2,,,,,ALIVE,MILD"]))
+    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1b.png,pB,C2,,,,,ALIVE,MILD"]))
     issue = _kinds(report)["duplicate_id"]
     assert issue.rows == [4, 6] and issue.ids == ["b1", "b1"]
+
+
+def test_duplicate_paths_are_refused(tmp_path):
+    """A copied row (new image id and patient, same file) would put one image in train and test."""
+    copies = ["x1,img/b1.png,pX,C2,,,,,DEATH,SEVERE", "x2,img/./a1.png,pY,C1,,,,,ALIVE,MILD"]
+    report = validate(_manifest(tmp_path, [*GOOD, *copies]))
+    issue = _kinds(report)["duplicate_path"]
+    assert issue.rows == [2, 4, 6, 7] and issue.ids == ["a1", "b1", "x1", "x2"]
+    assert [i.kind for i in report.errors] == ["duplicate_path"]
+    with pytest.raises(ManifestError, match=r"1 errors \(duplicate_path\); first: duplicate_path: .*rows 2, 4"):
+        report.raise_for_errors()
 
 
 def test_missing_files(tmp_path):
@@ -182,7 +193,7 @@ def test_malformed_files(tmp_path):
 
 
 def test_report_summary_is_one_line_and_raises(tmp_path):
-    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1.png,pB,C2,,,,,Dead,MILD"]))
+    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1b.png,pB,C2,,,,,Dead,MILD"]))
     assert not report.ok and "\n" not in report.summary()
     with pytest.raises(ManifestError, match=r"2 errors \(duplicate_id, label_outside_mapping\)"):
         report.raise_for_errors()
