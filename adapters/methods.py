@@ -71,6 +71,8 @@ def apply_method(classifier: Classifier, name: str, r: int = 8) -> Classifier:
     wrap the backbone's module (`get_peft_model`: VeRA keeps shared state on its tuner). Every configured target
     name must match a module: peft itself only checks that one does."""
     method = get_method(name)
+    if r < 1:
+        raise UsageError(f"rank must be >= 1 (the LoRA/VeRA rank), got {r}")
     spec, model = classifier.backbone.spec, classifier.backbone.model
     if method.config is None:
         for param_name, param in classifier.backbone.named_parameters():

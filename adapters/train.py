@@ -32,6 +32,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,13 @@ from adapters.classifier import Classifier
 from adapters.images import Images, load_images
 from adapters.methods import Method, apply_method, get_method, target_modules
 from featcache.backbones import BackboneSpec, build_backbone, count_parameters, get_spec, weights_identity
+from featcache.datasets import task_for
 from featcache.errors import SplitError, UsageError
 from featcache.extract import resolve_device
 from featcache.fileio import atomic_write
 from featcache.manifest import Manifest, load_manifest
 from featcache.metrics import evaluate
-from featcache.records import RunRecord, record_path, run_key, write_record
+from featcache.records import RunRecord, drawn_patients, record_path, run_key, write_record
 from featcache.splits import Splits, load_splits
 
 HEAD_LRS = (1e-2, 1e-3, 1e-4)
@@ -144,6 +146,7 @@ class Run:
     test: tuple[str, ...]
     key: str
     options: dict[str, Any]
+    drawn: dict[str, int] | None = None  # few-shot: distinct patients per class over the level's draws
 
     @property
     def label(self) -> str:
@@ -192,7 +195,7 @@ def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str,
          full: bool = True, shots: Sequence[int] = (), draws: int | None = None, per_center: bool = False,
          folds: Sequence[str] | None = None, head_lrs: Sequence[float] = HEAD_LRS,
          settings: TrainSettings | None = None, weights: str | Path | None = None, random_init: bool = False,
-         device: str = "auto") -> _Plan:
+         device: str = "auto", positive: str | None = None) -> _Plan:
     """Every run a request names, with its key; no model is built and no image read. Refuses, in one line, a
     method that does not apply to the backbone, a rank where it has none, and shot levels a fold cannot
     supply."""
@@ -202,9 +205,14 @@ def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str,
     if the_method.config is not None:
         target_modules(spec, the_method)  # VeRA on a CNN is refused here, before any work
     settings = settings or TrainSettings()
+    if positive is not None:
+        task_for(manifest, task, positive)
     splits = load_splits(manifest.path, task)
+    splits.require_validation()  # every run early-stops on a validation part
     identity = weights_identity(spec, weights, random_init)
     precision = "bf16-autocast" if resolve_device(device).type == "cuda" else "float32"
+    ids, codes = manifest.labels(task)
+    labels = dict(zip(ids, codes.tolist(), strict=True))
     chosen = [splits.fold(f) for f in folds] if folds else list(splits.folds)
     digest = splits.digest()
     runs: list[Run] = []
@@ -226,6 +234,9 @@ def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str,
                                      f"{len(drawn)}")
                 sets = [(r, tuple(s), _fewshot_val(splits, manifest, fold, s))
                         for r, s in enumerate(drawn[: draws or FEWSHOT_DRAWS])]
+            support = [i for _, train, _ in sets for i in train] if k is not None else []
+            drawn_counts = drawn_patients(manifest.patients(support), [labels[i] for i in support]) if support \
+                else None
             for draw, train, val in sets:
                 if not val:
                     raise SplitError(f"task {task} {fold.name} k={k} draw {draw}: no validation image is left "
@@ -237,11 +248,9 @@ def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str,
                                   seed=settings.seed, options=options, regime=the_regime, shots=k, draw=draw,
                                   splits_digest=digest, identity=identity)
                     runs.append(Run(fold.name, the_regime, k, draw, float(lr), tuple(train), tuple(val),
-                                    tuple(fold.test), key, options))
+                                    tuple(fold.test), key, options, drawn_counts))
     if not runs and skipped:
         raise SplitError(f"task {task}: no run can be made: {'; '.join(skipped)}")
-    ids, codes = manifest.labels(task)
-    labels = dict(zip(ids, codes.tolist(), strict=True))
     return _Plan(manifest, task, spec, the_method, rank, splits, identity, precision, settings, labels,
                  tuple(runs), tuple(skipped))
 
@@ -421,7 +430,7 @@ class _Trainer:
             for i, part in enumerate(micro):
                 mine = part[acc.process_index:: acc.num_processes]
                 last = i == len(micro) - 1
-                with acc.no_sync(self.ddp) if not last else _nothing():
+                with acc.no_sync(self.ddp) if not last else nullcontext():
                     x = self.images.batch(rows[mine], self.plan.spec.preprocess, acc.device)
                     if self.plan.settings.augment:
                         x = _augment(x, generator)
@@ -494,7 +503,8 @@ class _Trainer:
             splits_digest=plan.splits.digest(), identity=plan.identity, test_ids=test,
             test_labels=self.y["test"].tolist(), test_scores=s_test.tolist(),
             test_patients=plan.manifest.patients(test),
-            metrics=evaluate(self.y["test"].numpy(), s_test, self.y["val"].numpy(), s_val),
+            metrics=evaluate(self.y["test"].numpy(), s_test, self.y["val"].numpy(), s_val,
+                             patients=plan.manifest.patients(test)),
             wall_time_s=state.elapsed_s, trainable_params=self.trainable, total_params=self.total,
             training={"best_epoch": state.best_epoch + 1, "val_loss": state.best_loss,
                       "epochs_run": state.epoch,
@@ -503,16 +513,9 @@ class _Trainer:
             provenance={"weights": plan.identity, "weights_path": None if weights is None else str(weights),
                         "images": self.images.source, "n_train": len(run.train), "n_val": len(run.val),
                         "trainable_share": self.trainable / self.total, "processes": self.acc.num_processes,
-                        "device": self.acc.device.type},
+                        "device": self.acc.device.type, "threshold": "validation scores of the tested model",
+                        **({"drawn_patients": run.drawn} if run.drawn else {})},
         )
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -557,13 +560,14 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str, rank:
               settings: TrainSettings | None = None, weights: str | Path | None = None,
               random_init: bool = False, pixels: str | Path | None = None, out: str | Path = "runs",
               device: str = "auto", progress: TrainProgress | None = None,
-              load_progress: Callable[[int, int], None] | None = None) -> TrainReport:
+              load_progress: Callable[[int, int], None] | None = None, positive: str | None = None
+              ) -> TrainReport:
     """Train ``model`` adapted by ``method`` on ``task``: every fold (``full``) or fold x draw of each shot
     level, for each head LR; one record per run in ``out`` (artefacts in ``out/<key>/``). Recorded runs are
     read back, not retrained; an interrupted run resumes from its last checkpoint. See the module doc."""
     the_plan = plan(manifest, task, model, method=method, rank=rank, full=full, shots=shots, draws=draws,
                     per_center=per_center, folds=folds, head_lrs=head_lrs, settings=settings, weights=weights,
-                    random_init=random_init, device=device)
+                    random_init=random_init, device=device, positive=positive)
     out = Path(out)
     report = TrainReport(skipped=list(the_plan.skipped))
     todo = []

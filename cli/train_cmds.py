@@ -64,6 +64,8 @@ def train(
     model: str = typer.Option(..., "--model", help="Backbone (`featcache models`; -tiny for the tiny variant)."),
     task: str = typer.Option(..., "--task", help="Task key, a label column of the manifest (e.g. AFC)."),
     manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest; its splits must exist."),
+    positive: str | None = typer.Option(None, "--positive", help="Positive class of a two-class column of your "
+                                                                 "own (as for `featcache splits`)."),
     rank: int | None = typer.Option(None, "--rank", help="LoRA/VeRA rank (default 8; benchmark: 4, 8, 16)."),
     fold: str = typer.Option("all", "--fold", help="Fold name (fold0, center-A, ...) or all."),
     full: bool = typer.Option(False, "--full", help="Full data (the default when --shots is not given)."),
@@ -134,7 +136,7 @@ def train(
                        shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
                        folds=None if fold == "all" else [fold], head_lrs=_floats(head_lr, "--head-lr"),
                        settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
-                       device=device, progress=_EpochLines(quiet))
+                       device=device, progress=_EpochLines(quiet), positive=positive)
     if not _rank0():
         return
     for line in report.skipped:
@@ -150,7 +152,7 @@ def _table(records, title: str) -> Table:
 
     table = Table(title=title, box=box.SIMPLE_HEAD, caption="MCC at the validation threshold; "
                   "select the head LR by validation loss (`featcache results`), never by test scores")
-    for name in ("regime", "k", "head LR", "runs", "val loss", "MCC", "PR-AUC", "best epoch", "trainable %"):
+    for name in ("regime", "k", "head LR", "runs", "val loss", "MCC", "AP", "best epoch", "trainable %"):
         table.add_column(name, justify="left" if name == "regime" else "right")
     groups: dict[tuple, list] = {}
     for r in records:
@@ -160,7 +162,7 @@ def _table(records, title: str) -> Table:
         table.add_row(regime, str(k or "–"), f"{lr:g}", str(len(runs)),
                       _mean_std(summarize([r.training.get("val_loss") for r in runs])),
                       _mean_std(summarize([r.metrics.get("mcc_val_thr") for r in runs])),
-                      _mean_std(summarize([r.metrics.get("pr_auc") for r in runs])),
+                      _mean_std(summarize([r.metrics.get("average_precision") for r in runs])),
                       _mean_std(summarize([r.training.get("best_epoch") for r in runs])), f"{share:.3f}")
     return table
 

@@ -1,9 +1,9 @@
 """A study report from run records alone: Markdown tables and PNG figures (matplotlib, Agg).
 
 What it shows and how it chooses, stated again at the top of every report:
-- full data: per task x backbone x method, mean ± std over folds of MCC (at the threshold chosen on the
-  validation part, where the run had one) and PR-AUC (average precision), plus the 95 % patient-level bootstrap
-  interval of the folds' pooled test predictions (MCC at 0.5, PR-AUC);
+- full data: per task x backbone x method, mean ± std over folds of image-level MCC (at the threshold chosen
+  on held-out scores, where the run had one) and AP (average precision, the benchmark's PR-AUC), plus the 95 %
+  patient-level bootstrap interval of the folds' pooled test predictions (MCC at each run's threshold, AP);
 - gradient-trained runs: per group, the head LR with the lowest mean validation loss
   (`records.select_head_lr`); test data never chooses;
 - few-shot: MCC at 0.5 against k, median and interquartile range over backbones, folds and draws;
@@ -60,11 +60,6 @@ def mcc(record: RunRecord) -> float:
     return math.nan if value is None else float(value)
 
 
-def pr_auc(record: RunRecord) -> float:
-    value = record.metrics.get("pr_auc", record.metrics.get("average_precision"))
-    return math.nan if value is None else float(value)
-
-
 def _order(methods: Iterable[str]) -> list[str]:
     """Methods in the benchmark's order: probe, LP, FFT, LoRA, VeRA, BitFit, IA3, then anything else."""
     rank = {m: i for i, m in enumerate(("probe", "lp", "fft", "lora", "vera", "bitfit", "ia3"))}
@@ -113,14 +108,14 @@ def pooled_ci(records: list[RunRecord], n_boot: int = 1000, seed: int = 0) -> di
     calls = np.concatenate([np.asarray(r.test_scores) >= threshold(r) for r in records]).astype(np.float64)
     patients = np.array([p for r in records for p in r.test_patients])
     return {"mcc": tuple(bootstrap_ci(y, calls, patients, "mcc", n_boot=n_boot, seed=seed)[:2]),
-            "pr_auc": tuple(bootstrap_ci(y, s, patients, "pr_auc", n_boot=n_boot, seed=seed)[:2])}
+            "ap": tuple(bootstrap_ci(y, s, patients, "average_precision", n_boot=n_boot, seed=seed)[:2])}
 
 
 def full_table(records: list[RunRecord]) -> list[dict[str, Any]]:
     """One row per task x backbone x method variant (full data, head LR already chosen): fold mean ± std of
     MCC and PR-AUC, and the pooled patient-level 95 % intervals."""
     rows = []
-    for row in summarize_records(records, metrics=("pr_auc",)):
+    for row in summarize_records(records, metrics=("average_precision",)):
         members = [r for r in records if (r.task, r.backbone, r.method) == (row["task"], row["backbone"],
                                                                             row["method"])
                    and r.regime == "full" and _options_match(r, row["options"])]
@@ -131,7 +126,8 @@ def full_table(records: list[RunRecord]) -> list[dict[str, Any]]:
             "runs": row["runs"], "random": any(is_random(r) for r in members),
             "mcc_mean": float(finite.mean()) if finite.size else math.nan,
             "mcc_std": float(finite.std(ddof=1)) if finite.size > 1 else math.nan,
-            "pr_auc_mean": row["pr_auc"].mean, "pr_auc_std": row["pr_auc"].std, "pooled": pooled_ci(members),
+            "ap_mean": row["average_precision"].mean, "ap_std": row["average_precision"].std,
+            "pooled": pooled_ci(members),
             "head_lr": members[0].options.get("head_lr"),
         })
     return rows
@@ -340,10 +336,11 @@ def write_report(results: str | Path, out: str | Path) -> Report:
     if randoms:
         md += [f"**Random weights:** runs of {', '.join(randoms)} used random weights; their rows are marked "
                f"*{RANDOM_MARK}* and their figure titles say so. They test the pipeline, not the models.", ""]
-    md += ["How to read it: MCC is at the threshold chosen on each fold's validation part (full data; 0.5 where a "
-           "run had none, and in few-shot); PR-AUC is average precision. Gradient-trained runs keep, per task x "
-           "backbone x method x regime, the head LR with the lowest mean validation loss; test data never "
-           "chooses.", ""]
+    md += ["How to read it: metrics are image-level, as the benchmark reported them (records also hold "
+           "patient-level ones: `featcache results`). MCC is at the threshold chosen on held-out scores of the "
+           "tested model (full data; 0.5 where a run had none, and in few-shot); AP is average precision, the "
+           "benchmark's PR-AUC. Gradient-trained runs keep, per task x backbone x method x regime, the head LR "
+           "with the lowest mean validation loss; test data never chooses.", ""]
     if choices:
         md += ["<details><summary>Head-LR choices (by mean validation loss)</summary>", ""]
         md += [f"- {line}" for line in choices] + ["", "</details>", ""]
@@ -371,13 +368,13 @@ def _full_section(task: str, records: list[RunRecord], figures: Path, report: Re
     table = []
     for r in rows:
         pooled = r["pooled"]
-        ci = tuple(f"{pooled[m][0]:.3f} – {pooled[m][1]:.3f}" for m in ("mcc", "pr_auc")) if pooled else ("–", "–")
+        ci = tuple(f"{pooled[m][0]:.3f} – {pooled[m][1]:.3f}" for m in ("mcc", "ap")) if pooled else ("–", "–")
         lr = "–" if r["head_lr"] is None else f"{float(r['head_lr']):g}"
         name = f"{r['backbone']} *({RANDOM_MARK})*" if r["random"] else r["backbone"]
         table.append([name, r["method"], lr, r["runs"], _fmt(r["mcc_mean"], r["mcc_std"]),
-                      _fmt(r["pr_auc_mean"], r["pr_auc_std"]), *ci])
+                      _fmt(r["ap_mean"], r["ap_std"]), *ci])
     lines = ["### Full data", "", *_table(("backbone", "method", "head LR", "folds", "MCC (mean ± std)",
-                                          "PR-AUC (mean ± std)", "MCC 95% CI", "PR-AUC 95% CI"), table), "",
+                                          "AP (mean ± std)", "MCC 95% CI", "AP 95% CI"), table), "",
              "95 % intervals: the folds' test predictions pooled (each image scored once, MCC at its run's "
              "threshold), 1,000 bootstrap resamples of patients.", ""]
     box = box_figure(task, records, figures / f"{task}_mcc_box.png")

@@ -19,6 +19,7 @@ rm -f study.yaml.bak
 fc manifest validate                  # the study's manifest
 fc study plan                         # the smoke grid: runs per stage, nothing recorded yet
 fc study run                          # splits, features once per backbone, every probe, BitFit and LoRA
+ad methods --model resnet18-tiny      # what each method trains on the backbone the grid adapted
 fc study plan                         # now everything is recorded; a rerun would do nothing
 # The three commands users type, verbatim: the study supplies manifest, task, model, store, weights, records.
 fc extract --model medclip            # medclip -> medclip-vit, random-init as study.yaml states

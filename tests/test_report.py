@@ -15,7 +15,7 @@ from featcache.report import write_report
 PRETRAINED = "hf:timm/resnet18@abc/model.safetensors"
 
 
-def _record(backbone: str, method: str, fold: int, mcc: float, pr_auc: float, *, weights: str = PRETRAINED,
+def _record(backbone: str, method: str, fold: int, mcc: float, ap: float, *, weights: str = PRETRAINED,
             regime: str = "full", shots: int | None = None, draw: int | None = None, options: dict | None = None,
             val_loss: float | None = None, wall: float = 1.0, trainable: int = 513, total: int = 513) -> RunRecord:
     rng = np.random.default_rng(fold)
@@ -24,7 +24,7 @@ def _record(backbone: str, method: str, fold: int, mcc: float, pr_auc: float, *,
         task="AFC", backbone=backbone, method=method, fold=f"fold{fold}", seed=42, options=options or {},
         regime=regime, shots=shots, draw=draw, identity=weights, test_ids=ids, test_labels=[0, 1] * 4,
         test_scores=rng.random(8).tolist(), test_patients=ids,
-        metrics={"mcc_val_thr": mcc if regime == "full" else None, "mcc": mcc, "pr_auc": pr_auc},
+        metrics={"mcc_val_thr": mcc if regime == "full" else None, "mcc": mcc, "average_precision": ap},
         wall_time_s=wall, trainable_params=trainable, total_params=total, provenance={"weights": weights},
         training={} if val_loss is None else {"val_loss": val_loss, "best_epoch": 3},
     )

@@ -156,8 +156,9 @@ def test_record_has_protocol_settings_and_results_gather_it_beside_probes(cohort
     keys = planned_keys(cohort, TASK, "dinov2-s-tiny", method="bitfit", folds=["fold0"], head_lrs=(1e-2, 1e-3),
                         settings=QUICK, device="cpu")
     assert sorted(keys) == sorted(r.key for r in report.records)
-    result = CliRunner().invoke(featcache_app, ["results", str(tmp_path / "runs")])
+    result = CliRunner().invoke(featcache_app, ["results", str(tmp_path / "runs")], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
+    assert "selected SYN dinov2-s-tiny bitfit full: head LR" in result.output  # chosen by validation loss
 
 
 def test_fewshot_trains_on_support_and_validates_without_its_patients(cohort, tmp_path):
