@@ -208,8 +208,8 @@ def box_figure(task: str, records: list[RunRecord], path: Path) -> Path:
 
 def share_points(records: list[RunRecord]) -> tuple[list[tuple[str, str, float, float]], list[str]]:
     """(method, backbone, trainable share, mean MCC) per backbone x method. The cached probe trains D + 1
-    parameters beside a frozen backbone; its share uses that backbone's total from a trained run of it, and is
-    left out (with a note) where there is none."""
+    parameters beside a frozen backbone, whose size its records carry; records that counted the probe alone take
+    the backbone's total from a trained run of it, or are left out (with a note) where there is none."""
     totals = {r.backbone: r.total_params for r in records if r.method not in STAGE1 and r.total_params}
     groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for r in records:
@@ -217,7 +217,9 @@ def share_points(records: list[RunRecord]) -> tuple[list[tuple[str, str, float, 
     points, missing = [], []
     for (method, backbone), members in sorted(groups.items()):
         first = members[0]
-        total = totals.get(backbone) if method in STAGE1 else first.total_params
+        total = first.total_params
+        if method in STAGE1 and (not total or total <= (first.trainable_params or 0)):  # older probe records
+            total = totals.get(backbone)  # counted the probe alone: take the backbone's size from a trained run
         if not total or not first.trainable_params:
             missing.append(f"{method} on {backbone}")
             continue
