@@ -140,24 +140,33 @@ def _options_match(record: RunRecord, label: str) -> bool:
 
 
 def compute_table(records: list[RunRecord]) -> tuple[list[list[str]], list[list[str]]]:
-    """Wall time by stage (runs, total, mean per run), and per task x backbone the cost ratio of the
-    end-to-end LP to the cached probe where both ran (same regime: full data)."""
-    by_stage: dict[str, list[float]] = defaultdict(list)
+    """Wall time by stage (runs, of them with random weights, total, mean per run), and per task x backbone
+    the cost ratio of the end-to-end LP to the cached probe where both ran (same regime: full data)."""
+    by_stage: dict[str, list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.wall_time_s is not None:
-            by_stage["1 (cached probe)" if r.method in STAGE1 else "2 (trained end to end)"].append(r.wall_time_s)
-    stages = [[name, str(len(t)), _seconds(sum(t)), _seconds(sum(t) / len(t))] for name, t in sorted(by_stage.items())]
-    pairs: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+            by_stage["1 (cached probe)" if r.method in STAGE1 else "2 (trained end to end)"].append(r)
+    stages = []
+    for name, members in sorted(by_stage.items()):
+        total = sum(r.wall_time_s for r in members)
+        stages.append([name, str(len(members)), str(sum(map(is_random, members))), _seconds(total),
+                       _seconds(total / len(members))])
+    pairs: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.regime == "full" and r.method in ("probe", "lp") and r.wall_time_s is not None:
-            pairs[r.task, r.backbone][r.method].append(r.wall_time_s)
+            pairs[r.task, r.backbone][r.method].append(r)
     ratios = []
-    for (task, backbone), times in sorted(pairs.items()):
-        if times["probe"] and times["lp"]:
-            probe, lp = np.mean(times["probe"]), np.mean(times["lp"])
-            ratios.append([task, backbone, _seconds(float(probe)), _seconds(float(lp)),
-                           f"{lp / probe:,.0f}×" if probe > 0 else "–"])
+    for (task, backbone), runs in sorted(pairs.items()):
+        if runs["probe"] and runs["lp"]:
+            probe, lp = (float(np.mean([r.wall_time_s for r in runs[m]])) for m in ("probe", "lp"))
+            name = _backbone(backbone, runs["probe"] + runs["lp"])
+            ratios.append([task, name, _seconds(probe), _seconds(lp), f"{lp / probe:,.0f}×" if probe > 0 else "–"])
     return stages, ratios
+
+
+def _backbone(name: str, records: Iterable[RunRecord]) -> str:
+    """A backbone's table cell, marked where any of its runs had random weights."""
+    return f"{name} *({RANDOM_MARK})*" if any(is_random(r) for r in records) else name
 
 
 # --------------------------------------------------------------------------------------------------- figures
@@ -396,7 +405,8 @@ def _full_section(task: str, records: list[RunRecord], figures: Path, report: Re
 
 def _compute_section(records: list[RunRecord]) -> list[str]:
     stages, ratios = compute_table(records)
-    lines = ["## Compute", "", *_table(("stage", "runs", "wall time, total", "per run"), stages), "",
+    lines = ["## Compute", "", *_table(("stage", "runs", f"with {RANDOM_MARK}", "wall time, total", "per run"),
+                                       stages), "",
              "Cached-probe times are each run's share of a batched solve on stored features; extracting the "
              "features (once per backbone) is not in the records and not in these numbers.", ""]
     if ratios:

@@ -74,7 +74,7 @@ def test_report_tables_hold_the_known_numbers(records, tmp_path, monkeypatch):
     assert "random weights" in _row(text, "dinov2-s *(random weights)*", "probe")
     assert "AFC resnet18 lp full: head LR 0.001 by mean validation loss" in text
     assert _row(text, "AFC", "resnet18").endswith("| 100× |")  # LP 50 s against the probe's 0.5 s per run
-    assert "| 1 (cached probe) | 22 |" in text and "| 2 (trained end to end) | 6 |" in text
+    assert "| 1 (cached probe) | 22 | 2 |" in text and "| 2 (trained end to end) | 6 | 0 |" in text
     assert len(made.figures) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in made.figures)
     for figure in made.figures:
         assert f"]({figure.relative_to(made.markdown.parent)})" in text
