@@ -102,11 +102,18 @@ class Verdict:
             return f"ok: {self.written} written rows verified"
         parts = [f"{name} {why}" for name, why in self.damaged.items()]
         parts += [f"{name}: {len(chunks)} chunk(s) do not decode" for name, chunks in self.unreadable.items()]
-        if "written" in self.damaged or "written" in self.unreadable:
-            redo = "the rows whose written flags are lost"
-        else:
-            redo = f"{len(self.bad)} rows"
-        return f"{'; '.join(parts) or 'checksums fail'}; next extract recomputes {redo}"
+        if len(self.bad):
+            parts.append(f"{len(self.bad)} written rows fail their checksums (rows {row_ranges(self.bad)})")
+        lost = "; rows whose written flags are lost too" if {"written"} & {*self.damaged, *self.unreadable} else ""
+        return f"{'; '.join(parts)}; next extract (or pixels) recomputes {len(self.bad)} rows{lost}"
+
+
+def row_ranges(rows: np.ndarray, limit: int = 4) -> str:
+    """Sorted rows as compact ranges: ``0-63, 128-130``."""
+    rows = np.unique(rows)
+    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+    parts = [f"{p[0]}-{p[-1]}" if len(p) > 1 else f"{p[0]}" for p in np.split(rows, cuts)]
+    return ", ".join(parts[:limit]) + (f" and {len(parts) - limit} more" if len(parts) > limit else "")
 
 
 def verify(group: RowGroup) -> Verdict:

@@ -41,7 +41,7 @@ import zarr
 import featcache
 from featcache.errors import ManifestError, StoreError
 from featcache.fileio import atomic_write
-from featcache.integrity import IDENTITY_COLUMNS, digest_columns, row_digests
+from featcache.integrity import IDENTITY_COLUMNS, digest_columns, row_digests, row_ranges
 from featcache.manifest import Manifest, load_manifest
 
 LAYOUT_VERSION = 2  # 2: checksum array
@@ -331,7 +331,7 @@ class RowGroup:
             shutil.rmtree(folder)
             return None
         atomic_write(folder / "zarr.json", b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
-        group = zarr.open_group(folder, mode="r+", zarr_format=3)
+        group = root[name]
         _set_attributes(group, spec, chunk_rows)
         return cls(group, where)
 
@@ -427,7 +427,7 @@ class RowGroup:
         bad = rows[row_digests(values) != stored]
         if len(bad):
             raise StoreError(f"{self.where}: {len(bad)} written rows of {name} fail their checksum (rows "
-                             f"{_ranges(bad)}); {WHY_REBUILD}")
+                             f"{row_ranges(bad)}); {WHY_REBUILD}")
         return values
 
     def _unreadable(self, name: str, rows: slice | np.ndarray, err: Exception) -> str:
@@ -533,10 +533,15 @@ class RowGroup:
     # ---- summaries
 
     def summary(self) -> dict[str, Any]:
-        written = self.read("written")
-        skipped = self.read("skip_reason") != ""
+        """Counts as flagged (`featcache stores`); "?" where the flags themselves are damaged."""
+        try:
+            written = self.read("written")
+            skipped: Any = int((written & (self.read("skip_reason") != "")).sum())
+            flagged: Any = int(written.sum())
+        except StoreError:
+            flagged = skipped = "?"
         return {"group": self.name, "kind": self.kind, "model": self.spec.get("model", ""),
-                "rows": self.n_rows, "written": int(written.sum()), "skipped": int((written & skipped).sum()),
+                "rows": self.n_rows, "written": flagged, "skipped": skipped,
                 "arrays": {n: [self.n_rows, *self.layout[n].tail] for n in self.data_names},
                 "dtype": self.spec.get("dtype", ""), "weights": self.spec.get("weights", ""),
                 "featcache": self.spec.get("featcache", "")}
@@ -582,14 +587,6 @@ def _chunk_rows_of(folder: Path) -> int | None:
         except (ValueError, KeyError, TypeError, IndexError, OSError):
             continue
     return None
-
-
-def _ranges(rows: np.ndarray, limit: int = 4) -> str:
-    """Sorted rows as compact ranges: ``0-63, 128-130``."""
-    rows = np.unique(rows)
-    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
-    parts = [f"{p[0]}-{p[-1]}" if len(p) > 1 else f"{p[0]}" for p in np.split(rows, cuts)]
-    return ", ".join(parts[:limit]) + (f" and {len(parts) - limit} more" if len(parts) > limit else "")
 
 
 def list_groups(store: str | Path, kind: str | None = None, problems: list[str] | None = None
@@ -782,6 +779,7 @@ def export_hdf5(store: str | Path, to: str | Path, model: str | None = None) -> 
 def _export_group(out: Any, group: RowGroup) -> None:
     import h5py
 
+    group.require(*group.layout)
     out.attrs["kind"] = group.kind
     out.attrs["spec"] = canonical_json(group.spec)
     out.attrs["spec_sha256"] = spec_sha256(group.spec)
