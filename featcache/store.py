@@ -262,34 +262,35 @@ class RowGroup:
         self.refresh()
 
     def refresh(self) -> None:
-        """(Re)read every array's metadata: another process may have grown the group since it was opened."""
-        self.arrays: dict[str, zarr.Array] = {}
-        self.damaged: dict[str, str] = {}
+        """(Re)read every array's metadata: another process may have grown the group since it was opened.
+        The new view replaces the old one at once (the writer thread refreshes while the main thread reads)."""
+        arrays: dict[str, zarr.Array] = {}
+        damaged: dict[str, str] = {}
         for name, layout in self.layout.items():
             try:
                 array = self.group[name]
             except KeyError:
-                self.damaged[name] = "is missing"
+                damaged[name] = "is missing"
                 continue
             except Exception as err:  # noqa: BLE001 - any unparsable zarr.json is damage, reported in one line
-                self.damaged[name] = f"has unreadable metadata ({type(err).__name__}: {err})"
+                damaged[name] = f"has unreadable metadata ({type(err).__name__}: {err})"
                 continue
             problem = _layout_problem(array, layout, self.chunk_rows)
             if problem is None:
-                self.arrays[name] = array
+                arrays[name] = array
             else:
-                self.damaged[name] = problem
-        if "checksum" in self.arrays and self.arrays["checksum"].attrs.get("columns") != list(self.columns):
-            self.damaged["checksum"] = f"columns differ from {list(self.columns)}"
-            del self.arrays["checksum"]
-        sizes = [a.shape[0] for a in self.arrays.values()]
+                damaged[name] = problem
+        if "checksum" in arrays and arrays["checksum"].attrs.get("columns") != list(self.columns):
+            damaged["checksum"] = f"columns differ from {list(self.columns)}"
         # `written` is resized last, so a group another process is growing shows its old size until done
-        self.n_rows = int(self.arrays["written"].shape[0] if "written" in self.arrays else max(sizes, default=0))
-        for name, array in self.arrays.items():
-            if array.shape[0] < self.n_rows:
-                self.damaged[name] = f"has {array.shape[0]} rows, the group {self.n_rows}"
-        for name in self.damaged:
-            self.arrays.pop(name, None)
+        sizes = [a.shape[0] for n, a in arrays.items() if n not in damaged]
+        n_rows = int(arrays["written"].shape[0] if "written" in arrays and "written" not in damaged
+                     else max(sizes, default=0))
+        for name, array in arrays.items():
+            if array.shape[0] < n_rows:
+                damaged[name] = f"has {array.shape[0]} rows, the group {n_rows}"
+        self.arrays = {n: a for n, a in arrays.items() if n not in damaged}
+        self.damaged, self.n_rows = damaged, n_rows
 
     # ---- creation / opening
 
