@@ -460,9 +460,9 @@ class RowGroup:
     def sync(self, rows: Rows, hold: Callable[[Sequence[int]], AbstractContextManager[Any]] | None = None
              ) -> SyncReport:
         """Give every manifest row a store row: new ids fill free slots (rows a killed sync left empty, or
-        whose id was lost), then append. Reused slots and rows whose path or crop changed lose their
-        `written` flag before their new input is recorded, so a kill in between re-embeds them and never
-        keeps stale ones. ``hold(chunks)`` holds those chunks' claims while their flags change."""
+        whose id was lost), then append. New rows and rows whose path or crop changed lose their `written`
+        flag before their new input is recorded, so a kill in between re-embeds them and never keeps stale
+        ones. ``hold(chunks)`` holds a chunk's claim while its flags change."""
         index = self.locate(rows.image_id)
         known = np.flatnonzero(index >= 0)
         differs = (self.read("path", index[known]) != rows.path[known]) | np.any(
@@ -479,17 +479,19 @@ class RowGroup:
             if array.shape[0] != size:
                 array.resize((size, *array.shape[1:]))
         self.n_rows = size
-        reset = np.concatenate([index[changed], free[: len(new)]]).astype(np.int64)
-        with hold(sorted(set((reset // self.chunk_rows).tolist()))) if hold else nullcontext():
-            self._set_rows("written", reset, False)
-            self._set_rows("skip_reason", reset, "")
-            fix = np.concatenate([new, changed])
-            if len(fix):
-                self._set_rows("path", index[fix], rows.path[fix])
-                self._set_rows("bbox", index[fix], rows.bbox[fix])
-                if rows.stamp is not None:
-                    self._set_rows("stamp", index[fix], rows.stamp[fix])
-                self._set_rows("image_id", index[new], rows.image_id[new])
+        reset = np.concatenate([index[changed], slots]).astype(np.int64)
+        for chunk in np.unique(reset // self.chunk_rows).tolist():  # one claim at a time: few open files
+            mine = reset[reset // self.chunk_rows == chunk]
+            with hold([chunk]) if hold else nullcontext():
+                self._set_rows("written", mine, False)
+                self._set_rows("skip_reason", mine, "")
+        fix = np.concatenate([new, changed])
+        if len(fix):
+            self._set_rows("path", index[fix], rows.path[fix])
+            self._set_rows("bbox", index[fix], rows.bbox[fix])
+            if rows.stamp is not None:
+                self._set_rows("stamp", index[fix], rows.stamp[fix])
+            self._set_rows("image_id", index[new], rows.image_id[new])
         return SyncReport(index, len(new), rows.image_id[changed].tolist())
 
     def _set_rows(self, name: str, rows: np.ndarray, values: Any) -> None:
