@@ -169,7 +169,7 @@ def stores(
     for verdict in verdicts:
         console.print(f"{verdict.where}: {verdict.describe()}", highlight=False, markup=False, soft_wrap=True)
     for problem in problems:
-        console.print(f"damaged: {problem}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"refused: {problem}", highlight=False, markup=False, soft_wrap=True)
     if verify and (problems or not all(v.ok for v in verdicts)):
         raise typer.Exit(1)
 

@@ -174,31 +174,30 @@ def run_rows(job: RowJob, manifest: Manifest, *, batch_size: int = 64, num_worke
     locks = GroupLocks(job.store, name)
     added, changed, compute, computed = 0, [], None, 0
     try:
-        with write_errors(job.store):
-            if dist.rank == 0:
-                if len(rows) and not (job.store / name / "zarr.json").is_file():
-                    compute = job.make_compute(device)  # a new group: the model (and device) must work first
-                with locks.group():
-                    group = RowGroup.create_or_open(job.store, job.prefix, job.spec, chunk_rows)
-                    repair(group, verify(group), locks.chunks)
-                    report = group.sync(rows, hold=locks.chunks)
-                added, changed = report.added, report.changed
-            dist.barrier()  # the group exists, is verified, and every manifest image has a row
-            if dist.rank != 0:
-                group = RowGroup.open(job.store, name, mode="r+")
-            index = group.locate(rows.image_id)
-            plan = plan_chunks(group, index, retry_skipped)
-            dist.barrier()  # every rank has read the written mask before any rank writes
-            mine = np.array_split(np.arange(len(plan)), dist.world)[dist.rank]
-            owned = [plan[i] for i in mine]
-            if owned:
-                compute = compute or job.make_compute(device)
-                computed = _embed(job, group, locks, rows, manifest.root, index, owned, compute,
-                                  batch_size=batch_size, num_workers=num_workers, on_error=on_error,
-                                  retry_skipped=retry_skipped, pin=device.type == "cuda",
-                                  progress=progress if dist.rank == 0 else None)
-            computed = dist.sum(computed)  # also the barrier: all chunks are on disk
-            skipped = _skipped(group, index, rows) if dist.rank == 0 else {}
+        if dist.rank == 0:
+            if len(rows) and not (job.store / name / "zarr.json").is_file():
+                compute = job.make_compute(device)  # a new group: the model (and device) must work first
+            with locks.group(), write_errors(job.store):
+                group = RowGroup.create_or_open(job.store, job.prefix, job.spec, chunk_rows)
+                repair(group, verify(group), locks.chunks)
+                report = group.sync(rows, hold=locks.chunks)
+            added, changed = report.added, report.changed
+        dist.barrier()  # the group exists, is verified, and every manifest image has a row
+        if dist.rank != 0:
+            group = RowGroup.open(job.store, name, mode="r+")
+        index = group.locate(rows.image_id)
+        plan = plan_chunks(group, index, retry_skipped)
+        dist.barrier()  # every rank has read the written mask before any rank writes
+        mine = np.array_split(np.arange(len(plan)), dist.world)[dist.rank]
+        owned = [plan[i] for i in mine]
+        if owned:
+            compute = compute or job.make_compute(device)
+            computed = _embed(job, group, locks, rows, manifest.root, index, owned, compute,
+                              batch_size=batch_size, num_workers=num_workers, on_error=on_error,
+                              retry_skipped=retry_skipped, pin=device.type == "cuda",
+                              progress=progress if dist.rank == 0 else None)
+        computed = dist.sum(computed)  # also the barrier: all chunks are on disk
+        skipped = _skipped(group, index, rows) if dist.rank == 0 else {}
     finally:
         dist.close()
     return ExtractResult(store=job.store, group=group.name, rows=len(rows), embedded=computed, added=added,
@@ -396,7 +395,8 @@ class ChunkWriter:
         failed = reasons != ""
         for name, fill in self.fill.items():
             values[name][failed] = fill
-        self.group.write_chunk(chunk, store_rows, values, reasons)
+        with write_errors(self.group.where):
+            self.group.write_chunk(chunk, store_rows, values, reasons)
         self.rows += len(store_rows)
 
 
