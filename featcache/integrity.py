@@ -50,10 +50,11 @@ def _weights(n: int) -> np.ndarray:
 
 
 def _words(values: np.ndarray) -> np.ndarray:
-    """Rows as (R, W) uint64 words, zero-padded; strings as UTF-32 code points, so padding never counts."""
+    """Rows as (R, W) uint64 words, zero-padded; a string (one per row in every string array here) as its
+    UTF-32 code points, so the padding numpy adds never counts."""
     rows = values.shape[0]
     if values.dtype.kind in "OTU":
-        text = np.asarray(values.reshape(rows, -1).tolist() if values.dtype.kind != "U" else values, dtype=str)
+        text = np.ascontiguousarray(values.tolist() if values.dtype.kind != "U" else values, dtype=str)
         return text.reshape(rows, -1).view(np.uint32).reshape(rows, -1).astype(np.uint64)
     raw = np.ascontiguousarray(values).reshape(rows, -1).view(np.uint8)
     pad = (-raw.shape[1]) % 8
