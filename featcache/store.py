@@ -40,7 +40,7 @@ import zarr
 
 import featcache
 from featcache.errors import ManifestError, StoreError
-from featcache.fileio import atomic_write
+from featcache.fileio import atomic_write, write_errors
 from featcache.integrity import IDENTITY_COLUMNS, digest_columns, row_digests, row_ranges
 from featcache.manifest import Manifest, load_manifest
 
@@ -768,12 +768,13 @@ def export_hdf5(store: str | Path, to: str | Path, model: str | None = None) -> 
     to = Path(to)
     tmp = to.with_name(f".{to.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w") as h5:
+        with write_errors(to), h5py.File(tmp, "w") as h5:
             h5.attrs["featcache"] = featcache.__version__
             h5.attrs["layout"] = LAYOUT_VERSION
             for group in groups:
                 _export_group(h5.create_group(group.name), group)
-        os.replace(tmp, to)
+        with write_errors(to):
+            os.replace(tmp, to)
     finally:
         tmp.unlink(missing_ok=True)
     return [g.name for g in groups]

@@ -76,6 +76,9 @@ def test_read_only_store_folder_is_one_line(tmp_path):
         _one_line(_run([command, "--model", MODEL, "--manifest", str(manifest), "--store", str(store),
                         "--workers", "0"], _no_root_override), "cannot write", "permission denied")
     assert not list(readonly.iterdir())
+    extract_features(manifest, MODEL)
+    _one_line(_run(["export", "--store", str(tmp_path / "features.zarr"), "--to", str(readonly / "f.h5")],
+                   _no_root_override), "f.h5: cannot write, permission denied")
     script = f"from featcache.fileio import atomic_write; atomic_write({str(readonly / 'splits.json')!r}, b'{{}}')"
     proc = subprocess.run([sys.executable, "-c", script], preexec_fn=_no_root_override, env=ENV,
                           capture_output=True, text=True, timeout=60)
