@@ -92,6 +92,7 @@ class Verdict:
     bad: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     unreadable: dict[str, list[int]] = field(default_factory=dict)
     damaged: dict[str, str] = field(default_factory=dict)
+    unflagged: int = 0  # rows whose `written` flags cannot be read (their array or chunk is damaged)
 
     @property
     def ok(self) -> bool:
@@ -105,8 +106,9 @@ class Verdict:
         parts += [f"{name}: {len(chunks)} chunk(s) do not decode" for name, chunks in self.unreadable.items()]
         if len(self.bad):
             parts.append(f"{len(self.bad)} written rows fail their checksums (rows {row_ranges(self.bad)})")
-        lost = "; rows whose written flags are lost too" if {"written"} & {*self.damaged, *self.unreadable} else ""
-        return f"{'; '.join(parts)}; next extract (or pixels) recomputes {len(self.bad)} rows{lost}"
+        if self.unflagged:
+            parts.append(f"written flags of {self.unflagged} rows lost")
+        return f"{'; '.join(parts)}; next extract (or pixels) recomputes {len(self.bad) + self.unflagged} rows"
 
 
 def row_ranges(rows: np.ndarray, limit: int = 4) -> str:
@@ -126,9 +128,12 @@ def verify(group: RowGroup) -> Verdict:
     for first in range(0, group.n_chunks, step):
         chunks = range(first, min(first + step, group.n_chunks))
         written = _read_span(group, "written", chunks, verdict.unreadable)
-        if written is None:
-            continue  # no flags, nothing trusted: every row is computed again
+        if written is None:  # no flags, nothing trusted: every row is computed again
+            verdict.unflagged = group.n_rows
+            break
         verdict.written += int(written.sum())
+        verdict.unflagged += sum(len(range(group.n_rows)[group.chunk_slice(c)])
+                                 for c in verdict.unreadable.get("written", []) if c in chunks)
         sums = _read_span(group, "checksum", chunks, verdict.unreadable)
         suspect = np.ones(len(written), dtype=bool) if sums is None else np.zeros(len(written), dtype=bool)
         for k, name in enumerate(group.columns):

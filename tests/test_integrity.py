@@ -83,6 +83,8 @@ def test_garbage_written_chunk_and_group_metadata_are_rebuilt(tmp_path):
     with pytest.raises(StoreError, match=r"written: chunk of rows 0-3 does not decode"):
         load_features(store, MODEL, manifest)
     assert _stores(store).exit_code == 0  # listed, with "?" for the damaged flags, no traceback
+    run = _stores(store, "--verify")
+    assert run.exit_code == 1 and "written flags of 4 rows lost; next extract (or pixels) recomputes 4" in run.output
     assert extract_features(manifest, MODEL, chunk_rows=4, dtype="float32").embedded == 4
     np.testing.assert_array_equal(load_features(store, MODEL, manifest)[1], before)
 
