@@ -44,5 +44,9 @@ class StoreError(FeatcacheError):
     """A feature/pixel store that is missing, incomplete, or built under another spec."""
 
 
+class WriteError(FeatcacheError):
+    """A file or store that cannot be written: read-only folder, disk full, file size limit."""
+
+
 class StudyError(FeatcacheError):
     """A study file or grid that is malformed or names something unknown; names the file and key."""
