@@ -104,9 +104,8 @@ def method_excluded(backbone: str, method: str) -> str | None:
     spec = get_spec(backbone)
     try:
         target_modules(spec, METHODS[method])
-    except FeatcacheError as err:
-        hint = "; use lora or ia3 there" if method == "vera" else ""
-        return f"{err}{hint}"
+    except FeatcacheError as err:  # its message says what to use instead
+        return str(err)
     return None
 
 

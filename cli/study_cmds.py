@@ -89,10 +89,11 @@ def plan_cmd(
         console.print(f"stage {stage}: {sum(r.planned for r in mine):,} runs, {sum(r.recorded for r in mine):,} "
                       f"recorded, {sum(r.missing for r in mine):,} to run; {cost}"
                       f"{' (feature extraction not included)' if stage == 1 else ''}", highlight=False)
-    notes = sorted({r.note for r in rows if not r.exact and r.note})
-    for note in notes:
-        console.print(f"[dim]counted from the task specs (`study run` makes splits and features first): {note}[/]",
-                      highlight=False)
+    inexact = [r for r in rows if not r.exact]
+    if inexact:
+        console.print(f"{len(inexact)} entries counted from the task specs, not from exact run keys (`study run` "
+                      f"makes splits and features first), e.g. {inexact[0].entry.label}: {inexact[0].note}",
+                      markup=False, highlight=False)
     _print_excluded(left_out, excluded)
 
 
@@ -108,9 +109,15 @@ def _print_excluded(left_out: list, every: bool) -> None:
         by_reason[item.reason].append(item.entry)
     console.print(f"{len(left_out)} entries excluded (--excluded lists each):", highlight=False)
     for reason, members in by_reason.items():
-        pairs = sorted({f"{e.variant} on {e.backbone}" for e in members})
-        shown = ", ".join(pairs[:6]) + (f" and {len(pairs) - 6} more" if len(pairs) > 6 else "")
-        console.print(f"  {len(members)} × {shown}: {reason}", markup=False, highlight=False, soft_wrap=True)
+        what = " · ".join(_span(label, [getattr(e, attr) for e in members]) for label, attr in
+                          (("methods", "variant"), ("backbones", "backbone"), ("tasks", "task"), ("levels", "level")))
+        console.print(f"  {len(members)} ({what}): {reason}", markup=False, highlight=False)
+
+
+def _span(label: str, values: list[str]) -> str:
+    """``3 methods`` or the values themselves where there are at most two."""
+    distinct = sorted(set(values))
+    return ", ".join(distinct) if len(distinct) <= 2 else f"{len(distinct)} {label}"
 
 
 def run_cmd(
