@@ -10,6 +10,7 @@ OUT=${DEMO_OUT:-demo_out}
 fc() { echo "+ featcache $*"; "$BIN/featcache" "$@"; }
 ad() { echo "+ adapters $*"; "$BIN/adapters" "$@"; }
 
+unset FEATCACHE_STUDY  # the study is the one made below
 rm -rf "$OUT" && mkdir -p "$OUT" && cd "$OUT"
 fc synth --out cohort --patients 60 --positive-rate 0.5 --centers 3 --images-per-patient 1 1
 fc init --manifest cohort/manifest.csv --task SYN --model medclip --weights medclip=random-init --grid smoke
