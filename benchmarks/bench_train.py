@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -151,8 +150,9 @@ def images_and_epoch(n: int) -> None:
 
 
 def peak_rss(models: tuple[str, ...], batch: int) -> None:
-    print(f"\n3. peak RSS of 2 training steps per method (fresh process each, batch {batch}, 224 px); load {load()}")
-    print(f"{'backbone':<16}{'method':<8}{'peak RSS MiB':>14}")
+    print(f"\n3. peak RSS of building the model + 2 training steps per method (fresh process each, batch {batch}, "
+          f"224 px; resident size before, imports and images, in brackets); load {load()}")
+    print(f"{'backbone':<16}{'method':<8}{'peak RSS MiB':>24}")
     for model in models:
         for method in METHODS:
             if method == "vera" and not get_spec(model).peft.same_shape:
@@ -160,15 +160,27 @@ def peak_rss(models: tuple[str, ...], batch: int) -> None:
             done = subprocess.run([sys.executable, __file__, "--rss-child", model, method, str(batch)],
                                   capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             value = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else f"failed: {done.stderr[-200:]}"
-            print(f"{model:<16}{method:<8}{value:>14}", flush=True)
+            print(f"{model:<16}{method:<8}{value:>24}", flush=True)
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def rss_child(model: str, method: str, batch: int) -> None:
+    """Peak RSS of building the model and two steps, beside the resident size before (imports, cohort):
+    the kernel's high-water mark is reset after the cohort is made (``clear_refs`` 5)."""
     folder = Path(tempfile.mkdtemp())
-    t = trainer(cohort(folder, 224, patients=max(12, batch)), model, method, batch)
+    manifest = cohort(folder, 224, patients=max(12, batch))
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_mib("VmRSS")
+    t = trainer(manifest, model, method, batch)
     for epoch in range(2):
         t.train_epoch(epoch)
-    print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+    print(f"{_status_mib('VmHWM'):.0f} (before {before:.0f})")
 
 
 def lp_cost(model: str, patients: int) -> None:
