@@ -12,7 +12,8 @@ from cli._common import console, new_app, run_app
 from featcache.backbones import get_spec, weights_identity
 from featcache.errors import FeatcacheError
 
-app = new_app("Stage 2: fine-tune backbones end to end (FFT, LoRA, VeRA, BitFit, IA3) on the shared protocol.")
+app = new_app("Stage 2: fine-tune backbones end to end (FFT, LoRA, VeRA, BitFit, IA3) on the shared protocol.",
+              name="adapters")
 
 
 @app.command("methods")

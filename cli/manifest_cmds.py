@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli._common import console, new_app
+from cli._common import check_choice, console, new_app, plural
 from featcache import datasets, synth
 from featcache.manifest import ValidationReport, validate
 
@@ -28,7 +28,8 @@ def synth_cmd(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Write a synthetic chest-X-ray cohort (task SYN) with its manifest."""
-    with console.status(f"drawing {patients} patients"):
+    check_choice(fmt, synth.FORMATS, "--format")
+    with console.status(f"drawing {plural(patients, 'patient')}"):
         try:
             path = synth.make_cohort(out, patients, positive_rate, images, centers, size, fmt, seed)
         except ValueError as err:  # argument combinations typer cannot check alone
@@ -106,7 +107,8 @@ def _print_list(title: str, items: list[str]) -> None:
 
 def _print_report(report: ValidationReport, counts: bool = True) -> None:
     if counts:
-        console.print(f"{report.path}: {report.images} images, {report.patients} patients", highlight=False)
+        console.print(f"{report.path}: {plural(report.images, 'image')}, {plural(report.patients, 'patient')}",
+                      highlight=False)
         table = Table()
         for name in ("task", "class", "images"):
             table.add_column(name, justify="right" if name == "images" else "left")

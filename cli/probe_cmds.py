@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import typer
 from rich import box
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli._common import console
+from cli._common import check_choice, console, plural, progress
 from featcache.metrics import Summary
 from featcache.records import RunRecord, summarize_records
 
@@ -27,12 +26,6 @@ def _shots(text: str | None) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise typer.BadParameter("give at least one k >= 1", param_hint="--shots")
     return values
-
-
-def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
-    if value not in allowed:
-        raise typer.BadParameter(f"{value!r}: choose from {', '.join(allowed)}", param_hint=option)
-    return value
 
 
 def _mean_std(summary: Summary) -> str:
@@ -93,18 +86,12 @@ def probe(
         raise typer.BadParameter("--full excludes --shots, --draws and --per-center", param_hint="--full")
     from featcache.probe import SELECT, SOLVERS, ProbeOptions, run_probe  # torch and scikit-learn: load on use
 
-    options = ProbeOptions(select=_choice(select, SELECT, "--select"),
-                           solver=_choice(solver, SOLVERS, "--solver"), device=device)
-    columns = (TextColumn("probing {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        level = bar.add_task("", total=None)
-
-        def progress(label: str, done: int, total: int) -> None:
-            bar.update(level, description=label, completed=done, total=total)
-
+    options = ProbeOptions(select=check_choice(select, SELECT, "--select"),
+                           solver=check_choice(solver, SOLVERS, "--solver"), device=device)
+    with progress("probing levels") as update:
         report = run_probe(manifest, task, model, store=store, full=full, shots=_shots(shots), draws=draws,
-                           per_center=per_center, view=view, options=options, out=out, progress=progress,
+                           per_center=per_center, view=view, options=options, out=out,
+                           progress=lambda level, done, total: update(done, total, status=level),
                            weights=weights, random_init=random_init, dtype=dtype)
     for line in report.skipped:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
@@ -112,7 +99,7 @@ def probe(
     if weights & {"random-init", "tiny-random"}:
         console.print(f"[yellow]features from random weights ({', '.join(sorted(map(str, weights)))})[/]")
     console.print(_table(report.records, f"{task} · {model} · {view} · solver {solver} · select {select}"))
-    console.print(f"wrote {report.written} run records ({report.existing} already there) to {out}",
+    console.print(f"wrote {plural(report.written, 'run record')} ({report.existing} already there) to {out}",
                   highlight=False)
 
 

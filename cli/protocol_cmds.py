@@ -10,7 +10,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from cli._common import console
+from cli._common import console, plural
 from featcache.errors import FeatcacheError
 from featcache.manifest import load_manifest
 from featcache.records import gather, load_records, summarize_records, write_summary
@@ -107,7 +107,7 @@ def splits(
         folds = ", ".join(reasons)
         first, why = next(iter(reasons.items()))
         console.print(f"[yellow]skipped[/] {kind} k={shot} in {folds} ({first}: {why})", highlight=False)
-    console.print(f"{made.draws} draws per few-shot level; wrote {path}", highlight=False)
+    console.print(f"{plural(made.draws, 'draw')} per few-shot level; wrote {path}", highlight=False)
 
 
 def results(
@@ -124,7 +124,7 @@ def results(
     summary = summarize_records(records, metrics=("mcc_val_thr", "mcc", "pr_auc"), pooled=True)
     variants = _option_variants(summary)
     shared = [n for n in ("task", "backbone", "method") if len({row[n] for row in summary}) == 1]
-    title = " · ".join([str(folder), *(str(summary[0][n]) for n in shared), f"{len(records)} runs"])
+    title = " · ".join([str(folder), *(str(summary[0][n]) for n in shared), plural(len(records), "run")])
     table = Table(title=title, box=box.SIMPLE_HEAD)
     columns = [n for n in ("task", "backbone", "method") if n not in shared]
     for name in (*columns, "regime"):
@@ -148,8 +148,9 @@ def results(
             name = " · ".join(str(row[n]) for n in ("task", "backbone", "method", "regime"))
             intervals = ", ".join(f"{label} {pooled[m]:.3f} [{pooled[m + '_ci'][0]:.3f}, {pooled[m + '_ci'][1]:.3f}]"
                                   for m, label in (("mcc", "MCC@0.5"), ("pr_auc", "PR-AUC")))
-            console.print(f"{name}: pooled over {row['runs']} folds ({pooled['n']} images, {pooled['patients']} "
-                          f"patients), 95% bootstrap CI over patients: {intervals}", highlight=False)
+            console.print(f"{name}: pooled over {plural(row['runs'], 'fold')} ({plural(pooled['n'], 'image')}, "
+                          f"{plural(pooled['patients'], 'patient')}), 95% bootstrap CI over patients: {intervals}",
+                          highlight=False)
     summary_path = write_summary(summary, path.with_name(f"{path.stem}_summary.csv"))
     console.print(f"wrote {path} (one row per run) and {summary_path} (one row per configuration)",
                   highlight=False)
