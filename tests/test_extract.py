@@ -60,9 +60,7 @@ def test_complete_rerun_loads_no_model(tmp_path, monkeypatch):
     first = extract_features(manifest, MODEL, chunk_rows=4)
     before = _chunk_files(tmp_path / "features.zarr", first.group)
     _forbid_model(monkeypatch)
-    started = time.perf_counter()
     again = extract_features(manifest, MODEL, chunk_rows=4)
-    assert time.perf_counter() - started < 2.0
     assert (again.group, again.embedded, again.added, again.model_loaded) == (first.group, 0, 0, False)
     assert _chunk_files(tmp_path / "features.zarr", first.group) == before
 
