@@ -55,8 +55,15 @@ def target_modules(spec: BackboneSpec, method: Method) -> tuple[list[str], list[
     feedforward = [n for n in spec.peft.feedforward if n in targets]
     if method.config is not None and not targets:
         raise UsageError(f"{method.name} does not apply to {spec.name}: it declares no "
-                             f"{'/'.join(method.sets)} modules")
+                         f"{'/'.join(method.sets)} modules; use {_alternatives(spec, method)} instead")
     return targets, feedforward
+
+
+def _alternatives(spec: BackboneSpec, method: Method) -> str:
+    """The parameter-efficient methods that do apply to ``spec``, adapters first, as text."""
+    names = [m.name for m in METHODS.values() if m.config is not None and m is not method
+             and any(getattr(spec.peft, s) for s in m.sets)] + ["bitfit"]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def apply_method(classifier: Classifier, name: str, r: int = 8) -> Classifier:
@@ -64,6 +71,8 @@ def apply_method(classifier: Classifier, name: str, r: int = 8) -> Classifier:
     wrap the backbone's module (`get_peft_model`: VeRA keeps shared state on its tuner). Every configured target
     name must match a module: peft itself only checks that one does."""
     method = get_method(name)
+    if r < 1:
+        raise UsageError(f"rank must be >= 1 (the LoRA/VeRA rank), got {r}")
     spec, model = classifier.backbone.spec, classifier.backbone.model
     if method.config is None:
         for param_name, param in classifier.backbone.named_parameters():

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from cli import train_cmds
 from cli._common import console, new_app, run_app
 from featcache.backbones import get_spec, weights_identity
 from featcache.errors import FeatcacheError
@@ -50,6 +51,9 @@ def methods(
     console.print(table)
     for note in notes:
         console.print(f"[dim]n/a: {note}[/]", highlight=False)
+
+
+train_cmds.register(app)
 
 
 def main() -> None:

@@ -88,8 +88,8 @@ def validate_cmd(
         True, "--check-files/--no-check-files", help="Check every image exists."
     ),
 ) -> None:
-    """Check a manifest: duplicate ids, missing files, labels outside a task's mapping, one patient with
-    conflicting labels or in two centers. Exits non-zero when any is found."""
+    """Check a manifest: duplicate or empty ids, missing files, paths outside its folder, labels outside a
+    task's mapping, one patient with conflicting labels or in two centers. Exits non-zero when any is found."""
     report = validate(manifest, check_files=check_files)
     _print_report(report)
     report.raise_for_errors()
@@ -120,7 +120,8 @@ def _print_report(report: ValidationReport, counts: bool = True) -> None:
         centers = ", ".join(f"{c} {n}" for c, n in report.centers.items())
         console.print(f"centers: {centers}", highlight=False)
     if report.extra_columns:
-        console.print(f"other columns (kept, not tasks): {', '.join(report.extra_columns)}", highlight=False)
+        console.print(f"other columns (kept, not tasks; a two-class one is a task with --task NAME --positive "
+                      f"VALUE): {', '.join(report.extra_columns)}", highlight=False)
     for issue in report.errors:
         console.print(f"[red]error[/] {escape(str(issue))}", highlight=False)
     if report.ok:

@@ -30,8 +30,18 @@ import pydicom
 import yaml
 from pydicom.errors import InvalidDicomError
 
-from featcache.errors import ManifestError
-from featcache.manifest import BBOX_COLUMNS, ValidationReport, load_manifest, validate, write_manifest
+from featcache.errors import ManifestError, UsageError
+from featcache.manifest import (
+    BBOX_COLUMNS,
+    DATA_ROOTS_VAR,
+    REQUIRED_COLUMNS,
+    Manifest,
+    ValidationReport,
+    data_roots,
+    inside,
+    validate,
+    write_manifest,
+)
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
 ENV_VAR = "FEATCACHE_DATASETS"
@@ -56,7 +66,7 @@ def _canon(raw: object) -> str:
 class TaskSpec:
     """One prognostic task: the manifest column is named ``key``; ``column`` is the official metadata's."""
 
-    dataset: str
+    dataset: str  # "" for an ad-hoc task on a label column of one manifest (see task_for)
     key: str
     column: str
     classes: dict[str, int]  # class name (as written in the manifest) -> 0/1
@@ -340,14 +350,67 @@ def get_dataset(name: str) -> DatasetSpec:
 
 
 def list_tasks() -> list[str]:
+    """Task keys of the dataset specs (ad-hoc tasks are not listed: they belong to one manifest)."""
     return [key for spec in _registry(spec_dirs()).values() for key in spec.tasks]
 
 
+def _spec_task(key: str) -> TaskSpec | None:
+    return next((spec.tasks[key] for spec in _registry(spec_dirs()).values() if key in spec.tasks), None)
+
+
+# Ad-hoc tasks made by `task_for` in this process; `get_task` finds them by name like the specs' tasks, so
+# labels, splits, probes and records need no second path.
+_ADHOC: dict[str, TaskSpec] = {}
+
+
 def get_task(key: str) -> TaskSpec:
-    for spec in _registry(spec_dirs()).values():
-        if key in spec.tasks:
-            return spec.tasks[key]
-    raise ManifestError(f"unknown task {key!r}; known: {', '.join(list_tasks())}")
+    """A dataset spec's task, or an ad-hoc one :func:`task_for` made in this process."""
+    spec = _spec_task(key) or _ADHOC.get(key)
+    if spec is None:
+        raise ManifestError(
+            f"unknown task {key!r} (dataset spec tasks: {', '.join(list_tasks())}); to use a two-class column "
+            f"{key!r} of your manifest pass --positive VALUE (its positive class), or define the task in a "
+            f"dataset YAML in a folder named by ${ENV_VAR}"
+        )
+    return spec
+
+
+def task_for(manifest: Manifest, key: str, positive: str | None = None) -> TaskSpec:
+    """The task ``key`` on ``manifest``, for every command that takes ``--task`` (and ``--positive``).
+
+    Without ``positive``: a dataset spec's task (or one already made in this process). With it: the spec's
+    task if ``key`` is one and ``positive`` is its positive class, else an ad-hoc task on the manifest's column
+    ``key``, which must hold exactly two values (empty cells are unlabelled): ``positive`` is class 1, the
+    other class 0, cross-validated 5-fold by patient. The ad-hoc task is registered for this process, so
+    :func:`get_task` and everything downstream (labels, splits, probes, records) find it by name.
+    """
+    spec = _spec_task(key)
+    if spec is not None:
+        if positive is None or positive == spec.positive:
+            return spec
+        raise UsageError(f"task {key} is defined in {get_dataset(spec.dataset).file} with positive class "
+                         f"{spec.positive!r}, not {positive!r}; drop --positive, or name a column of your own")
+    if positive is None:
+        return get_task(key)
+    _ADHOC[key] = adhoc_task(manifest, key, positive)
+    return _ADHOC[key]
+
+
+def adhoc_task(manifest: Manifest, column: str, positive: str) -> TaskSpec:
+    """A task on a two-class label column of ``manifest`` (see :func:`task_for`); refused in one line when
+    the column is a layout column, absent, or does not hold exactly two values, one of them ``positive``."""
+    if column in (*REQUIRED_COLUMNS, *BBOX_COLUMNS):
+        raise UsageError(f"{column!r} is a manifest layout column, not a label column")
+    values = sorted({v for v in manifest.column(column) if v})
+    if len(values) != 2 or positive not in values:
+        shown = ", ".join(repr(v) for v in values[:_SHOWN]) + (" ..." if len(values) > _SHOWN else "")
+        need = "exactly two values" if len(values) != 2 else f"the value {positive!r}"
+        raise ManifestError(f"{manifest.path}: column {column!r} holds {len(values)} value(s) ({shown or 'none'}); "
+                            f"a task with --positive {positive!r} needs {need} (empty cells are unlabelled)")
+    negative = next(v for v in values if v != positive)
+    centers = {c for c in manifest.column("center") if c} if "center" in manifest.columns else set()
+    return TaskSpec(dataset="", key=column, column=column, classes={negative: 0, positive: 1}, positive=positive,
+                    cv="kfold", k=5, has_centers=len(centers) > 1, outcome=f"{column} = {positive}")
 
 
 # --- building -----------------------------------------------------------------------------------------------
@@ -597,6 +660,9 @@ def build_manifest(dataset: str | DatasetSpec, root: str | Path, out: str | Path
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise ManifestError(f"{root}: data root is not a folder")
+    if not inside(root, data_roots(out.parent)):
+        raise ManifestError(f"{out}: write the manifest in {root} or a folder above it, so its image paths stay "
+                            f"inside its folder (or list {root} in ${DATA_ROOTS_VAR})")
     listing = BUILDERS[spec.layout](spec, root, _read_metadata(spec, root))
     if not listing.images:
         raise ManifestError(
@@ -606,7 +672,7 @@ def build_manifest(dataset: str | DatasetSpec, root: str | Path, out: str | Path
     rows, unmapped = _canonical_rows(spec, listing.images, out.parent)
     # Checked under another name first, so a manifest with errors never replaces a good one at `out`.
     candidate = write_manifest(rows, out.with_name(f"{out.stem}.invalid{out.suffix}"))
-    validation = validate(load_manifest(candidate), check_files=False)
+    validation = validate(candidate, check_files=False)
     if validation.ok:
         os.replace(candidate, out)
     return BuildReport(

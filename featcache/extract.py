@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featcache.backbones import BackboneSpec, build_backbone, get_spec
-from featcache.errors import ImageError
+from featcache.errors import ImageError, UsageError
 from featcache.imaging import Preprocess, load_gray, quantize, to_model_input
 from featcache.manifest import Manifest, load_manifest
 from featcache.store import (
@@ -141,13 +141,33 @@ class GrayDecoder:
         return quantize(gray) if self.quantized else gray
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> this rank's GPU when there is one (``LOCAL_RANK`` under torchrun), else the CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """``auto`` -> this rank's GPU when there is one (``LOCAL_RANK`` under torchrun), else the CPU.
+
+    A named device is checked here, before any store or model is touched, so ``--device cuda`` on a machine
+    without one (or ``--device tpu``) is one line, not a torch traceback halfway through a run."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise UsageError(f"device {device!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"device {device!r}: this machine has no CUDA GPU torch can use; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {device!r}: Apple MPS is not available on this machine; use --device cpu")
+    return dev
 
 
 # --------------------------------------------------------------------------------------------- row pipeline

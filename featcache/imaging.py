@@ -9,6 +9,7 @@ through ``load_gray``/``load_image``, so an LP-from-cache result and a fine-tuni
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as Pillow's RGB -> L
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_TRUNCATED = "End of file reached before delimiter"  # pydicom's words for cut encapsulated data
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422")  # pydicom hands the YBR ones back as RGB
 
 BBox = tuple[int, int, int, int]
@@ -178,12 +180,22 @@ def _decode_dicom(path: Path) -> np.ndarray:
 
 
 def _read_dicom(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError:
-        raise ImageError(path, "not a DICOM file (no 'DICM' preamble and file meta header)") from None
-    except Exception as exc:  # corrupt headers raise anything from EOFError to struct.error
-        raise ImageError(path, f"cannot read DICOM ({_one_line(exc)})") from None
+    # pydicom only warns when encapsulated (JPEG, JPEG 2000) pixel data ends early, then drops the element,
+    # which would read as "no pixel data": that warning is the real reason, so it becomes the error.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        except InvalidDicomError:
+            raise ImageError(path, "not a DICOM file (no 'DICM' preamble and file meta header)") from None
+        except Exception as exc:  # corrupt headers raise anything from EOFError to struct.error
+            raise ImageError(path, f"cannot read DICOM ({_one_line(exc)})") from None
+    for w in caught:
+        if _TRUNCATED in str(w.message):
+            raise ImageError(path, "truncated DICOM: the file ends inside its (compressed) pixel data")
+    for w in caught:  # anything else pydicom had to say still reaches the caller's warning filters
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ds
 
 
 def _dicom_frame(path: Path, ds: pydicom.Dataset) -> np.ndarray:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 REQUIRED_COLUMNS = ("image_id", "path", "patient_id", "center")
 BBOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 FIRST_LINE = 2  # file line of the first image row
+DATA_ROOTS_VAR = "FEATCACHE_DATA_ROOTS"  # os.pathsep-separated folders images outside the manifest's may be in
 _SHOWN = 5  # rows or ids quoted in one message before "... and N more"
 
 
@@ -177,7 +178,47 @@ def parse_bbox(values: Sequence[str]) -> tuple[int, int, int, int] | None:
 
 
 def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
-    """Read a manifest (CSV; Parquet with pyarrow installed); ``root`` defaults to the manifest's folder."""
+    """Read a manifest (CSV; Parquet with pyarrow installed); ``root`` defaults to the manifest's folder.
+
+    Refused in one line: a row without an ``image_id`` (it would enter splits and draws as ''), and an image
+    path that leaves the root (``../../x.png``, ``/etc/passwd``) unless it lies in a folder listed in
+    ``$FEATCACHE_DATA_ROOTS`` (the opt-in for images kept apart from their manifest, e.g. read-only data)."""
+    m = _read_manifest(path, root)
+    if "image_id" in m.columns and (empty := [i + FIRST_LINE for i, v in enumerate(m.ids) if not v]):
+        raise ManifestError(f"{m.path}: empty image_id at {_quote(empty, 'rows')}; every image needs an id")
+    if outside := outside_rows(m):
+        first = m.column("path")[outside[0]]
+        raise ManifestError(
+            f"{m.path}: image paths outside the manifest's folder {m.root} at "
+            f"{_quote([i + FIRST_LINE for i in outside], 'rows')} (e.g. {first!r}); keep images under the "
+            f"manifest's folder, or list their folder in ${DATA_ROOTS_VAR}"
+        )
+    return m
+
+
+def data_roots(root: Path) -> tuple[str, ...]:
+    """Folders image paths may point into: the manifest's root, then ``$FEATCACHE_DATA_ROOTS``'s."""
+    extra = (p for p in os.environ.get(DATA_ROOTS_VAR, "").split(os.pathsep) if p)
+    return tuple(os.path.abspath(p) for p in (root, *extra))
+
+
+def inside(path: str | Path, roots: Sequence[str]) -> bool:
+    """Whether ``path`` (absolute) lies in one of ``roots``, by its normalised text: a symlink a person put
+    inside a root is theirs to trust; ``..`` and absolute paths are what a hostile manifest would use."""
+    target = os.path.normpath(os.path.abspath(path))
+    return any(target == r or target.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def outside_rows(m: Manifest) -> list[int]:
+    """Positions of rows whose image path leaves the data roots (:func:`data_roots`)."""
+    if "path" not in m.columns:
+        return []
+    roots, base = data_roots(m.root), os.path.abspath(m.root)
+    return [i for i, rel in enumerate(m.column("path")) if rel and not inside(os.path.join(base, rel), roots)]
+
+
+def _read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
+    """The manifest as written, unchecked: :func:`validate` reports what :func:`load_manifest` refuses."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -332,7 +373,7 @@ class ValidationReport:
 
 def validate(manifest: Manifest | str | Path, check_files: bool = True) -> ValidationReport:
     """Check a manifest against the canonical layout and the task specs; never raises for content faults."""
-    m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    m = manifest if isinstance(manifest, Manifest) else _read_manifest(manifest)
     errors: list[Issue] = []
     lacking = [name for name in REQUIRED_COLUMNS if name not in m.columns]
     if lacking:
@@ -347,6 +388,7 @@ def validate(manifest: Manifest | str | Path, check_files: bool = True) -> Valid
     uses = Counter(ids)
     dup = [i for i, image_id in enumerate(ids) if image_id and uses[image_id] > 1]
     _add(errors, "duplicate_id", "image_id used by more than one row", dup, ids)
+    _check_duplicate_paths(m, errors, ids)
     if check_files and "path" in m.columns:
         root = os.fspath(m.root)
         missing = [
@@ -354,6 +396,8 @@ def validate(manifest: Manifest | str | Path, check_files: bool = True) -> Valid
         ]
         _add(errors, "missing_file", f"image files not found under {m.root}", missing, ids)
     _check_bbox(m, errors, ids)
+    outside = f"image paths outside the manifest's folder (allow a folder with ${DATA_ROOTS_VAR})"
+    _add(errors, "path_outside_root", outside, outside_rows(m), ids)
 
     two = _clashes(patients, centers, range(len(m)))
     _add(errors, "patient_in_two_centers", "a patient appears in more than one center", two, ids)
@@ -389,6 +433,17 @@ def validate(manifest: Manifest | str | Path, check_files: bool = True) -> Valid
         extra_columns=[name for name in m.columns if name not in canonical and name not in known],
         errors=errors,
     )
+
+
+def _check_duplicate_paths(m: Manifest, errors: list[Issue], ids: Sequence[str]) -> None:
+    """One file under two rows (copied rows, or two ids/patients for one image) could put the same image in
+    train and test; normalised paths (``a/./b.png`` is ``a/b.png``) must be unique."""
+    if "path" not in m.columns:
+        return
+    paths = [os.path.normpath(rel) if rel else "" for rel in m.column("path")]
+    uses = Counter(paths)
+    dup = [i for i, rel in enumerate(paths) if rel and uses[rel] > 1]
+    _add(errors, "duplicate_path", "one image file named by more than one row", dup, ids)
 
 
 def _clashes(keys: Sequence[str], values: Sequence[str], positions: Iterable[int]) -> list[int]:

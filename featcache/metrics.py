@@ -2,9 +2,14 @@
 
 Predictions are positive when ``score >= threshold``. Every value equals scikit-learn's on the same inputs
 (``matthews_corrcoef``, ``average_precision_score``, ``roc_auc_score``, ``balanced_accuracy_score``,
-``f1_score``, ``recall_score``) except where scikit-learn substitutes an arbitrary number under a warning:
+``f1_score``, ``recall_score``; ``auc(recall, precision)`` of ``precision_recall_curve`` for
+``pr_auc_trapezoid``) except where scikit-learn substitutes an arbitrary number under a warning:
 
-- a single-class test set gives NaN for ``roc_auc`` and ``pr_auc`` and a ``reason`` saying why;
+- the area under the precision-recall curve is reported as ``average_precision`` (AP: the sum of precision
+  times recall increments, no interpolation), the better estimator; ``pr_auc_trapezoid`` is the trapezoid
+  area some papers call PR-AUC (it interpolates linearly between curve points and is optimistic), kept for
+  comparison only;
+- a single-class test set gives NaN for the AUCs and AP and a ``reason`` saying why;
 - ``sensitivity`` is NaN without positives and ``specificity`` NaN without negatives;
 - MCC is 0 when a confusion-matrix margin is empty and F1 is 0 when it has no positive term (scikit-learn's
   conventions); balanced accuracy averages the recalls that are defined (scikit-learn's rule).
@@ -15,14 +20,16 @@ score a thousand resamples in a few array operations and no sklearn warning spam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 THRESHOLD_METRICS = ("mcc", "balanced_accuracy", "f1", "sensitivity", "specificity")
-RANKING_METRICS = ("roc_auc", "pr_auc")
+RANKING_METRICS = ("roc_auc", "average_precision")
 METRICS = THRESHOLD_METRICS + RANKING_METRICS
+PATIENT_RULES = ("mean", "max")
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -114,7 +121,26 @@ def _ranking(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> dict[str, np.ndarra
     roc = (np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2).sum(axis=1)
     precision = _div(tps, tps + fps, 1.0)  # only multiplies zero recall increments where undefined
     ap = (np.diff(tpr, axis=1) * precision).sum(axis=1)
-    return {"roc_auc": np.where(defined, roc, np.nan), "pr_auc": np.where(defined, ap, np.nan)}
+    return {"roc_auc": np.where(defined, roc, np.nan), "average_precision": np.where(defined, ap, np.nan)}
+
+
+def pr_auc_trapezoid(y_true, scores) -> float:
+    """Trapezoid area under the precision-recall curve, scikit-learn's ``auc(recall, precision)``.
+
+    The curve has one point per distinct score plus (recall 0, precision 1). Linear interpolation between
+    points overstates precision (most where scores are coarse), so AP is the metric this toolkit reports;
+    this is for comparison with papers that used the trapezoid.
+    """
+    y, s = _check(y_true, scores)
+    if _single_class_reason(y):
+        return float("nan")
+    order = np.argsort(-s, kind="mergesort")
+    ends = np.r_[np.flatnonzero(np.diff(s[order])), s.size - 1]
+    tps = np.cumsum(y[order])[ends].astype(np.float64)
+    fps = (ends + 1) - tps
+    recall = np.r_[0.0, tps / tps[-1]]
+    precision = np.r_[1.0, tps / (tps + fps)]
+    return float((np.diff(recall) * (precision[1:] + precision[:-1]) / 2).sum())
 
 
 def _single_class_reason(y: np.ndarray) -> str | None:
@@ -133,7 +159,8 @@ def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict[str, float | 
     values = _from_counts(*_weighted_counts(y, s >= threshold, ones))
     values.update(_ranking(y, s, ones))
     out: dict[str, float | int | str | None] = {name: float(values[name][0]) for name in METRICS}
-    out.update(threshold=float(threshold), n=int(y.size), n_pos=int(y.sum()), reason=_single_class_reason(y))
+    out.update(pr_auc_trapezoid=pr_auc_trapezoid(y, s), threshold=float(threshold), n=int(y.size),
+               n_pos=int(y.sum()), reason=_single_class_reason(y))
     return out
 
 
@@ -160,17 +187,57 @@ def choose_threshold(y_val, s_val, metric: str = "mcc") -> float:
     return float(candidates[tied[np.argmin(distance)]])  # argmin takes the first, i.e. lower, on exact ties
 
 
-def evaluate(y_test, s_test, y_val=None, s_val=None) -> dict[str, float | int | str | None]:
-    """Test metrics at 0.5, plus MCC at the validation-chosen threshold (``mcc_val_thr``, ``val_threshold``).
+def patient_scores(y, s, patients, rule: str = "mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (label, score) per patient, patients in sorted order: the mean (or max) of its images' scores.
 
-    Without validation scores both are NaN: no threshold was chosen.
+    A patient's images must share one label (``manifest validate`` refuses conflicting labels).
+    """
+    if rule not in PATIENT_RULES:
+        raise ValueError(f"unknown patient rule {rule!r}; choose from {', '.join(PATIENT_RULES)}")
+    y, s = _check(y, s)
+    patients = np.asarray(patients)
+    if patients.shape != y.shape:
+        raise ValueError(f"patients {patients.shape} must match labels {y.shape}")
+    ids, codes = np.unique(patients, return_inverse=True)
+    count = np.bincount(codes, minlength=ids.size)
+    positives = np.bincount(codes, weights=y, minlength=ids.size)
+    mixed = np.flatnonzero((positives > 0) & (positives < count))
+    if mixed.size:
+        raise ValueError(f"patients {ids[mixed][:3].tolist()} have images with different labels")
+    if rule == "mean":
+        score = np.bincount(codes, weights=s, minlength=ids.size) / count
+    else:
+        score = np.full(ids.size, -np.inf)
+        np.maximum.at(score, codes, s)
+    return ids, (positives > 0).astype(np.int8), score
+
+
+def evaluate(y_test, s_test, y_val=None, s_val=None, *, threshold: float | None = None, patients=None,
+             patient_rule: str = "mean") -> dict[str, float | int | str | None]:
+    """Test metrics at 0.5, plus MCC at a threshold chosen on held-out scores of the tested model
+    (``mcc_val_thr``, ``val_threshold``): chosen here from ``y_val``/``s_val``, or given as ``threshold``.
+
+    Without either both are NaN: no threshold was chosen. With ``patients`` (one id per test image) every
+    metric is also computed per patient as ``patient_<name>``, a patient's score being ``patient_rule``
+    ("mean" or "max") of its images' scores, so a patient with five radiographs counts once; the rule is
+    recorded as ``patient_rule``.
     """
     out = binary_metrics(y_test, s_test, threshold=0.5)
-    if y_val is None or s_val is None:
+    if threshold is None and y_val is not None and s_val is not None:
+        threshold = choose_threshold(y_val, s_val, metric="mcc")
+    if threshold is None or not math.isfinite(threshold):
+        threshold = float("nan")
         out.update(mcc_val_thr=float("nan"), val_threshold=float("nan"))
-        return out
-    thr = choose_threshold(y_val, s_val, metric="mcc")
-    out.update(mcc_val_thr=binary_metrics(y_test, s_test, threshold=thr)["mcc"], val_threshold=thr)
+    else:
+        out.update(mcc_val_thr=binary_metrics(y_test, s_test, threshold=threshold)["mcc"],
+                   val_threshold=float(threshold))
+    if patients is not None:
+        _, y_p, s_p = patient_scores(y_test, s_test, patients, patient_rule)
+        level = binary_metrics(y_p, s_p, threshold=0.5)
+        level["mcc_val_thr"] = (binary_metrics(y_p, s_p, threshold=threshold)["mcc"]
+                                if math.isfinite(threshold) else float("nan"))
+        out.update({f"patient_{name}": value for name, value in level.items() if name != "threshold"})
+        out["patient_rule"] = patient_rule
     return out
 
 

@@ -4,12 +4,19 @@ Protocol defaults (each is recorded in the run records' options or provenance):
 
 - Features are standardised per probe on its own training rows only; class weights are balanced
   (``n / (2 n_c)`` on those rows), which makes 0.5 the class-balanced decision threshold.
-- C comes from ``C_GRID``, 13 log-spaced values 1e-4 ... 1e2, chosen by ``select``: MCC at 0.5 or PR-AUC
-  (average precision). Ties go to the smaller C, the stronger regularisation.
-- Full data: every C is fitted on the training part and scored on the validation part; the chosen C is
-  refitted on train + validation and scored on test. The MCC threshold is the one that maximises MCC on the
-  validation scores of the train-only model (``metrics.choose_threshold``): ``mcc_val_thr``, beside MCC at
-  0.5.
+- C comes from ``C_GRID``, 13 log-spaced values 1e-4 ... 1e2, chosen by ``select``: MCC at 0.5 or average
+  precision on held-out scores. MCC at 0.5 is a step function of C, so several C often tie: values within
+  ``TIE`` of the best are ranked by the class-balanced log-loss of the same held-out scores (smooth: a tiny
+  score change moves it by a tiny amount, where a tie list ordered by C alone hinges on which C happen to
+  tie), and only then does the smaller C win. A chosen C at
+  either end of the grid is flagged (``C_edge`` in provenance, a warning in the report): the optimum may lie
+  beyond it.
+- Full data: every C is fitted on the training part and scored on the validation part. With ``refit`` (the
+  default) the chosen C is refitted on train + validation and scored on test; its MCC threshold
+  (``mcc_val_thr``) comes from the same procedure, not from the train-only model: out-of-fold scores of a
+  ``INNER_FOLDS``-fold patient-grouped cross-fit on train + validation at the chosen C
+  (``metrics.choose_threshold``). Without ``refit`` the train-only model is tested and its own validation
+  scores give the threshold. The rule is ``options["threshold"]``.
 - Few-shot: nothing beyond the support set is used. With at least ``INNER_CV_MIN`` patients per class in the
   support set (k >= 8 in the standard draws), C is chosen by ``INNER_FOLDS``-fold cross-validation inside it
   (stratified, patient-grouped, pooled out-of-fold scores, same metric and tie rule). With fewer, an inner
@@ -20,21 +27,21 @@ Protocol defaults (each is recorded in the run records' options or provenance):
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from featcache.errors import SplitError, StoreError
+from featcache.errors import FeatcacheError, SplitError, StoreError
 from featcache.extract import resolve_device
 from featcache.manifest import Manifest, load_manifest
 from featcache.metrics import binary_metrics, evaluate
-from featcache.records import RunRecord, record_path, run_key, write_record
+from featcache.records import RunRecord, drawn_patients, read_record, record_path, run_key, write_record
 from featcache.solver import LogisticFit, fit_indexed, fit_sklearn
 from featcache.splits import SHOTS, Splits, load_splits
 from featcache.store import default_store, find_feature_group, load_features
@@ -43,10 +50,15 @@ C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))
 FIXED_C = 1.0
 INNER_FOLDS = 4
 INNER_CV_MIN = 8
-SELECT = ("mcc", "pr_auc")
+SELECT = ("mcc", "average_precision")
 SOLVERS = ("torch", "sklearn")
 METHOD = "probe"  # logistic regression on cached features; never "lp", the end-to-end trained head of stage 2
-TIE = 1e-12
+TIE = 1e-9  # metric values this close are a tie (exact ties of MCC at 0.5 are the common case)
+THRESHOLD_RULES = {
+    True: f"cross-fit: {INNER_FOLDS}-fold patient-grouped out-of-fold scores on train+val at the chosen C",
+    False: "validation scores of the tested (train-only) model",
+}
+TIE_BREAK = f"metric within {TIE:g} of the best, then lowest class-balanced validation log-loss, then smaller C"
 
 Progress = Callable[[str, int, int], None]  # (level label, levels done, levels in all)
 
@@ -59,6 +71,7 @@ class ProbeOptions:
     solver: str = "torch"
     grid: tuple[float, ...] = C_GRID
     fixed_c: float = FIXED_C
+    refit: bool = True
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -66,7 +79,10 @@ class ProbeOptions:
             raise ValueError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
-        object.__setattr__(self, "grid", tuple(sorted(float(c) for c in self.grid)))
+        grid = tuple(sorted({float(c) for c in self.grid}))
+        if not grid or grid[0] <= 0 or not all(np.isfinite(grid)):
+            raise ValueError(f"the C grid needs positive finite values, got {list(self.grid)}")
+        object.__setattr__(self, "grid", grid)
 
     def defining(self, view: str) -> dict:
         """The options a run record carries and its key hashes."""
@@ -77,6 +93,9 @@ class ProbeOptions:
             "select": self.select,
             "C_grid": [float(f"{c:.6g}") for c in self.grid],
             "fixed_C": self.fixed_c,
+            "tie_break": TIE_BREAK,
+            "refit": "train+val" if self.refit else "none",
+            "threshold": THRESHOLD_RULES[self.refit],
             "standardize": "train-rows",
             "class_weight": "balanced",
             "inner_cv": f"{INNER_FOLDS}-fold when >= {INNER_CV_MIN} patients per class",
@@ -94,13 +113,16 @@ class Part(NamedTuple):
 
 @dataclass(frozen=True)
 class Fitted:
-    """One probe's outcome: positive-class probabilities on its test rows, the C it used and why."""
+    """One probe's outcome: positive-class probabilities on its test rows, the C it used and why, and the
+    held-out rows (``thr_rows``) and scores the MCC threshold is chosen on (full data only)."""
 
     scores: np.ndarray
     C: float
     rule: str  # "validation", "inner-cv" or "fixed"
     converged: bool
-    val_scores: np.ndarray | None = None
+    edge: str | None = None  # "lower" or "upper" when a selected C sits at that end of the grid
+    thr_rows: np.ndarray | None = None
+    thr_scores: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------------ array core
@@ -126,15 +148,32 @@ def _proba(fit: LogisticFit, X: np.ndarray) -> np.ndarray:
 def choose_c(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], metric: str) -> np.ndarray:
     """Per problem, the position of the best row of its scores (c, m), one row per C in ascending order.
 
-    Rows are scored by ``metric`` (MCC at 0.5 or PR-AUC, as `metrics.binary_metrics`); ties within 1e-12 go to
-    the smaller C; an undefined value never wins.
+    Rows are scored by ``metric`` (MCC at 0.5 or average precision, as `metrics.binary_metrics`); rows within
+    ``TIE`` of the best go to the lowest class-balanced log-loss, equal ones (relative 1e-12) to the smaller
+    C; an undefined value never wins.
     """
     choice = np.zeros(len(scores), dtype=np.int64)
     for i, (s, y) in enumerate(zip(scores, labels, strict=True)):
         values = _row_values(y, s, metric)
         values = np.where(np.isfinite(values), values, -np.inf)
-        choice[i] = int(np.flatnonzero(values >= values.max() - TIE)[0])
+        tied = np.flatnonzero(values >= values.max() - TIE)
+        loss = balanced_log_loss(y, s[tied])
+        choice[i] = tied[int(np.flatnonzero(loss <= loss.min() * (1 + 1e-12))[0])]
     return choice
+
+
+def balanced_log_loss(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Mean log-loss of each row of ``s`` (r, m), each class weighing half (the probes' class weights)."""
+    p = np.clip(s, 1e-15, 1 - 1e-15)
+    loss = -np.where(y == 1, np.log(p), np.log1p(-p))
+    return np.mean([loss[:, y == c].mean(axis=1) for c in (0, 1) if (y == c).any()], axis=0)
+
+
+def grid_edge(C: float, grid: Sequence[float]) -> str | None:
+    """"lower" or "upper" when a selected C is the grid's first or last value (with more than one)."""
+    if len(grid) < 2:
+        return None
+    return "lower" if C == grid[0] else "upper" if C == grid[-1] else None
 
 
 def _row_values(y: np.ndarray, s: np.ndarray, metric: str) -> np.ndarray:
@@ -145,18 +184,50 @@ def _row_values(y: np.ndarray, s: np.ndarray, metric: str) -> np.ndarray:
     return np.array([binary_metrics(y, row)[metric] for row in s], dtype=np.float64)
 
 
-def probe_full(X: np.ndarray, y: np.ndarray, parts: Sequence[Part], options: ProbeOptions) -> list[Fitted]:
-    """Full-data probes of several folds: C on validation, refit on train + validation, test scores."""
+def probe_full(X: np.ndarray, y: np.ndarray, parts: Sequence[Part], options: ProbeOptions,
+               groups: np.ndarray | None = None) -> list[Fitted]:
+    """Full-data probes of several folds: C on validation, then (``options.refit``) a refit on train +
+    validation with its threshold from a cross-fit of train + validation, or the train-only model with its
+    threshold from validation. ``groups`` (patient per row; default one per row) keep cross-fit folds
+    patient-grouped."""
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     grid = np.asarray(options.grid)
     fit = _fit(X, y, [p.train for p in parts], grid, options)
     val = [_proba(fit[i : i + 1], X[p.val])[0] for i, p in enumerate(parts)]
     choice = choose_c(val, [y[p.val] for p in parts], options.select)
-    refit = _fit(X, y, [np.concatenate([p.train, p.val]) for p in parts], grid[choice][:, None], options)
+    C = grid[choice]
+    edges = [grid_edge(c, options.grid) for c in C]
+    if not options.refit:
+        return [
+            Fitted(_proba(fit[i : i + 1], X[p.test])[0, choice[i]], float(C[i]), "validation",
+                   bool(fit.converged[i, choice[i]]), edges[i], p.val, val[i][choice[i]])
+            for i, p in enumerate(parts)
+        ]
+    both = [np.concatenate([p.train, p.val]) for p in parts]
+    refit = _fit(X, y, both, C[:, None], options)
+    held, oof = _cross_fit(X, y, groups, both, C, options)
     return [
-        Fitted(_proba(refit[i : i + 1], X[p.test])[0, 0], float(grid[choice[i]]), "validation",
-               bool(refit.converged[i].all()), val_scores=val[i][choice[i]])
+        Fitted(_proba(refit[i : i + 1], X[p.test])[0, 0], float(C[i]), "validation",
+               bool(refit.converged[i].all()), edges[i], held[i], oof[i])
         for i, p in enumerate(parts)
     ]
+
+
+def _cross_fit(X: np.ndarray, y: np.ndarray, groups: np.ndarray, rows: Sequence[np.ndarray], C: np.ndarray,
+               options: ProbeOptions) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Out-of-fold scores of each row set at its C: ``INNER_FOLDS`` patient-grouped folds, one batch."""
+    train, held, owner = [], [], []
+    for j, r in enumerate(rows):
+        fold = inner_folds(y[r], groups[r])
+        for q in np.unique(fold):
+            train.append(r[fold != q])
+            held.append(r[fold == q])
+            owner.append(j)
+    fit = _fit(X, y, train, C[owner][:, None], options)
+    scores = [_proba(fit[i : i + 1], X[h])[0, 0] for i, h in enumerate(held)]
+    owner = np.asarray(owner)
+    return ([np.concatenate([held[i] for i in np.flatnonzero(owner == j)]) for j in range(len(rows))],
+            [np.concatenate([scores[i] for i in np.flatnonzero(owner == j)]) for j in range(len(rows))])
 
 
 def inner_folds(y: np.ndarray, groups: np.ndarray, n_folds: int = INNER_FOLDS) -> np.ndarray:
@@ -212,12 +283,26 @@ def probe_fewshot(X: np.ndarray, y: np.ndarray, groups: np.ndarray, supports: Se
         members = np.flatnonzero(test_of == t)
         scores[members] = list(_proba(fit[torch.from_numpy(members)], X[rows])[:, 0])
     return [
-        Fitted(scores[i], float(C[i]), "inner-cv" if selectable[i] else "fixed", bool(fit.converged[i].all()))
+        Fitted(scores[i], float(C[i]), "inner-cv" if selectable[i] else "fixed", bool(fit.converged[i].all()),
+               grid_edge(float(C[i]), options.grid) if selectable[i] else None)
         for i in range(len(supports))
     ]
 
 
 # ------------------------------------------------------------------------------------------ tasks and records
+
+
+@cache
+def backbone_parameters(model: str) -> int | None:
+    """Parameters of the frozen backbone as built, counted on the meta device (no memory, no weights read);
+    None where it cannot be built here (an id whose config is not on this machine)."""
+    from featcache.backbones import build_backbone, count_parameters
+
+    try:
+        with torch.device("meta"):
+            return count_parameters(build_backbone(model, random_init=True))[1]
+    except (FeatcacheError, OSError, RuntimeError, ValueError, ImportError):  # unknown is recorded as unknown
+        return None
 
 
 @dataclass(frozen=True)
@@ -269,12 +354,24 @@ def load_task_data(manifest: Manifest, task: str, splits: Splits, store: str | P
 
 @dataclass
 class ProbeReport:
-    """Every run of a request (new and already recorded), and the levels that could not run, with why."""
+    """Every run of a request (new and already recorded), the levels that could not run, with why, and
+    warnings about the new runs (a chosen C at an edge of the grid)."""
 
     records: list[RunRecord] = field(default_factory=list)
     written: int = 0
     existing: int = 0
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def warn_edges(self, level: str, fitted: Sequence[Fitted], grid: Sequence[float]) -> None:
+        """One line per level and grid end where a selected C landed on it."""
+        selected = sum(f.rule != "fixed" for f in fitted)
+        for side, value in (("upper", grid[-1]), ("lower", grid[0])):
+            hits = sum(f.edge == side for f in fitted)
+            if hits:
+                self.warnings.append(
+                    f"{level}: C at the grid's {side} edge ({value:g}) in {hits} of {selected} selected runs; "
+                    f"the best C may lie beyond it: widen the grid (--c-grid)")
 
 
 @dataclass(frozen=True)
@@ -300,26 +397,35 @@ class _Job:
         path = record_path(self.out, key)
         if not path.is_file():
             return True
-        self.report.records.append(RunRecord.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+        self.report.records.append(read_record(path))
         self.report.existing += 1
         return False
 
     def keep(self, fold: str, regime: str, shots: int | None, draw: int | None, fitted: Fitted,
-             test: np.ndarray, seconds: float, val: np.ndarray | None = None) -> None:
+             test: np.ndarray, seconds: float, drawn: dict[str, int] | None = None) -> None:
         """Score one fitted probe, write its record and add it to the report."""
         y_test = self.data.y[test]
-        scored = (self.data.y[val], fitted.val_scores) if val is not None else (None, None)
+        held = fitted.thr_rows is not None
+        scored = (self.data.y[fitted.thr_rows], fitted.thr_scores) if held else (None, None)
+        dim = self.data.X.shape[1]
+        backbone = backbone_parameters(self.data.backbone)
         record = RunRecord(
             task=self.task, backbone=self.data.backbone, method=METHOD, fold=fold, seed=self.splits.seed,
             options=self.options.defining(self.view), regime=regime, shots=shots, draw=draw,
             splits_digest=self.digest, identity=self.data.identity, test_ids=self.data.ids[test].tolist(),
             test_labels=y_test.tolist(), test_scores=fitted.scores.tolist(),
             test_patients=self.data.groups[test].tolist(),
-            metrics=evaluate(y_test, fitted.scores, *scored), wall_time_s=seconds,
-            trainable_params=self.data.X.shape[1] + 1, total_params=self.data.X.shape[1] + 1,
-            provenance={"store": str(self.store), "weights": self.data.weights, "C": fitted.C, "C_rule": fitted.rule,
-                        "threshold": "validation" if val is not None else "0.5",
-                        "converged": fitted.converged, "wall_time": "share of the level's batched solve"},
+            metrics=evaluate(y_test, fitted.scores, *scored, patients=self.data.groups[test]),
+            wall_time_s=seconds, trainable_params=dim + 1,
+            total_params=None if backbone is None else backbone + dim + 1,
+            provenance={"store": str(self.store), "weights": self.data.weights, "C": fitted.C,
+                        "C_rule": fitted.rule, "C_edge": fitted.edge,
+                        "threshold": ("cross-fit" if self.options.refit else "validation") if held else "0.5",
+                        "converged": fitted.converged, "wall_time": "share of the level's batched solve",
+                        "params": "trainable: the probe's coefficients and intercept; total: the frozen "
+                                  "backbone as built plus the probe" + ("" if backbone is not None else
+                                  " (backbone size unknown: total left empty)"),
+                        **({"drawn_patients": drawn} if drawn is not None else {})},
         )
         write_record(record, self.out)
         self.report.records.append(record)
@@ -332,10 +438,11 @@ def _run_full(job: _Job) -> None:
     if not todo:
         return
     start = time.perf_counter()
-    fitted = probe_full(job.data.X, job.data.y, [part for _, part in todo], job.options)
+    fitted = probe_full(job.data.X, job.data.y, [part for _, part in todo], job.options, job.data.groups)
     share = (time.perf_counter() - start) / len(todo)
+    job.report.warn_edges("full data", fitted, job.options.grid)
     for (name, part), fit in zip(todo, fitted, strict=True):
-        job.keep(name, "full", None, None, fit, part.test, share, val=part.val)
+        job.keep(name, "full", None, None, fit, part.test, share)
 
 
 def _draws(job: _Job, fold, k: int, draws: int | None, per_center: bool) -> list[list[str]]:
@@ -349,23 +456,26 @@ def _draws(job: _Job, fold, k: int, draws: int | None, per_center: bool) -> list
 
 def _run_fewshot(job: _Job, k: int, draws: int | None, per_center: bool) -> None:
     regime, kind = ("fewshot-center", "fewshot_center") if per_center else ("fewshot", "fewshot")
-    todo, tests = [], []
+    todo, tests, drawn = [], [], {}
     for fold in job.splits.folds:
         if k in fold.skipped[kind]:
             job.report.skipped.append(f"{fold.name} k={k}: {fold.skipped[kind][k]}")
             continue
         tests.append(job.data.rows(fold.test))
+        sets = _draws(job, fold, k, draws, per_center)
+        pool = job.data.rows([i for ids in sets for i in ids])
+        drawn[fold.name] = drawn_patients(job.data.groups[pool], job.data.y[pool])
         todo += [(fold.name, draw, job.data.rows(ids), len(tests) - 1)
-                 for draw, ids in enumerate(_draws(job, fold, k, draws, per_center))
-                 if job.pending(fold.name, regime, k, draw)]
+                 for draw, ids in enumerate(sets) if job.pending(fold.name, regime, k, draw)]
     if not todo:
         return
     start = time.perf_counter()
     fitted = probe_fewshot(job.data.X, job.data.y, job.data.groups, [t[2] for t in todo], tests,
                            [t[3] for t in todo], job.options)
     share = (time.perf_counter() - start) / len(todo)
+    job.report.warn_edges(f"{regime} k={k}", fitted, job.options.grid)
     for (name, draw, _, test), fit in zip(todo, fitted, strict=True):
-        job.keep(name, regime, k, draw, fit, tests[test], share)
+        job.keep(name, regime, k, draw, fit, tests[test], share, drawn=drawn[name])
 
 
 def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path | None = None,
@@ -381,6 +491,8 @@ def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path 
     """
     manifest_obj = load_manifest(manifest)
     splits = load_splits(manifest, task)
+    if full:
+        splits.require_validation()
     store = Path(store) if store is not None else default_store(manifest_obj.path)
     data = load_task_data(manifest_obj, task, splits, store, model, view, **selectors)
     job = _Job(task, Path(manifest), splits, splits.digest(), data, options or ProbeOptions(), view, store,

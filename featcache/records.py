@@ -3,6 +3,12 @@
 A grid computes :func:`run_key` before it trains, skips keys whose record exists, and writes each result
 atomically, so a killed sweep resumes where it stopped and never leaves half a record. :func:`gather` turns a
 folder of records into one tidy CSV (one row per run) for a spreadsheet or a plotting script.
+
+Records written by older versions are read through :func:`migrate`: the cached probe's old method name "lp"
+becomes "probe" (so it is never mixed up with stage 2's end-to-end LP), ``pr_auc`` is renamed
+``average_precision`` (what it always was), and metrics added since (patient level, trapezoid PR area) are
+computed from the stored per-image scores. A migrated record's key is computed from its migrated fields, so it
+differs from its file name; :func:`load_records` keeps one record per key.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 
 from featcache.errors import RecordError
 from featcache.fileio import atomic_write
-from featcache.metrics import binary_metrics, bootstrap_ci, summarize
+from featcache.metrics import METRICS, binary_metrics, bootstrap_ci, evaluate, summarize
 
 REGIMES = ("full", "fewshot", "fewshot-center")
 KEY_LENGTH = 16
@@ -42,11 +48,16 @@ _CORE_COLUMNS = tuple(
     "key task backbone method regime shots draw fold seed n_test wall_time_s trainable_params total_params "
     "identity splits_digest created".split()
 )
-_METRIC_ORDER = tuple(
-    "mcc mcc_val_thr pr_auc roc_auc balanced_accuracy f1 sensitivity specificity threshold val_threshold "
-    "n n_pos reason".split()
+_IMAGE_METRICS = tuple(
+    "mcc mcc_val_thr average_precision pr_auc_trapezoid roc_auc balanced_accuracy f1 sensitivity specificity "
+    "threshold val_threshold n n_pos reason".split()
 )
+_METRIC_ORDER = _IMAGE_METRICS + tuple(f"patient_{m}" for m in _IMAGE_METRICS) + ("patient_rule",)
+# Selection outcome of a run (from its provenance) as results.csv columns: the C a probe chose, by which rule,
+# and whether it sat at an edge of the grid. Stage 2's head LR and best epoch are opt_head_lr, train_best_epoch.
+SELECTION = {"C": "selected_C", "C_rule": "C_rule", "C_edge": "C_at_grid_edge"}
 GROUP_BY = ("task", "backbone", "method", "options", "regime", "shots")
+PROBE_METHOD = "probe"  # featcache.probe.METHOD (not imported: the probe imports this module)
 
 
 @lru_cache(maxsize=1)
@@ -198,8 +209,45 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
+        """A record from its JSON form; older layouts are brought up to date by :func:`migrate`."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return migrate(cls(**{k: v for k, v in d.items() if k in names}))
+
+
+def migrate(record: RunRecord) -> RunRecord:
+    """Bring a record of an older version up to date in place; what changed is noted in
+    ``provenance["migrated"]``. Values are renamed or recomputed from the stored scores, never guessed."""
+    notes = []
+    if record.method == "lp" and record.options.get("head") == "l2-logreg":  # the cached probe, before 0.x
+        record.method = PROBE_METHOD
+        notes.append("method lp -> probe")
+        if record.options.get("select") == "pr_auc":
+            record.options = {**record.options, "select": "average_precision"}
+    for old, new in (("pr_auc", "average_precision"), ("patient_pr_auc", "patient_average_precision")):
+        if old in record.metrics and new not in record.metrics:
+            record.metrics[new] = record.metrics.pop(old)
+            notes.append(f"{old} -> {new}")
+    missing = _missing_metrics(record)
+    if missing:
+        threshold = record.metrics.get("val_threshold")
+        fresh = evaluate(record.test_labels, record.test_scores, threshold=threshold,
+                         patients=record.test_patients or None)
+        record.metrics.update({name: fresh[name] for name in missing if name in fresh})
+        notes.append(f"computed {', '.join(sorted(n for n in missing if n in fresh))} from the stored scores")
+    if notes:
+        record.provenance = {**record.provenance, "migrated": "; ".join(notes)}
+    return record
+
+
+def _missing_metrics(record: RunRecord) -> list[str]:
+    """Metric names the current `evaluate` gives that this record lacks, where its scores allow them."""
+    if not record.metrics or not record.test_scores or not all(map(math.isfinite, record.test_scores)):
+        return []
+    wanted = ["pr_auc_trapezoid", *METRICS]
+    if record.test_patients:
+        wanted += [f"patient_{m}" for m in ("mcc", "mcc_val_thr", *METRICS, "pr_auc_trapezoid", "n", "n_pos",
+                                             "reason", "rule")]
+    return [name for name in wanted if name not in record.metrics]
 
 
 def record_path(folder: str | Path, key: str) -> Path:
@@ -220,18 +268,30 @@ def record_exists(folder: str | Path, key: str) -> bool:
     return record_path(folder, key).is_file()
 
 
+def read_record(path: str | Path) -> RunRecord:
+    """One record file (migrated if it is of an older layout); a file that is not one is refused by name."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        return RunRecord.from_dict(data)
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise RecordError(f"{path}: not a run record ({err})") from err
+
+
 def load_records(folder: str | Path) -> list[RunRecord]:
-    """All records in ``folder`` (not recursive), by file name; temp files of killed writes are skipped."""
-    records = []
+    """All records in ``folder`` (not recursive), by file name; temp files of killed writes are skipped.
+
+    One record per run key: a migrated record whose new key is also recorded under its own name is the same
+    run, and the file named by the key wins (it was written by the current version).
+    """
+    by_key: dict[str, tuple[bool, RunRecord]] = {}
     for path in sorted(Path(folder).glob("[!.]*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError(f"a JSON {type(data).__name__}, not an object")
-            records.append(RunRecord.from_dict(data))
-        except (json.JSONDecodeError, TypeError, ValueError) as err:
-            raise RecordError(f"{path}: not a run record ({err})") from err
-    return records
+        record = read_record(path)
+        named = path.stem == record.key
+        if record.key not in by_key or (named and not by_key[record.key][0]):
+            by_key[record.key] = (named, record)
+    return sorted((record for _, record in by_key.values()), key=lambda r: r.key)
 
 
 def _flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -256,6 +316,7 @@ def record_row(record: RunRecord) -> dict[str, Any]:
     row.update(_flatten(record.options, "opt_"))
     clashing = set(record.metrics) & set(row)
     row.update(_flatten({(f"metric_{k}" if k in clashing else k): v for k, v in record.metrics.items()}, ""))
+    row.update({column: record.provenance[name] for name, column in SELECTION.items() if name in record.provenance})
     row.update(_flatten({k: v for k, v in record.training.items() if k != "curves"}, "train_"))
     row.update(_flatten(record.versions, "version_"))
     return row
@@ -266,9 +327,10 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     options = sorted(n for n in seen if n.startswith("opt_"))
     training = sorted(n for n in seen if n.startswith("train_"))
     version = sorted(n for n in seen if n.startswith("version_"))
-    rest = seen - set(_CORE_COLUMNS) - set(options) - set(training) - set(version)
+    selection = [c for c in (*SELECTION.values(), "head_lr_selected") if c in seen]
+    rest = seen - set(_CORE_COLUMNS) - set(options) - set(training) - set(version) - set(selection)
     metric_cols = [m for m in _METRIC_ORDER if m in rest] + sorted(rest - set(_METRIC_ORDER))
-    return list(_CORE_COLUMNS) + options + metric_cols + training + version
+    return list(_CORE_COLUMNS) + options + metric_cols + selection + training + version
 
 
 def _cell(value: Any) -> Any:
@@ -294,7 +356,18 @@ def _sort_key(record: RunRecord) -> tuple:
 
 def gather(folder: str | Path, out_csv: str | Path) -> Path:
     """All records of ``folder`` as one tidy CSV (a row per run, no per-image scores), written atomically."""
-    rows = [record_row(r) for r in sorted(load_records(folder), key=_sort_key)]
+    return write_results(load_records(folder), out_csv)
+
+
+def write_results(records: list[RunRecord], out_csv: str | Path, selected: set[str] | None = None) -> Path:
+    """Records as one tidy CSV, a row per run; with ``selected`` (run keys kept by :func:`select_head_lr`)
+    runs with a head LR get a ``head_lr_selected`` column, so the CSV keeps every run and says which count."""
+    rows = []
+    for record in sorted(records, key=_sort_key):
+        row = record_row(record)
+        if selected is not None and "head_lr" in record.options:
+            row["head_lr_selected"] = record.key in selected
+        rows.append(row)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=_columns(rows), lineterminator="\n")
     writer.writeheader()
@@ -340,9 +413,16 @@ def _val_loss(record: RunRecord) -> float:
     return float("nan") if value is None else float(value)
 
 
-def summarize_records(records: list[RunRecord], metrics: tuple[str, ...] = ("mcc", "pr_auc"),
+def summarize_records(records: list[RunRecord], metrics: tuple[str, ...] = ("mcc", "average_precision"),
                       pooled: bool = False) -> list[dict]:
-    """Mean ± std and count of ``metrics`` over folds and draws, one row per :data:`GROUP_BY` value."""
+    """One row per :data:`GROUP_BY` value: each metric averaged over the draws of each fold first, then mean ±
+    std over folds (a ``metrics.Summary`` whose n counts folds), and ``<metric>_draw_std``, the draw-to-draw
+    spread (mean over folds of the std over that fold's draws; NaN with one run per fold).
+
+    Draws of one fold share its test set and often most of their patients, so they are not independent
+    evidence: pooling folds x draws as n would understate the uncertainty. ``drawn_patients`` is the smallest,
+    over folds, number of distinct patients per class that the draws came from (few-shot records only).
+    """
     groups: dict[tuple, list[RunRecord]] = {}
     for record in sorted(records, key=_sort_key):
         label = (
@@ -357,12 +437,45 @@ def summarize_records(records: list[RunRecord], metrics: tuple[str, ...] = ("mcc
     rows = []
     for label, members in groups.items():
         row: dict[str, Any] = dict(zip(GROUP_BY, label, strict=True))
-        row["runs"] = len(members)
+        by_fold: dict[str, list[RunRecord]] = {}
+        for record in members:
+            by_fold.setdefault(record.fold, []).append(record)
+        row.update(runs=len(members), folds=len(by_fold), drawn_patients=_drawn(members))
         for name in metrics:
-            row[name] = summarize([m.metrics.get(name) for m in members])
+            row[name], row[f"{name}_draw_std"] = fold_then_draw(
+                [[_value(r, name) for r in runs] for runs in by_fold.values()])
         row["pooled"] = pooled_interval(members) if pooled else None  # bootstraps: only when asked
         rows.append(row)
     return rows
+
+
+def fold_then_draw(values: list[list[float]]) -> tuple[Any, float]:
+    """``values[fold][draw]`` -> (Summary of the per-fold means over folds, mean over folds of the std over
+    draws). Undefined (NaN) values are left out of their fold's mean; a fold with none is left out."""
+    means = [summarize(v).mean for v in values]
+    spreads = [summarize(v).std for v in values]
+    finite = [x for x in spreads if math.isfinite(x)]
+    return summarize(means), (float(np.mean(finite)) if finite else float("nan"))
+
+
+def _value(record: RunRecord, name: str) -> float:
+    value = record.metrics.get(name)
+    return float("nan") if value is None or isinstance(value, str) else float(value)
+
+
+def _drawn(records: list[RunRecord]) -> dict[str, int] | None:
+    counts = [r.provenance.get("drawn_patients") for r in records]
+    if not counts or any(c is None for c in counts):
+        return None
+    return {side: min(int(c[side]) for c in counts) for side in ("positive", "negative")}
+
+
+def drawn_patients(patients: np.ndarray, labels: np.ndarray) -> dict[str, int]:
+    """Distinct patients per class over all support sets of one fold and level (their rows concatenated):
+    what a few-shot record carries as ``provenance["drawn_patients"]``, so a reader sees k = 4 drawn from 5."""
+    patients, labels = np.asarray(patients), np.asarray(labels)
+    return {side: int(np.unique(patients[labels == value]).size)
+            for side, value in (("positive", 1), ("negative", 0))}
 
 
 def pooled_interval(records: list[RunRecord], n_boot: int = 1000, seed: int = 0) -> dict[str, Any] | None:
@@ -376,21 +489,25 @@ def pooled_interval(records: list[RunRecord], n_boot: int = 1000, seed: int = 0)
     s = np.array([v for r in records for v in r.test_scores])
     patients = np.array([p for r in records for p in r.test_patients])
     out: dict[str, Any] = {"n": len(ids), "patients": len(set(patients.tolist()))}
-    for name in ("mcc", "pr_auc"):
+    for name in ("mcc", "average_precision"):
         out[name] = binary_metrics(y, s)[name]
         out[f"{name}_ci"] = tuple(bootstrap_ci(y, s, patients, name, n_boot=n_boot, seed=seed)[:2])
     return out
 
 
 def write_summary(rows: list[dict[str, Any]], out_csv: str | Path) -> Path:
-    """`summarize_records` rows as a CSV a person can open: mean, std and count per metric, and the pooled
-    cross-validation estimate with its patient-level 95 % interval where there is one."""
+    """`summarize_records` rows as a CSV a person can open: per metric the mean, std and number of folds, the
+    draw-to-draw std, the distinct patients drawn per class, and the pooled cross-validation estimate with its
+    patient-level 95 % interval where there is one."""
     flat = []
     for row in rows:
-        cells = {name: row[name] for name in (*GROUP_BY, "runs")}
+        cells = {name: row[name] for name in (*GROUP_BY, "runs", "folds")}
         for name, value in row.items():
-            if hasattr(value, "mean"):  # a metrics.Summary
-                cells.update({f"{name}_mean": value.mean, f"{name}_std": value.std, f"{name}_n": value.n})
+            if hasattr(value, "mean"):  # a metrics.Summary over folds
+                cells.update({f"{name}_mean": value.mean, f"{name}_std": value.std, f"{name}_folds": value.n,
+                              f"{name}_draw_std": row.get(f"{name}_draw_std")})
+        for side, count in (row.get("drawn_patients") or {}).items():
+            cells[f"drawn_patients_{side}"] = count
         for name, value in (row.get("pooled") or {}).items():
             if isinstance(value, tuple):
                 cells.update({f"pooled_{name}_low": value[0], f"pooled_{name}_high": value[1]})

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from featcache import datasets
-from featcache.errors import SplitError
+from featcache.errors import ManifestError, SplitError
 from featcache.fileio import atomic_write
 from featcache.manifest import load_manifest
 
@@ -36,6 +37,8 @@ FORMAT = 1
 # Independent random streams: a change to one never shifts the draws of another.
 _VAL, _FEWSHOT, _FEWSHOT_CENTER = 0, 1, 2
 _CLASS_NAMES = ("negative", "positive")
+_SHOWN = 5  # ids quoted in one message
+_KINDS = ("fewshot", "fewshot_center")
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,7 @@ class Fold:
             test=tuple(d["test"]),
             fewshot=draws(d["fewshot"]),
             fewshot_center=draws(d["fewshot_center"]),
-            skipped={
-                kind: {int(k): why for k, why in levels.items()} for kind, levels in d["skipped"].items()
-            },
+            skipped={kind: {int(k): str(why) for k, why in d["skipped"].get(kind, {}).items()} for kind in _KINDS},
         )
 
 
@@ -105,6 +106,7 @@ class Splits:
     draws: int
     manifest_digest: str
     folds: tuple[Fold, ...]
+    classes: tuple[str, ...] = ()  # (negative, positive) of an ad-hoc task; its labels are defined here
 
     def fold(self, which: Fold | str | int) -> Fold:
         """A fold by object, name ("fold0", "center-A") or position."""
@@ -116,6 +118,12 @@ class Splits:
             if fold.name == which:
                 return fold
         raise SplitError(f"task {self.task}: no fold named {which!r} (have {', '.join(self.fold_names)})")
+
+    def require_validation(self) -> None:
+        """Full-data runs choose C (or epochs) on the validation part: refuse splits made without one."""
+        if empty := [fold.name for fold in self.folds if not fold.val]:
+            raise SplitError(f"task {self.task}: {', '.join(empty)} have no validation part (made with --val-fraction "
+                             f"0); full-data runs need one: recompute the splits with a validation share")
 
     @property
     def fold_names(self) -> tuple[str, ...]:
@@ -154,7 +162,7 @@ class Splits:
             "draws": self.draws,
             "manifest_digest": self.manifest_digest,
             "folds": [fold.to_dict() for fold in self.folds],
-        }
+        } | ({"classes": list(self.classes)} if self.classes else {})  # spec tasks' files keep their bytes
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, fixed separators): equal splits give equal bytes."""
@@ -179,6 +187,7 @@ class Splits:
             draws=d["draws"],
             manifest_digest=d["manifest_digest"],
             folds=tuple(Fold.from_dict(f) for f in d["folds"]),
+            classes=tuple(d.get("classes", ())),
         )
 
 
@@ -249,7 +258,9 @@ def _kfold(cohort: _Cohort, k: int, seed: int) -> list[tuple[str, np.ndarray, np
     if per_class.min() < k:
         c = int(per_class.argmin())
         raise SplitError(
-            f"class {c} ({_CLASS_NAMES[c]}) has {per_class[c]} patients, fewer than k={k} folds; lower --k"
+            f"class {c} ({_CLASS_NAMES[c]}) has {per_class[c]} patients, fewer than k={k} folds; lower --k (this "
+            f"cohort allows --k {folds_allowed(per_class, validation=False)}, with a validation part "
+            f"{folds_allowed(per_class, validation=True)})"
         )
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [
@@ -373,7 +384,9 @@ def make_splits(
     (StratifiedGroupKFold, shuffled with ``seed``) or "loco" (one fold per center). ``val_fraction`` of each
     class's training patients form the validation part (default 0.15 for k-fold, 0.10 for LoCo). Few-shot sets
     are drawn from train + val; ``per_center`` (default: when there are several centers) adds the draws with
-    ``center_shots`` per class per center. A shot level some class cannot fill is skipped and recorded.
+    ``center_shots`` per class per center. A shot level some class cannot fill is skipped and recorded; a
+    cohort too small for a validation part with both classes, or for any requested shot level at all, is
+    refused with what it does allow (:func:`folds_allowed`). The result passes :func:`check_splits`.
     """
     if scheme not in SCHEMES:
         raise SplitError(f"unknown cv scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -387,13 +400,15 @@ def make_splits(
             f"draws {draws}, seed {seed})"
         )
     cohort = _Cohort.build(ids, y, groups, centers)
+    explicit_center = bool(per_center)
     if per_center is None:
         per_center = np.unique(cohort.centers).size > 1
     parts = _kfold(cohort, k, seed) if scheme == "kfold" else _loco(cohort)
-    folds = []
+    folds, pools = [], []
     for no, (name, pool_idx, test_idx) in enumerate(parts):
         train_idx, val_idx = _carve_val(cohort, pool_idx, fraction, _rng(seed, _VAL, no))
         pool = _Pool(cohort, pool_idx)
+        pools.append(pool)
         fewshot, skipped = _fewshot(pool, name, no, shots, draws, seed)
         center_draws, center_skipped = (
             _fewshot_center(pool, name, no, center_shots, draws, seed) if per_center else ({}, {})
@@ -409,7 +424,7 @@ def make_splits(
                 {"fewshot": skipped, "fewshot_center": center_skipped},
             )
         )
-    return Splits(
+    made = Splits(
         task=task,
         scheme=scheme,
         k=k if scheme == "kfold" else None,
@@ -421,6 +436,59 @@ def make_splits(
         manifest_digest=manifest_digest,
         folds=tuple(folds),
     )
+    _check_capacity(made, cohort, pools, explicit_center)
+    check_splits(made, f"task {task}" if task else "splits", TaskLabels.of(ids, y, groups, centers))
+    return made
+
+
+def folds_allowed(per_class: Sequence[int], validation: bool) -> str:
+    """The k-fold k a cohort with these patients per class allows, as text ("2..9", "3", "none"): each fold
+    tests at least one patient of each class and, with validation, leaves two in its pool (one validates, one
+    trains); more folds leave bigger pools, so the smallest k is the one validation limits."""
+    n = int(min(per_class))
+    fits = [k for k in range(2, n + 1) if not validation or n - -(-n // k) >= 2]
+    if not fits:
+        return "none"
+    return str(fits[0]) if fits[0] == fits[-1] else f"{fits[0]}..{fits[-1]}"
+
+
+def _check_capacity(splits: Splits, cohort: _Cohort, pools: list[_Pool], explicit_center: bool) -> None:
+    """Refuse, with what the cohort does allow, splits a small cohort cannot fill: a validation part without
+    both classes, or few-shot levels of which not one could be drawn in any fold."""
+    where = f"task {splits.task}" if splits.task else "splits"
+    per_class = np.bincount(cohort.patient_label, minlength=2)
+    size = f"{per_class[0]} negative / {per_class[1]} positive patients"
+    if splits.val_fraction > 0:
+        _check_validation_room(splits, pools, per_class, where, size)
+    if splits.shots and not any(fold.fewshot for fold in splits.folds):
+        best = max(min(pool.patients_of(c).size for c in (0, 1)) for pool in pools)
+        raise SplitError(f"{where}: no few-shot level k={','.join(map(str, splits.shots))} can be drawn in any fold: "
+                         f"the folds' train+val hold at most {best} patient(s) of the smaller class ({size}); "
+                         + (f"pass --shots with k <= {best}, or --shots '' for none" if best else "pass --shots ''"))
+    if explicit_center and splits.center_shots and not any(fold.fewshot_center for fold in splits.folds):
+        best = max(min((pool.patients_of(c, site).size for site in np.unique(cohort.patient_center[pool.patients])
+                        for c in (0, 1)), default=0) for pool in pools)
+        levels = ",".join(map(str, splits.center_shots))
+        raise SplitError(f"{where}: no per-center few-shot level k={levels} can be drawn in any fold: the folds' "
+                         f"train+val hold at most {best} patient(s) per class per center; "
+                         + (f"pass --center-shots with k <= {best}" if best else "pass --no-per-center"))
+
+
+def _check_validation_room(splits: Splits, pools: list[_Pool], per_class: np.ndarray, where: str, size: str) -> None:
+    """Each fold's pool must keep one patient of each class for validation and one for training."""
+    for fold, pool in zip(splits.folds, pools, strict=True):
+        counts = [pool.patients_of(c).size for c in (0, 1)]
+        if min(counts) >= 2:
+            continue
+        c = int(np.argmin(counts))
+        fits = folds_allowed(per_class, validation=True)
+        if splits.scheme != "kfold":
+            hint = "leave-one-center-out leaves too few of them in this pool; try --scheme kfold"
+        else:
+            hint = f"with a validation part it allows --k {fits}" if fits != "none" else "too few for a validation part"
+        raise SplitError(f"{where}: {fold.name}'s train+val holds {counts[c]} {_CLASS_NAMES[c]} patient(s), too few "
+                         f"to keep one for validation and one for training; the cohort has {size}, {hint}; or pass "
+                         "--val-fraction 0 (no validation part, few-shot only)")
 
 
 def describe(splits: Splits, ids: Sequence[str], y: Sequence[int], groups: Sequence[str]) -> list[dict]:
@@ -443,6 +511,101 @@ def describe(splits: Splits, ids: Sequence[str], y: Sequence[int], groups: Seque
     return rows
 
 
+# --- checking a split file ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskLabels:
+    """What a split file is checked against: label, patient and center of every image labelled for its task."""
+
+    label: dict[str, int]
+    patient: dict[str, str]
+    center: dict[str, str]
+
+    @classmethod
+    def of(cls, ids: Sequence[str], y: Sequence[int], groups: Sequence[str], centers: Sequence[str] | None):
+        ids = [str(i) for i in ids]
+        sites = [""] * len(ids) if centers is None else [str(c) for c in centers]
+        return cls(dict(zip(ids, (int(v) for v in y), strict=True)), dict(zip(ids, map(str, groups), strict=True)),
+                   dict(zip(ids, sites, strict=True)))
+
+
+def _shown(items: Iterable[object]) -> str:
+    items = sorted({str(i) for i in items})
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+def check_splits(splits: Splits, where: str, cohort: TaskLabels | None = None) -> None:
+    """Refuse, in one line naming ``where``, the fold and the ids, a split file that could leak or mislead.
+
+    Without a cohort: parts share no image, few-shot draws lie inside their fold's train + val, train and
+    test are non-empty (val too when a validation share was asked for). With one (the manifest's task
+    labels): every id is labelled for the task, parts share no patient, train and test hold both classes (val
+    too), and each draw has k patients of each class (per center for per-center draws), one image each.
+    """
+    names = [fold.name for fold in splits.folds]
+    if not names or len(set(names)) != len(names):
+        raise SplitError(f"{where}: fold names must be present and distinct, got {names}")
+    for fold in splits.folds:
+        _check_fold(fold, splits.val_fraction > 0, f"{where}: {fold.name}", cohort)
+
+
+def _check_fold(fold: Fold, has_val: bool, where: str, cohort: TaskLabels | None) -> None:
+    parts = {"train": fold.train, "val": fold.val, "test": fold.test}
+    for part, members in parts.items():
+        if not all(isinstance(i, str) for i in members):
+            raise SplitError(f"{where}: {part} holds ids that are not strings")
+        if not members and (part != "val" or has_val):
+            raise SplitError(f"{where}: the {part} part is empty")
+        if len(set(members)) != len(members):
+            raise SplitError(f"{where}: {part} repeats ids {_shown(i for i, n in Counter(members).items() if n > 1)}")
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        if both := set(parts[a]) & set(parts[b]):
+            raise SplitError(f"{where}: ids in both {a} and {b}: {_shown(both)}")
+    pool = set(fold.train) | set(fold.val)
+    for kind in _KINDS:
+        for k, draws in getattr(fold, kind).items():
+            for r, ids in enumerate(draws):
+                if not all(isinstance(i, str) for i in ids):
+                    raise SplitError(f"{where}: {kind} k={k} draw {r} holds ids that are not strings")
+                if outside := set(ids) - pool:
+                    raise SplitError(f"{where}: {kind} k={k} draw {r} holds ids outside train + val: {_shown(outside)}")
+    if cohort is not None:
+        _check_fold_labels(fold, parts, has_val, where, cohort)
+
+
+def _check_fold_labels(fold: Fold, parts: dict, has_val: bool, where: str, cohort: TaskLabels) -> None:
+    for part, members in parts.items():
+        if unknown := [i for i in members if i not in cohort.label]:
+            raise SplitError(f"{where}: {part} holds ids the manifest does not label for this task: {_shown(unknown)}")
+    patients = {part: {cohort.patient[i] for i in members} for part, members in parts.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        if both := patients[a] & patients[b]:
+            raise SplitError(f"{where}: patients in both {a} and {b}: {_shown(both)}")
+    for part, members in parts.items():
+        if part == "val" and not has_val:
+            continue
+        if lacking := {0, 1} - {cohort.label[i] for i in members}:
+            c = lacking.pop()
+            raise SplitError(f"{where}: the {part} part has no {_CLASS_NAMES[c]} (class {c}) patients")
+    for kind in _KINDS:
+        for k, draws in getattr(fold, kind).items():
+            for r, ids in enumerate(draws):
+                _check_draw(ids, k, kind == "fewshot_center", f"{where}: {kind} k={k} draw {r}", cohort)
+
+
+def _check_draw(ids: Sequence[str], k: int, per_center: bool, where: str, cohort: TaskLabels) -> None:
+    if len({cohort.patient[i] for i in ids}) != len(ids):
+        raise SplitError(f"{where}: two images of one patient ({_shown(ids)})")
+    strata = Counter((cohort.center[i] if per_center else "", cohort.label[i]) for i in ids)
+    sites = {site for site, _ in strata}
+    if any(strata[(site, c)] != k for site in sites for c in (0, 1)):
+        got = ", ".join(f"{site + '/' if site else ''}{_CLASS_NAMES[c]} {strata[(site, c)]}"
+                        for site in sorted(sites) for c in (0, 1))
+        raise SplitError(f"{where}: not {k} patients per class{' per center' if per_center else ''} ({got})")
+
+
 # --- persistence next to the manifest -------------------------------------------------------------------
 
 
@@ -462,12 +625,16 @@ def save_splits(splits: Splits, manifest_path: str | Path) -> Path:
 
 
 def read_splits(path: str | Path) -> Splits:
-    """A split file as it is, without checking it against a manifest."""
+    """A split file, checked on its own (:func:`check_splits` without a cohort), not against a manifest."""
     path = Path(path)
     try:
-        return Splits.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-        raise SplitError(f"{path}: not a valid split file ({err})") from err
+        splits = Splits.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except OSError as err:
+        raise SplitError(f"{path}: cannot read split file ({err.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise SplitError(f"{path}: not a valid split file ({type(err).__name__}: {err})") from None
+    check_splits(splits, str(path))
+    return splits
 
 
 def _command(manifest_path: str | Path, task: str) -> str:
@@ -487,16 +654,17 @@ def build_splits(
     seed: int = SEED,
     per_center: bool | None = None,
 ) -> Splits:
-    """:func:`make_splits` on a manifest task; "auto" scheme, k and per-center come from its task spec."""
+    """:func:`make_splits` on a manifest task; "auto" scheme and k come from its task spec, per-center draws
+    by default when its dataset has centers and the manifest more than one."""
     spec = datasets.get_task(task)
     manifest = load_manifest(manifest_path)
     ids, y = manifest.labels(task)
     centers = manifest.centers(ids)
-    known = datasets.get_dataset(spec.dataset).centers
+    known = datasets.get_dataset(spec.dataset).centers if spec.dataset else ()
     if known and (unknown := sorted(set(centers) - set(known))):
         raise SplitError(f"{manifest.path}: centers {unknown} are not among {spec.dataset}'s {list(known)}; "
                          "leave-one-center-out would make a fold of each")
-    return make_splits(
+    made = make_splits(
         ids,
         y,
         manifest.patients(ids),
@@ -509,23 +677,47 @@ def build_splits(
         center_shots=center_shots,
         draws=draws,
         seed=seed,
-        per_center=spec.has_centers if per_center is None else per_center,
+        per_center=per_center if per_center is not None or spec.has_centers else False,
         manifest_digest=manifest.digest(),
     )
+    return made if spec.dataset else replace(made, classes=(spec.negative, spec.positive))
 
 
 def load_splits(manifest_path: str | Path, task: str) -> Splits:
-    """The persisted splits of ``task``, refused when the manifest changed since they were made."""
+    """The persisted splits of ``task``, refused when the manifest changed since they were made or when the
+    file fails :func:`check_splits` against the manifest (a hand edit that would leak test patients)."""
     path = splits_path(manifest_path, task)
     if not path.is_file():
         raise SplitError(f"{path}: no splits for task {task}; make them with {_command(manifest_path, task)}")
     splits = read_splits(path)
     if splits.task != task:
         raise SplitError(f"{path}: holds splits of task {splits.task!r}, not {task!r}")
-    current = load_manifest(manifest_path).digest()
+    manifest = load_manifest(manifest_path)
+    current = manifest.digest()
     if splits.manifest_digest != current:
         raise SplitError(
             f"{path}: made for manifest digest {splits.manifest_digest[:12]}, but {manifest_path} is now "
             f"{current[:12]}; recompute with {_command(manifest_path, task)}"
         )
+    _check_classes(splits, manifest, path)
+    ids, y = manifest.labels(task)
+    check_splits(splits, str(path), TaskLabels.of(ids, y, manifest.patients(ids), manifest.centers(ids)))
     return splits
+
+
+def _check_classes(splits: Splits, manifest, path: Path) -> None:
+    """An ad-hoc task's file says which class is positive: it defines the task when this process has not
+    (`probe --task died` after `splits --task died --positive 1`), and refuses another positive class."""
+    task = splits.task
+    if not splits.classes:
+        return
+    if len(splits.classes) != 2:
+        raise SplitError(f"{path}: 'classes' must be [negative, positive], got {list(splits.classes)}")
+    try:
+        spec = datasets.get_task(task)
+    except ManifestError:
+        spec = datasets.task_for(manifest, task, positive=splits.classes[1])
+    if (spec.negative, spec.positive) != splits.classes:
+        raise SplitError(f"{path}: made with {task} positive class {splits.classes[1]!r}, not {spec.positive!r}; "
+                         f"recompute with `featcache splits --manifest {manifest.path} --task {task} --positive "
+                         f"{spec.positive}`")

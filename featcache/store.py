@@ -486,9 +486,9 @@ def load_features(store: str | Path, model: str, manifest: Any = None, view: str
 
 
 def rows_of(manifest: Any) -> Rows | None:
-    """A manifest path or object -> its Rows; a plain id sequence -> Rows with ids only."""
-    if manifest is None:
-        return None
+    """A manifest path or object -> its Rows; Rows as they are; a plain id sequence -> Rows with ids only."""
+    if manifest is None or isinstance(manifest, Rows):
+        return manifest
     if isinstance(manifest, (str, Path)):
         manifest = load_manifest(manifest)
     if isinstance(manifest, Manifest):

@@ -202,6 +202,21 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
         build_backbone("medclip-resnet-tiny", weights=tmp_path / "model.safetensors")
 
 
+@pytest.mark.parametrize("name", ["resnet18-tiny", "dinov2-s-tiny", "biomedclip-tiny"])
+def test_wrong_shape_weights_are_one_line_naming_file_and_tensor(tmp_path, name):
+    """timm, transformers and open_clip each raise a long per-tensor report; we name the first tensor."""
+    state = build_backbone(name, seed=1).model.state_dict()
+    key = next(k for k, v in state.items() if v.ndim >= 2)
+    state[key] = torch.zeros(*(s + 1 for s in state[key].shape))
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(WeightsError) as err:
+        build_backbone(name, weights=path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert "has shape (" in message and key.split(".")[-1] in message
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("this checkpoint ran code",))

@@ -267,7 +267,7 @@ def test_build_ny_sbu(tmp_path):
     assert validate(report.manifest).ok
 
 
-def test_build_covid19_ar(tmp_path):
+def test_build_covid19_ar(tmp_path, monkeypatch):
     root = tmp_path / "ar"
     header = ["PATIENT_ID", "Age", "Gender", "ICU Admit", "Mortality"]
     _csv(
@@ -281,6 +281,9 @@ def test_build_covid19_ar(tmp_path):
     )
     for i, pid in enumerate(["COVID-19-AR-16406491", "COVID-19-AR-16406492", "COVID-19-AR-16406493"]):
         _dicom(root / "COVID-19-AR" / pid / "study" / "series" / "1-1.dcm", pid, f"ar{i}", modality="CR")
+    with pytest.raises(ManifestError, match=r"write the manifest in .*ar or a folder above it.*FEATCACHE_DATA_ROOTS"):
+        build_manifest("covid19_ar", root, tmp_path / "out" / "manifest.csv")
+    monkeypatch.setenv("FEATCACHE_DATA_ROOTS", str(root))  # the opt-in for images apart from the manifest
     report = build_manifest("covid19_ar", root, tmp_path / "out" / "manifest.csv")
     rows = {row["patient_id"]: row for row in load_manifest(report.manifest).rows}
     assert {pid: row["CAR"] for pid, row in rows.items()} == {

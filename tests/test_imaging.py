@@ -336,6 +336,20 @@ def test_bad_input_names_file_and_reason(tmp_path: Path, kind: str) -> None:
     assert err.value.path == str(path)
 
 
+def test_truncated_jpeg2000_dicom_says_truncated_without_a_warning(tmp_path: Path) -> None:
+    """pydicom warns and drops cut encapsulated pixel data; the reason must be the cut, not 'no pixel data'."""
+    import warnings
+
+    data = Path(get_testdata_file("MR_small_jp2klossless.dcm", download=False)).read_bytes()
+    path = tmp_path / "cut_j2k.dcm"
+    path.write_bytes(data[: len(data) // 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any leaked pydicom warning fails the test
+        with pytest.raises(ImageError, match="truncated DICOM") as err:
+            decode(path)
+    assert str(err.value).startswith(f"{path}: ") and "no pixel data" not in str(err.value)
+
+
 # --------------------------------------------------------------------------- featcache show
 
 

@@ -115,9 +115,20 @@ def test_valid_manifest_counts(tmp_path):
 
 
 def test_duplicate_ids(tmp_path):
-    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1.png,pB,C2,,,,,ALIVE,MILD"]))
+    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1b.png,pB,C2,,,,,ALIVE,MILD"]))
     issue = _kinds(report)["duplicate_id"]
     assert issue.rows == [4, 6] and issue.ids == ["b1", "b1"]
+
+
+def test_duplicate_paths_are_refused(tmp_path):
+    """A copied row (new image id and patient, same file) would put one image in train and test."""
+    copies = ["x1,img/b1.png,pX,C2,,,,,DEATH,SEVERE", "x2,img/./a1.png,pY,C1,,,,,ALIVE,MILD"]
+    report = validate(_manifest(tmp_path, [*GOOD, *copies]))
+    issue = _kinds(report)["duplicate_path"]
+    assert issue.rows == [2, 4, 6, 7] and issue.ids == ["a1", "b1", "x1", "x2"]
+    assert [i.kind for i in report.errors] == ["duplicate_path"]
+    with pytest.raises(ManifestError, match=r"1 errors \(duplicate_path\); first: duplicate_path: .*rows 2, 4"):
+        report.raise_for_errors()
 
 
 def test_missing_files(tmp_path):
@@ -182,7 +193,7 @@ def test_malformed_files(tmp_path):
 
 
 def test_report_summary_is_one_line_and_raises(tmp_path):
-    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1.png,pB,C2,,,,,Dead,MILD"]))
+    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1b.png,pB,C2,,,,,Dead,MILD"]))
     assert not report.ok and "\n" not in report.summary()
     with pytest.raises(ManifestError, match=r"2 errors \(duplicate_id, label_outside_mapping\)"):
         report.raise_for_errors()
@@ -236,3 +247,36 @@ def test_cli_validate(tmp_path):
     assert result.exit_code != 0 and isinstance(result.exception, ManifestError)
     assert "missing_file" in result.output and "rows 3" in result.output
     assert runner.invoke(app, ["manifest", "validate", str(good), "--no-check-files"]).exit_code == 0
+
+
+def test_paths_outside_the_manifest_folder_are_refused(tmp_path, monkeypatch):
+    """`../../x.png` and `/etc/passwd` would be read by extract: refused by validate and at load."""
+    data = tmp_path / "data"
+    data.mkdir()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"img")
+    lines = [*GOOD, "x1,../secret.png,pX,C1,,,,,ALIVE,", f"x2,{secret},pY,C1,,,,,ALIVE,",
+             "x3,img/../img/a1.png,pZ,C1,,,,,ALIVE,"]
+    path = _manifest(data, lines, images=False)
+    for rel in ("img/a1.png", "img/a2.png", "img/b1.png", "img/c1.png"):
+        (data / rel).parent.mkdir(exist_ok=True)
+        (data / rel).write_bytes(b"img")
+    issue = _kinds(validate(path))["path_outside_root"]
+    assert issue.rows == [6, 7] and issue.ids == ["x1", "x2"]  # x3 stays inside after normalising
+    with pytest.raises(ManifestError, match=r"image paths outside the manifest's folder .* at rows 6, 7 "
+                                            r"\(e.g. '../secret.png'\).*FEATCACHE_DATA_ROOTS"):
+        load_manifest(path)
+    from cli.featcache_app import app
+
+    result = CliRunner().invoke(app, ["manifest", "validate", str(path)])
+    assert result.exit_code != 0 and "path_outside_root" in result.output
+    monkeypatch.setenv("FEATCACHE_DATA_ROOTS", str(tmp_path))  # the explicit opt-in
+    assert load_manifest(path).abspath("x1") == data / "../secret.png"
+    assert "path_outside_root" not in _kinds(validate(path))
+
+
+def test_empty_image_id_is_refused_at_load(tmp_path):
+    path = _manifest(tmp_path, [*GOOD, ",img/e.png,pE,C1,,,,,ALIVE,"])
+    assert _kinds(validate(path))["empty_value"].rows == [6]
+    with pytest.raises(ManifestError, match=r"manifest.csv: empty image_id at rows 6; every image needs an id"):
+        load_manifest(path)

@@ -13,6 +13,7 @@ from featcache.metrics import (
     bootstrap_ci,
     choose_threshold,
     evaluate,
+    patient_scores,
     summarize,
 )
 
@@ -26,7 +27,7 @@ def _sklearn(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]
         "sensitivity": skm.recall_score(y, pred, pos_label=1),
         "specificity": skm.recall_score(y, pred, pos_label=0),
         "roc_auc": skm.roc_auc_score(y, s),
-        "pr_auc": skm.average_precision_score(y, s),
+        "average_precision": skm.average_precision_score(y, s),
     }
 
 
@@ -66,7 +67,7 @@ def test_single_class_gives_nan_aucs_with_reason_and_no_warnings(label):
         warnings.simplefilter("error")
         ours = binary_metrics(y, s)
         ev = evaluate(y, s, y_val=np.array([0, 1, 1]), s_val=np.array([0.2, 0.8, 0.4]))
-    assert math.isnan(ours["roc_auc"]) and math.isnan(ours["pr_auc"]) and math.isnan(ev["pr_auc"])
+    assert math.isnan(ours["roc_auc"]) and math.isnan(ours["average_precision"]) and math.isnan(ev["average_precision"])
     assert "only " + ("negatives" if label == 0 else "positives") in ours["reason"]
     undefined = "sensitivity" if label == 0 else "specificity"
     assert math.isnan(ours[undefined])
@@ -142,13 +143,13 @@ def test_bootstrap_contains_point_estimate_and_is_deterministic(metric):
     assert bootstrap_ci(y, s, groups, metric, n_boot=400, seed=2) != ci
 
 
-@pytest.mark.parametrize("metric", ["roc_auc", "pr_auc", "mcc"])
+@pytest.mark.parametrize("metric", ["roc_auc", "average_precision", "mcc"])
 def test_vectorised_bootstrap_equals_sklearn_on_each_resample(metric):
     """The weighted (vectorised) scores equal sklearn's on the explicitly resampled data."""
     y, s, groups = _cohort(seed=5)
     reference = {
         "roc_auc": skm.roc_auc_score,
-        "pr_auc": skm.average_precision_score,
+        "average_precision": skm.average_precision_score,
         "mcc": lambda yy, ss: skm.matthews_corrcoef(yy, (ss >= 0.5).astype(int)),
     }[metric]
     fast = bootstrap_ci(y, s, groups, metric, n_boot=60, seed=3)
@@ -173,3 +174,53 @@ def test_bad_inputs_are_refused():
         binary_metrics([0, 1], [0.1, float("nan")])
     with pytest.raises(ValueError, match="unknown metric"):
         bootstrap_ci([0, 1], [0.1, 0.2], [0, 1], "accuracy")
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_trapezoid_pr_area_equals_sklearn_and_differs_from_ap(seed):
+    y, s = _random_case(seed)
+    precision, recall, _ = skm.precision_recall_curve(y, s)
+    ours = binary_metrics(y, s)
+    assert ours["pr_auc_trapezoid"] == pytest.approx(skm.auc(recall, precision), abs=1e-12)
+    assert ours["average_precision"] == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
+    assert math.isnan(binary_metrics(np.zeros(4, int), [0.1, 0.2, 0.3, 0.4])["pr_auc_trapezoid"])
+
+
+def test_trapezoid_and_ap_differ_on_coarse_scores():
+    y = np.array([1, 0, 1, 0, 0, 1])
+    s = np.array([0.9, 0.9, 0.5, 0.5, 0.1, 0.1])
+    out = binary_metrics(y, s)
+    assert out["average_precision"] == pytest.approx(0.5)  # three steps of recall 1/3 at precision 1/2
+    assert out["pr_auc_trapezoid"] == pytest.approx(0.5 + 1 / 12)  # (0, 1) to (1/3, 1/2) adds a triangle
+
+
+def test_patient_level_metrics_differ_from_image_level():
+    """Five radiographs of one misranked patient weigh five times at image level, once at patient level."""
+    y = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0])
+    s = np.array([0.2, 0.3, 0.1, 0.2, 0.3, 0.9, 0.6, 0.1, 0.4])
+    patients = np.array(["a"] * 5 + ["b", "c", "d", "e"])
+    out = evaluate(y, s, patients=patients)
+    pid, y_p, s_p = (np.array(["a", "b", "c", "d", "e"]), np.array([1, 1, 0, 0, 0]),
+                     np.array([0.22, 0.9, 0.6, 0.1, 0.4]))
+    assert out["patient_rule"] == "mean" and out["patient_n"] == 5 and out["patient_n_pos"] == 2
+    for name, value in _sklearn(y_p, s_p, 0.5).items():
+        assert out[f"patient_{name}"] == pytest.approx(value, abs=1e-12), name
+    assert out["patient_average_precision"] != pytest.approx(out["average_precision"])
+    assert out["patient_mcc"] != pytest.approx(out["mcc"])
+    ids, labels, scores = patient_scores(y, s, patients)
+    assert ids.tolist() == pid.tolist() and labels.tolist() == y_p.tolist()
+    np.testing.assert_allclose(scores, s_p)
+    top = evaluate(y, s, patients=patients, patient_rule="max")
+    assert top["patient_rule"] == "max" and top["patient_roc_auc"] == pytest.approx(
+        skm.roc_auc_score(y_p, [0.3, 0.9, 0.6, 0.1, 0.4]))
+
+
+def test_patient_level_refuses_mixed_labels_and_uses_the_given_threshold():
+    with pytest.raises(ValueError, match=r"\['a'\] have images with different labels"):
+        evaluate([0, 1, 1], [0.1, 0.2, 0.9], patients=["a", "a", "b"])
+    with pytest.raises(ValueError, match="unknown patient rule"):
+        evaluate([0, 1], [0.1, 0.9], patients=["a", "b"], patient_rule="median")
+    y, s = np.array([0, 0, 1, 1]), np.array([0.3, 0.5, 0.6, 0.9])
+    out = evaluate(y, s, threshold=0.55, patients=["a", "b", "c", "d"])
+    assert out["val_threshold"] == 0.55 and out["mcc_val_thr"] == 1.0 and out["patient_mcc_val_thr"] == 1.0
+    assert out["mcc"] < 1.0

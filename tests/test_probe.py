@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
@@ -17,7 +18,7 @@ from cli.featcache_app import app
 from featcache.errors import SplitError, StoreError
 from featcache.extract import extract_features
 from featcache.manifest import write_manifest
-from featcache.metrics import binary_metrics
+from featcache.metrics import binary_metrics, choose_threshold
 from featcache.probe import (
     C_GRID,
     FIXED_C,
@@ -25,8 +26,10 @@ from featcache.probe import (
     INNER_FOLDS,
     Part,
     ProbeOptions,
+    balanced_log_loss,
     can_select,
     choose_c,
+    grid_edge,
     inner_folds,
     probe_fewshot,
     probe_full,
@@ -80,14 +83,20 @@ def _rows(manifest: Path) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------------------------ rules on arrays
 
 
-def test_choose_c_takes_the_best_and_the_smaller_c_on_ties():
+def test_choose_c_breaks_ties_by_log_loss_then_smaller_c():
     y = np.array([0, 0, 1, 1])
     scores = np.array([[0.6, 0.6, 0.4, 0.4], [0.2, 0.3, 0.7, 0.8], [0.1, 0.2, 0.9, 0.8],
                        [0.9, 0.1, 0.2, 0.3]])
-    assert choose_c([scores], [y], "mcc").tolist() == [1]  # rows 1 and 2 are perfect: the smaller C wins
-    assert choose_c([scores[[0, 3]]], [y], "pr_auc").tolist() == [1]  # AP 0.5 < 0.58
-    assert choose_c([scores[[3, 2, 1]]], [y], "pr_auc").tolist() == [1]  # two perfect rankings: the first
-    assert choose_c([scores], [np.ones(4, dtype=int)], "pr_auc").tolist() == [0]  # undefined everywhere
+    assert choose_c([scores], [y], "mcc").tolist() == [2]  # rows 1 and 2 are perfect: 2 has the lower log-loss
+    assert choose_c([scores[[0, 1, 1, 3]]], [y], "mcc").tolist() == [1]  # identical rows: the smaller C
+    flipped = scores[[1, 2]].copy()
+    flipped[1, 2] = 0.5 - 7e-9  # one score crosses 0.5 by 7e-9: row 1 loses the MCC tie, not the smooth rank
+    assert choose_c([flipped], [y], "mcc").tolist() == [0]
+    loss = balanced_log_loss(y, scores[[1, 2]])
+    assert loss[1] < loss[0] and loss[0] == pytest.approx(-(np.log(0.8 * 0.7) + np.log(0.7 * 0.8)) / 4)
+    assert choose_c([scores[[0, 3]]], [y], "average_precision").tolist() == [1]  # AP 0.5 < 0.58
+    assert choose_c([scores[[3, 2, 1]]], [y], "average_precision").tolist() == [1]  # two perfect rankings: the first
+    assert choose_c([scores], [np.ones(4, dtype=int)], "average_precision").tolist() == [0]  # undefined everywhere
 
 
 def test_full_data_choice_equals_sklearn_on_validation():
@@ -98,24 +107,71 @@ def test_full_data_choice_equals_sklearn_on_validation():
     order = rng.permutation(len(y))
     parts = [Part(np.sort(order[:200]), np.sort(order[200:300]), np.sort(order[300:])),
              Part(np.sort(order[100:300]), np.sort(order[300:])[:60], np.sort(order[:100]))]
-    for select in ("mcc", "pr_auc"):
+    for select in ("mcc", "average_precision"):
         fitted = probe_full(X, y, parts, ProbeOptions(select=select))
         for part, fit in zip(parts, fitted, strict=True):
             scaler = StandardScaler().fit(X64[part.train])
-            values = []
+            values, losses = [], []
             for C in C_GRID:
                 model = LogisticRegression(C=C, class_weight="balanced", tol=1e-10, max_iter=10_000)
                 model.fit(scaler.transform(X64[part.train]), y[part.train])
                 val = model.predict_proba(scaler.transform(X64[part.val]))[:, 1]
                 values.append(binary_metrics(y[part.val], val)[select])
-            assert fit.C == C_GRID[int(np.flatnonzero(np.asarray(values) >= max(values) - 1e-12)[0])]
+                weights = np.where(y[part.val] == 1, 1 / y[part.val].sum(), 1 / (1 - y[part.val]).sum()) / 2
+                losses.append(log_loss(y[part.val], val, sample_weight=weights))
+            tied = np.flatnonzero(np.asarray(values) >= max(values) - 1e-9)
+            assert fit.C == C_GRID[tied[np.argmin(np.asarray(losses)[tied])]]
             both = np.concatenate([part.train, part.val])
             scaler = StandardScaler().fit(X64[both])
             model = LogisticRegression(C=fit.C, class_weight="balanced", tol=1e-10, max_iter=10_000)
             model.fit(scaler.transform(X64[both]), y[both])
             expected = model.predict_proba(scaler.transform(X64[part.test]))[:, 1]
             np.testing.assert_allclose(fit.scores, expected, atol=1e-4)
-            assert fit.rule == "validation" and fit.converged and fit.val_scores.shape == part.val.shape
+            assert fit.rule == "validation" and fit.converged and fit.thr_scores.shape == (both.size,)
+
+
+def _sklearn_scores(X, y, train, rows, C):
+    scaler = StandardScaler().fit(X[train])
+    model = LogisticRegression(C=C, class_weight="balanced", tol=1e-10, max_iter=10_000)
+    model.fit(scaler.transform(X[train]), y[train])
+    return model.predict_proba(scaler.transform(X[rows]))[:, 1]
+
+
+def test_threshold_comes_from_the_model_it_is_applied_to():
+    """Refit: the threshold is chosen on out-of-fold scores of the same procedure on train + val (patient-
+    grouped folds); no refit: the train-only model is tested and its own validation scores set it."""
+    X, y = _gaussian()
+    X64 = X.astype(np.float64)
+    groups = np.array([f"p{i // 2}" for i in range(len(y))])
+    groups[y == 1] = [f"q{i}" for i in range(int(y.sum()))]  # patients never mix labels
+    part = Part(np.arange(0, 200), np.arange(200, 300), np.arange(300, 400))
+    both = np.concatenate([part.train, part.val])
+    [refit] = probe_full(X, y, [part], ProbeOptions(), groups)
+    fold = inner_folds(y[both], groups[both])
+    held = np.concatenate([both[fold == q] for q in range(INNER_FOLDS)])
+    oof = np.concatenate([_sklearn_scores(X64, y, both[fold != q], both[fold == q], refit.C)
+                          for q in range(INNER_FOLDS)])
+    assert refit.thr_rows.tolist() == held.tolist()
+    np.testing.assert_allclose(refit.thr_scores, oof, atol=1e-4)
+    np.testing.assert_allclose(refit.scores, _sklearn_scores(X64, y, both, part.test, refit.C), atol=1e-4)
+    [alone] = probe_full(X, y, [part], ProbeOptions(refit=False), groups)
+    assert alone.C == refit.C and alone.thr_rows.tolist() == part.val.tolist()
+    np.testing.assert_allclose(alone.thr_scores, _sklearn_scores(X64, y, part.train, part.val, alone.C), atol=1e-4)
+    np.testing.assert_allclose(alone.scores, _sklearn_scores(X64, y, part.train, part.test, alone.C), atol=1e-4)
+    assert choose_threshold(y[part.val], alone.thr_scores) != choose_threshold(y[held], refit.thr_scores)
+    assert ProbeOptions().defining("cls")["threshold"].startswith("cross-fit")
+    assert ProbeOptions(refit=False).defining("cls")["threshold"].startswith("validation scores of the tested")
+
+
+def test_c_at_a_grid_edge_is_flagged():
+    X, y = _gaussian()
+    part = Part(np.arange(0, 200), np.arange(200, 300), np.arange(300, 400))
+    [low] = probe_full(X, y, [part], ProbeOptions(grid=(1e-6, 1e-5)))  # both too strong: still a choice
+    assert low.edge in ("lower", "upper") and grid_edge(low.C, (1e-6, 1e-5)) == low.edge
+    assert grid_edge(1.0, C_GRID) is None and grid_edge(C_GRID[-1], C_GRID) == "upper"
+    assert grid_edge(C_GRID[0], C_GRID) == "lower" and grid_edge(1.0, (1.0,)) is None
+    with pytest.raises(ValueError, match="positive finite"):
+        ProbeOptions(grid=(0.0, 1.0))
 
 
 def test_inner_folds_are_stratified_grouped_and_deterministic():
@@ -186,8 +242,10 @@ def test_cli_fewshot_16_prints_its_table_and_skips_recorded_runs(cohort, tmp_pat
     assert len(records) == 15 and {(r.regime, r.shots) for r in records} == {("fewshot", 16)}
     first = records[0]
     assert first.provenance["C_rule"] == "inner-cv" and first.provenance["threshold"] == "0.5"
+    drawn = first.provenance["drawn_patients"]
+    assert drawn["positive"] >= 16 and drawn["negative"] >= 16 and first.method == "probe"
     assert first.options["solver"] == "torch" and first.identity.startswith(MODEL)
-    assert len(first.test_scores) == len(first.test_ids) > 0 and first.metrics["pr_auc"] is not None
+    assert len(first.test_scores) == len(first.test_ids) > 0 and first.metrics["average_precision"] is not None
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "wrote 0 run records (15 already there)" in " ".join(again.output.split())
 
@@ -198,7 +256,10 @@ def test_full_data_records_and_determinism(cohort, tmp_path):
     first, second = (sorted(r.records, key=lambda r: r.fold) for r in reports)
     for a, b in zip(first, second, strict=True):
         assert a.key == b.key and a.test_scores == b.test_scores and a.metrics == b.metrics
-        assert a.regime == "full" and a.provenance["threshold"] == "validation"
+        assert a.regime == "full" and a.provenance["threshold"] == "cross-fit" and a.method == "probe"
+        assert a.metrics["patient_rule"] == "mean" and a.metrics["patient_n"] < a.metrics["n"]
+        assert (a.trainable_params, a.total_params) == (16 + 1, 14_080 + 16 + 1)  # dinov2-s-tiny + probe
+        assert "C_edge" in a.provenance and "drawn_patients" not in a.provenance
         assert np.isfinite(a.metrics["mcc_val_thr"]) and a.provenance["C"] in C_GRID
     keys = {r.key for r in first}
     sklearn = run_probe(cohort, TASK, MODEL, full=True, out=tmp_path / "a",
@@ -290,3 +351,19 @@ def test_a_store_with_several_groups_is_probed_by_selector(cohort, tmp_path):
     report = run_probe(manifest, TASK, MODEL, full=True, out=tmp_path / "runs", dtype="float32")
     assert report.written == 5 and all(r.provenance["weights"] == "tiny-random" for r in report.records)
     assert all(len(r.test_patients) == len(r.test_ids) for r in report.records)
+
+
+def test_cli_warns_of_c_at_a_grid_edge_and_refuses_bad_grids(cohort, tmp_path):
+    runner = CliRunner()
+    base = ["probe", "--model", MODEL, "--task", TASK, "--manifest", str(cohort), "--full", "--out", str(tmp_path)]
+    result = runner.invoke(app, [*base, "--c-grid", "1e-6,1e-5", "--no-refit"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning full data: C at the grid's" in text and "widen the grid (--c-grid)" in text
+    records = load_records(tmp_path)
+    assert len(records) == 5 and all(r.provenance["C_edge"] in ("lower", "upper") for r in records)
+    assert all(r.options["refit"] == "none" and r.provenance["threshold"] == "validation" for r in records)
+    assert all(r.options["C_grid"] == [1e-6, 1e-5] for r in records)
+    for bad in ("0,1", "a,b", ""):
+        assert runner.invoke(app, [*base, "--c-grid", bad]).exit_code == 2
+    assert len(load_records(tmp_path)) == 5

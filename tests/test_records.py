@@ -126,7 +126,7 @@ def test_write_is_atomic_and_nan_becomes_null(tmp_path):
         raise AssertionError(f"non-standard JSON constant {token}")
 
     stored = json.loads(path.read_text(), parse_constant=refuse_nan)
-    assert stored["metrics"]["roc_auc"] is None and stored["metrics"]["pr_auc"] is None
+    assert stored["metrics"]["roc_auc"] is None and stored["metrics"]["average_precision"] is None
     assert stored["key"] == record.key and stored["provenance"] == {"store": "/stores/resnet18/abc"}
     [loaded] = load_records(tmp_path / "runs")
     assert loaded.key == record.key and loaded.test_scores == record.test_scores
@@ -176,7 +176,8 @@ def test_gather_writes_one_flat_row_per_run(tmp_path):
         "opt_targets",
         "mcc",
         "mcc_val_thr",
-        "pr_auc",
+        "average_precision",
+        "pr_auc_trapezoid",
         "roc_auc",
     ]
     for name in [*expected, "version_numpy"]:
@@ -194,9 +195,16 @@ def test_summary_groups_over_folds_and_draws(tmp_path):
     by = {(r["method"], r["regime"], r["shots"]): r for r in rows}
     assert by[("lora", "fewshot", 8)]["runs"] == 6 and by[("lora", "full", None)]["runs"] == 3
     assert by[("lp", "full", None)]["runs"] == 1
-    few = [r.metrics["mcc"] for r in load_records(tmp_path) if r.regime == "fewshot"]
+    few = {}
+    for r in load_records(tmp_path):
+        if r.regime == "fewshot":
+            few.setdefault(r.fold, []).append(r.metrics["mcc"])
+    fold_means = [np.mean(v) for v in few.values()]
     mean, std, n = by[("lora", "fewshot", 8)]["mcc"]
-    assert n == 6 and mean == pytest.approx(np.mean(few)) and std == pytest.approx(np.std(few, ddof=1))
+    assert n == 3 and mean == pytest.approx(np.mean(fold_means)) and std == pytest.approx(np.std(fold_means, ddof=1))
+    spread = by[("lora", "fewshot", 8)]["mcc_draw_std"]
+    assert spread == pytest.approx(np.mean([np.std(v, ddof=1) for v in few.values()]))
+    assert by[("lora", "full", None)]["folds"] == 3 and np.isnan(by[("lora", "full", None)]["mcc_draw_std"])
     assert by[("lora", "fewshot", 8)]["options"] == 'lr=0.0001,r=8,targets=["qkv","fc1"]'
 
 
@@ -232,7 +240,7 @@ def test_pooled_interval_over_disjoint_folds_and_summary_csv(tmp_path):
     y = np.concatenate([r.test_labels for r in folds])
     s = np.concatenate([r.test_scores for r in folds])
     assert pooled["n"] == y.size and pooled["patients"] < y.size  # two images per patient id prefix
-    for name in ("mcc", "pr_auc"):
+    for name in ("mcc", "average_precision"):
         assert pooled[name] == pytest.approx(binary_metrics(y, s)[name])
         low, high = pooled[f"{name}_ci"]
         assert low < pooled[name] < high
@@ -245,3 +253,124 @@ def test_pooled_interval_over_disjoint_folds_and_summary_csv(tmp_path):
     (row,) = list(csv.DictReader(path.open()))
     assert row["runs"] == "5" and float(row["pooled_mcc_ci_low"]) == pytest.approx(pooled["mcc_ci"][0])
     assert float(row["mcc_mean"]) == pytest.approx(np.mean([r.metrics["mcc"] for r in folds]))
+
+
+def _hand(fold: str, draw: int, mcc: float, drawn: dict | None = None) -> RunRecord:
+    record = make_record(fold=fold, draw=draw)
+    record.metrics = {**record.metrics, "mcc": mcc}
+    if drawn is not None:
+        record.provenance = {"drawn_patients": drawn}
+    return record
+
+
+def test_fewshot_summary_averages_draws_within_folds_then_spreads_over_folds():
+    """Known answers: fold means 0.2 and 0.6 give 0.4 ± 0.283 over 2 folds, not the 6 runs pooled."""
+    values = {"fold0": [0.1, 0.2, 0.3], "fold1": [0.5, 0.5, 0.8]}
+    drawn = {"fold0": {"positive": 5, "negative": 30}, "fold1": {"positive": 7, "negative": 25}}
+    records = [_hand(fold, d, v, drawn[fold]) for fold, vs in values.items() for d, v in enumerate(vs)]
+    (row,) = summarize_records(records, metrics=("mcc",))
+    assert (row["runs"], row["folds"]) == (6, 2)
+    assert row["mcc"].n == 2 and row["mcc"].mean == pytest.approx(0.4)
+    assert row["mcc"].std == pytest.approx(np.sqrt(0.08))
+    assert row["mcc_draw_std"] == pytest.approx((0.1 + np.std([0.5, 0.5, 0.8], ddof=1)) / 2)
+    assert row["drawn_patients"] == {"positive": 5, "negative": 25}  # smallest over folds, per class
+    nan_draw = _hand("fold1", 3, float("nan"), drawn["fold1"])  # an undefined value leaves its fold's mean
+    (again,) = summarize_records([*records, nan_draw], metrics=("mcc",))
+    assert again["mcc"].mean == pytest.approx(0.4) and again["runs"] == 7
+
+
+def test_drawn_patients_counts_distinct_patients_per_class():
+    from featcache.records import drawn_patients
+
+    patients = np.array(["a", "b", "a", "c", "d", "d", "e"])
+    labels = np.array([1, 1, 1, 0, 0, 0, 0])
+    assert drawn_patients(patients, labels) == {"positive": 2, "negative": 3}
+
+
+def _old_probe_record() -> dict:
+    """A cached-probe record as written before the probe had its own method name and AP its own name."""
+    y = [0, 1, 1, 0, 1, 0]
+    s = [0.2, 0.7, 0.4, 0.1, 0.9, 0.6]
+    metrics = evaluate(y, s, threshold=0.5)
+    metrics["pr_auc"] = metrics.pop("average_precision")
+    del metrics["pr_auc_trapezoid"]
+    options = {"head": "l2-logreg", "select": "pr_auc", "solver": "torch"}
+    old = dict(task="NY", backbone="resnet18", method="lp", fold="fold0", seed=42, options=options,
+               regime="full", shots=None, draw=None, splits_digest="ab", identity="resnet18/x")
+    return {**old, "key": run_key(**old), "test_ids": list("abcdef"), "test_labels": y, "test_scores": s,
+            "test_patients": ["p1", "p2", "p2", "p3", "p4", "p5"], "metrics": metrics, "provenance": {"C": 1.0}}
+
+
+def test_old_probe_records_read_back_as_probe_with_current_metrics(tmp_path):
+    old = _old_probe_record()
+    (tmp_path / f"{old['key']}.json").write_text(json.dumps(old))
+    [record] = load_records(tmp_path)
+    assert record.method == "probe" and record.options["select"] == "average_precision"
+    assert record.key != old["key"]  # the run key follows the migrated fields
+    assert record.metrics["average_precision"] == old["metrics"]["pr_auc"] and "pr_auc" not in record.metrics
+    fresh = evaluate(old["test_labels"], old["test_scores"], threshold=0.5, patients=old["test_patients"])
+    for name in ("pr_auc_trapezoid", "patient_mcc", "patient_average_precision", "patient_mcc_val_thr"):
+        assert record.metrics[name] == pytest.approx(fresh[name]), name
+    assert "method lp -> probe" in record.provenance["migrated"] and record.provenance["C"] == 1.0
+    write_record(record, tmp_path)  # the same run, now also under its current key: one record, not two
+    [again] = load_records(tmp_path)
+    assert again.key == record.key and len(list(tmp_path.glob("*.json"))) == 2
+    stage2 = {**old, "method": "lp", "options": {"head_lr": 1e-3}}  # end-to-end LP keeps its name
+    assert RunRecord.from_dict(stage2).method == "lp"
+
+
+def test_results_csv_has_the_selection_outcome(tmp_path):
+    from featcache.records import select_head_lr, write_results
+
+    probe = make_record(method="probe", options={"head": "l2-logreg"})
+    probe.provenance = {"C": 0.1, "C_rule": "validation", "C_edge": None}
+    runs = [make_record(method="lp", options={"head_lr": lr}, rng_seed=i) for i, lr in enumerate((1e-2, 1e-3))]
+    for run, loss in zip(runs, (0.4, 0.3), strict=True):
+        run.training = {"best_epoch": 12, "val_loss": loss}
+    kept, notes = select_head_lr([probe, *runs])
+    assert {r.key for r in kept} == {probe.key, runs[1].key} and "head LR 0.001" in notes[0]
+    path = write_results([probe, *runs], tmp_path / "results.csv", selected={r.key for r in kept})
+    rows = {r["method"] + r["opt_head_lr"]: r for r in csv.DictReader(path.open())}
+    assert rows["probe"]["selected_C"] == "0.1" and rows["probe"]["C_rule"] == "validation"
+    assert rows["probe"]["head_lr_selected"] == "" and rows["lp0.001"]["head_lr_selected"] == "True"
+    assert rows["lp0.01"]["head_lr_selected"] == "False" and rows["lp0.001"]["train_best_epoch"] == "12"
+
+
+def test_cli_results_selects_head_lr_shows_patient_level_and_writes_selection(tmp_path):
+    folder = tmp_path / "runs"
+    for fold in range(2):
+        for lr, loss in ((1e-2, 0.5), (1e-3, 0.2)):
+            run = make_record(method="lp", options={"head_lr": lr}, regime="full", shots=None, draw=None,
+                              fold=f"fold{fold}", rng_seed=fold)
+            run.training = {"best_epoch": 7, "val_loss": loss}
+            write_record(run, folder)
+        probe = make_record(method="probe", options={"head": "l2-logreg"}, regime="full", shots=None, draw=None,
+                            fold=f"fold{fold}", rng_seed=fold)
+        probe.test_patients = [f"p{i // 2}" for i in range(len(probe.test_ids))]
+        probe.test_labels = [probe.test_labels[i - i % 2] for i in range(len(probe.test_ids))]
+        probe.metrics = evaluate(probe.test_labels, probe.test_scores, patients=probe.test_patients)
+        probe.provenance = {"C": 100.0, "C_rule": "validation", "C_edge": "upper" if fold else None}
+        write_record(probe, folder)
+    result = CliRunner().invoke(app, ["results", str(folder), "--level", "patient", "--pr-trapezoid"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "selected NY resnet18 lp full: head LR 0.001 by mean validation loss" in text
+    assert "C at an edge of the grid in 1 of 2 runs" in text and "patient level" in text and "PR trapz" in text
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert len(rows) == 6 and {r["selected_C"] for r in rows if r["method"] == "probe"} == {"100.0"}
+    assert sorted(r["head_lr_selected"] for r in rows if r["method"] == "lp") == ["False", "False", "True", "True"]
+    summary = {r["method"]: r for r in csv.DictReader((folder / "results_summary.csv").open())}
+    assert summary["lp"]["options"] == "head_lr=0.001" and summary["lp"]["runs"] == "2"
+    assert summary["probe"]["patient_mcc_mean"] != summary["probe"]["mcc_mean"]
+    assert summary["probe"]["patient_average_precision_folds"] == "2"
+    every = CliRunner().invoke(app, ["results", str(folder), "--all-head-lrs"])
+    assert every.exit_code == 0 and "selected" not in every.output
+    other = make_record(method="probe", options={"head": "l2-logreg", "refit": "none"}, regime="full", shots=None,
+                        draw=None)
+    write_record(other, folder)  # a second option set: numbered, and the legend names only what differs
+    text = CliRunner().invoke(app, ["results", str(folder)]).output
+    assert {"probe #1: refit=–", "probe #2: refit=none"} <= set(text.splitlines()) or \
+        {"probe #1: refit=none", "probe #2: refit=–"} <= set(text.splitlines())
+    assert "head=" not in text
+    assert all(len(line) <= 80 or "±" in line for line in text.splitlines())  # only the table may be wider
+    assert CliRunner().invoke(app, ["results", str(folder), "--level", "study"]).exit_code == 2

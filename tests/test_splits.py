@@ -261,3 +261,92 @@ def test_cli_splits(tmp_path):
 
     bad = CliRunner().invoke(app, [*args, "--shots", "2,x"])
     assert bad.exit_code != 0 and "comma-separated" in bad.output
+
+
+# --- hand-edited split files ------------------------------------------------------------------------------
+
+
+def _edit(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data["folds"][0], data)
+    path.write_text(json.dumps(data))
+
+
+def _move_one_test_image_to_train(fold, _data):
+    counts = Counter(i.split("_")[0] for i in fold["test"])  # ids are img<patient>_<n>
+    image = next(i for i in fold["test"] if counts[i.split("_")[0]] > 1)
+    fold["test"].remove(image)
+    fold["train"].append(image)
+
+
+def _test_image_into_a_draw(fold, _data):
+    draw = fold["fewshot"]["2"][0]
+    draw[0] = fold["test"][0]
+
+
+def _only_negatives_in_train(fold, _data):
+    fold["val"] += [i for i in fold["train"] if i in _POSITIVES]  # draws stay inside train + val
+    fold["train"] = [i for i in fold["train"] if i not in _POSITIVES]
+
+
+def _unknown_id(fold, _data):
+    fold["val"].append("img_nobody")
+
+
+def _empty_val(fold, _data):
+    fold["val"] = []
+
+
+def _one_class_draw(fold, _data):
+    one_each = {i.split("_")[0]: i for i in sorted(fold["train"]) if i not in _POSITIVES}  # one image a patient
+    fold["fewshot"]["2"][1] = sorted(one_each.values())[:4]
+
+
+_POSITIVES: set[str] = set()
+EDITS = {
+    "test patient in train": (_move_one_test_image_to_train, "patients in both train and test"),
+    "test image in a draw": (_test_image_into_a_draw, "fewshot k=2 draw 0 holds ids outside train + val"),
+    "one class in train": (_only_negatives_in_train, "the train part has no positive"),
+    "unknown id": (_unknown_id, "does not label for this task: img_nobody"),
+    "empty val": (_empty_val, "the val part is empty"),
+    "draw of one class": (_one_class_draw, "not 2 patients per class"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_hand_edited_split_file_is_refused_in_one_line(tmp_path, edit):
+    """The manifest is unchanged (its digest still matches), so only checking the file itself catches these."""
+    manifest = write_manifest_csv(tmp_path / "cohort.csv", patients=60)
+    with manifest.open() as fh:
+        _POSITIVES.update(row["image_id"] for row in csv.DictReader(fh) if row["SYN"] == "DEATH")
+    path = save_splits(build_splits(manifest, "SYN", draws=3, per_center=False), manifest)
+    change, words = EDITS[edit]
+    _edit(path, change)
+    with pytest.raises(SplitError) as err:
+        load_splits(manifest, "SYN")
+    message = str(err.value)
+    assert message.startswith(f"{path}: fold0: ") and words in message and "\n" not in message, message
+    result = CliRunner().invoke(app, ["probe", "--model", "resnet18-tiny", "--task", "SYN", "--manifest",
+                                      str(manifest), "--shots", "2", "--out", str(tmp_path / "runs")])
+    assert result.exit_code != 0 and isinstance(result.exception, SplitError)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_split_file_checked_on_its_own(tmp_path, kfold):
+    path = save_splits(kfold, tmp_path / "cohort.csv")
+    _edit(path, lambda fold, _d: fold["val"].append(fold["test"][0]))
+    with pytest.raises(SplitError, match=r"fold0: ids in both val and test: img"):
+        read_splits(path)
+    data = json.loads(kfold.to_json())
+    data["folds"][1]["fewshot"]["2"][0] = [["nested"], 7]
+    path.write_text(json.dumps(data))
+    with pytest.raises(SplitError, match="fold1: fewshot k=2 draw 0 holds ids that are not strings"):
+        read_splits(path)
+    for garbage in ("{not json", '{"format": 1, "folds": [{"name": 3}]}', "[]"):
+        path.write_text(garbage)
+        with pytest.raises(SplitError, match="not a valid split file"):
+            read_splits(path)
+    data = json.loads(save_splits(kfold, tmp_path / "cohort.csv").read_text())
+    data["folds"][0]["skipped"] = {}  # a kind left out reads as nothing skipped, not a KeyError later
+    path.write_text(json.dumps(data))
+    assert read_splits(path).folds[0].skipped == {"fewshot": {}, "fewshot_center": {}}

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featcache.errors import WeightsError
+
 from .registry import get_spec
 from .spec import BackboneSpec
 from .views import EXTRACTORS
@@ -46,12 +48,16 @@ def build_backbone(name: str | BackboneSpec, weights: str | Path | None = None, 
     `weights.locate`); `random_init` and `-tiny` variants use seeded random weights, so two builds compute the
     same features."""
     spec = get_spec(name) if isinstance(name, str) else name
-    state, weights_id = None, weights_identity(spec, weights, random_init)
+    state, path, weights_id = None, None, weights_identity(spec, weights, random_init)
     if weights is not None or not (spec.is_tiny or random_init):
-        state = load_state_dict(locate(spec, weights).path)
+        path = locate(spec, weights).path
+        state = load_state_dict(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _builder(spec.source)(spec, state)
+        try:
+            model = _builder(spec.source)(spec, state)
+        except WeightsError as err:  # the builders know the architecture, only this knows the file
+            raise WeightsError(f"{path}: {err}" if path is not None else str(err)) from None
     return Backbone(spec, model.eval(), weights_id)
 
 

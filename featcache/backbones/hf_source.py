@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from featcache.errors import WeightsError
 
-from ._loading import check_fit
+from ._loading import check_fit, check_shapes
 from .spec import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, WeightsSource
 
 transformers.utils.logging.set_verbosity_error()
@@ -35,8 +35,10 @@ def build_config(model_type: str, options: dict):
 
 def load_pretrained(cls: type, config, state: dict, name: str) -> nn.Module:
     """Weights through transformers' loader (key renames included), refusing a checkpoint that misses any."""
+    # ignore_mismatched_sizes: transformers then lists wrong-shape tensors instead of raising a long report.
     model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True,
-                                      dtype=torch.float32)
+                                      dtype=torch.float32, ignore_mismatched_sizes=True)
+    check_shapes(name, list(info.get("mismatched_keys", ())))
     check_fit(name, info["missing_keys"], info["unexpected_keys"])
     return model
 

@@ -1,0 +1,236 @@
+"""Stage-2 benchmark: ratios measured side by side in one run (a script, not a test).
+
+1. step time of `adapters train` (its epoch loop over one batch: train mode, batch assembly from the uint8
+   images, class-weighted loss, Accelerate backward, Adam step) against a minimal hand-written torch + peft loop
+   on the same batch and model, per method, on tiny and real-size backbones; steps interleaved so machine load
+   hits both sides alike (goal <= 1.1x);
+2. the images of a run read from the pixel cache against decoded from DICOM files, and the first epoch with each;
+3. peak RSS of training per method on the real-size backbones, each in a fresh process;
+4. LP cost: the cached probe (extract once + every fold's probe) against `adapters train --method lp` over the
+   same folds and head-LR grid, same images and backbone, protocol defaults (goal >= 100x); MCC of both.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py [--sections 1,2,3,4] [--steps 4] [--real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from adapters.images import load_images  # noqa: E402
+from adapters.methods import METHODS  # noqa: E402
+from adapters.train import (  # noqa: E402
+    Run,
+    TrainSettings,
+    _accelerator,
+    _Trainer,
+    build_classifier,
+    class_weights,
+    plan,
+    run_train,
+)
+from featcache.backbones import get_spec  # noqa: E402
+from featcache.manifest import load_manifest  # noqa: E402
+from featcache.splits import build_splits, save_splits  # noqa: E402
+from featcache.synth import make_cohort  # noqa: E402
+
+TINY = ("resnet18-tiny", "dinov2-s-tiny")
+REAL = ("resnet18", "dinov2-s")
+
+
+def load() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+def cohort(folder: Path, size: int, patients: int = 24) -> Path:
+    manifest = make_cohort(folder, patients=patients, positive_rate=0.4, size=size, seed=0)
+    save_splits(build_splits(manifest, "SYN", draws=2, shots=(2,)), manifest)
+    return manifest
+
+
+def trainer(manifest: Path, model: str, method: str, batch: int) -> _Trainer:
+    """A `_Trainer` whose training part is exactly one batch, so one epoch = one optimiser step."""
+    real = not model.endswith("-tiny")
+    settings = TrainSettings(batch_size=batch, warmup=0, checkpoint_every_s=1e9)
+    rank = 8 if method in ("lora", "vera") else None
+    the_plan = plan(manifest, "SYN", model, method=method, rank=rank, settings=settings, random_init=real,
+                    device="cpu")
+    ids = load_manifest(manifest).labels("SYN")[0]
+    by_class = {c: [i for i in ids if the_plan.labels[i] == c] for c in (0, 1)}
+    train = tuple(by_class[0][: batch // 2] + by_class[1][: batch - batch // 2])
+    held = tuple(i for i in ids if i not in train)[:4]
+    run = Run("bench", "full", None, None, 1e-3, train, held, held, "bench", {})
+    images = load_images(the_plan.manifest, train + held, the_plan.spec.preprocess)
+    return _Trainer(dataclasses.replace(the_plan, runs=(run,)), run, images, Path(tempfile.mkdtemp()),
+                    _accelerator("cpu"), None, real)
+
+
+def hand_loop(t: _Trainer, model: str, method: str):
+    """The same model and batch in the fewest lines of torch + peft: one closure per step."""
+    spec = get_spec(model)
+    net = build_classifier(spec, method, 8 if method in ("lora", "vera") else None,
+                           random_init=not model.endswith("-tiny"))
+    head = {id(p) for p in net.head_parameters()}
+    body = [p for p in net.parameters() if p.requires_grad and id(p) not in head]
+    groups = [{"params": net.head_parameters(), "lr": 1e-3}] + ([{"params": body, "lr": 1e-4}] if body else [])
+    optimizer = torch.optim.Adam(groups)
+    rows = t.rows["train"]
+    x = t.images.batch(rows, spec.preprocess, torch.device("cpu"))
+    y = t.y["train"]
+    weight = class_weights(y)
+    net.train()
+
+    def step() -> None:
+        F.cross_entropy(net(x), y, weight=weight).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def step_times(manifest: Path, models: tuple[str, ...], steps: int, batch: int) -> None:
+    print(f"\n1. step time, adapters train vs hand-written torch + peft loop (batch {batch}, median of {steps} "
+          f"interleaved steps after one warm-up; load {load()})")
+    print(f"{'backbone':<16}{'method':<8}{'ours s/step':>12}{'hand s/step':>12}{'ratio':>8}")
+    for model in models:
+        for method in METHODS:
+            if method == "vera" and not get_spec(model).peft.same_shape:
+                continue
+            t = trainer(manifest, model, method, batch)
+            hand = hand_loop(t, model, method)
+            ours_s, hand_s = [], []
+            for i in range(steps + 1):
+                start = time.perf_counter()
+                t.train_epoch(10 + i)
+                middle = time.perf_counter()
+                hand()
+                end = time.perf_counter()
+                if i:
+                    ours_s.append(middle - start)
+                    hand_s.append(end - middle)
+            ours, bare = statistics.median(ours_s), statistics.median(hand_s)
+            print(f"{model:<16}{method:<8}{ours:>12.4f}{bare:>12.4f}{ours / bare:>7.2f}x", flush=True)
+
+
+def images_and_epoch(n: int) -> None:
+    from bench_extract import write_dicoms
+
+    from featcache.pixels import cache_pixels
+
+    print(f"\n2. images of a run: pixel cache vs decoding {n} DICOMs (2048 px, 16-bit) at 224 px; load {load()}")
+    folder = Path(tempfile.mkdtemp())
+    manifest = load_manifest(write_dicoms(folder, n, 2048))
+    pre = get_spec("resnet18").preprocess
+    start = time.perf_counter()
+    decoded = load_images(manifest, manifest.ids, pre)
+    decode_s = time.perf_counter() - start
+    cache_pixels(manifest, "resnet18")
+    start = time.perf_counter()
+    cached = load_images(manifest, manifest.ids, pre)
+    cache_s = time.perf_counter() - start
+    assert torch.equal(decoded.gray, cached.gray), "the two sources must give identical bytes"
+    print(f"decode {decode_s:.2f} s ({n / decode_s:.1f} img/s), pixel cache {cache_s:.2f} s "
+          f"({n / cache_s:.1f} img/s): {decode_s / cache_s:.1f}x; identical uint8 images. Later epochs read "
+          "memory either way; the cache saves the decode once per run (x folds x head LRs x methods).")
+
+
+def peak_rss(models: tuple[str, ...], batch: int) -> None:
+    print(f"\n3. peak RSS of 2 training steps per method (fresh process each, batch {batch}, 224 px); load {load()}")
+    print(f"{'backbone':<16}{'method':<8}{'peak RSS MiB':>14}")
+    for model in models:
+        for method in METHODS:
+            if method == "vera" and not get_spec(model).peft.same_shape:
+                continue
+            done = subprocess.run([sys.executable, __file__, "--rss-child", model, method, str(batch)],
+                                  capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            value = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else f"failed: {done.stderr[-200:]}"
+            print(f"{model:<16}{method:<8}{value:>14}", flush=True)
+
+
+def rss_child(model: str, method: str, batch: int) -> None:
+    folder = Path(tempfile.mkdtemp())
+    t = trainer(cohort(folder, 224, patients=max(12, batch)), model, method, batch)
+    for epoch in range(2):
+        t.train_epoch(epoch)
+    print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+
+
+def lp_cost(model: str, patients: int) -> None:
+    from featcache.extract import extract_features
+    from featcache.metrics import summarize
+    from featcache.probe import run_probe
+    from featcache.records import select_head_lr
+
+    print(f"\n4. LP cost on {model}, {patients} synthetic patients, 5 folds: cached probe vs end-to-end LP "
+          f"(head LRs 1e-2,1e-3,1e-4; protocol defaults: <= 1000 epochs, patience 100, warm-up 50); load {load()}")
+    folder = Path(tempfile.mkdtemp())
+    manifest = cohort(folder, 64, patients=patients)
+    start = time.perf_counter()
+    extract_features(manifest, model)
+    extract_s = time.perf_counter() - start
+    start = time.perf_counter()
+    probe = run_probe(manifest, "SYN", model, full=True, out=folder / "probe")
+    probe_s = time.perf_counter() - start
+    start = time.perf_counter()
+    lp = run_train(manifest, "SYN", model, method="lp", out=folder / "lp", device="cpu")
+    lp_s = time.perf_counter() - start
+    chosen, notes = select_head_lr(lp.records)
+    epochs = sum(r.training["epochs_run"] for r in lp.records)
+    cached = extract_s + probe_s
+    mcc_probe = summarize([r.metrics["mcc_val_thr"] for r in probe.records])
+    mcc_lp = summarize([r.metrics["mcc_val_thr"] for r in chosen])
+    print(f"cached: extract {extract_s:.1f} s + probes {probe_s:.1f} s = {cached:.1f} s; MCC {mcc_probe.mean:.3f} "
+          f"± {mcc_probe.std:.3f}")
+    print(f"end-to-end LP: {len(lp.records)} runs, {epochs} epochs, {lp_s:.1f} s; MCC {mcc_lp.mean:.3f} ± "
+          f"{mcc_lp.std:.3f} ({notes[0] if notes else ''})")
+    print(f"cost ratio: {lp_s / cached:.0f}x cheaper from the cache")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="1,2,3,4")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--real", action="store_true", help="also real-size resnet18 and dinov2-s")
+    parser.add_argument("--dicoms", type=int, default=24)
+    parser.add_argument("--lp-model", default="resnet18-tiny")
+    parser.add_argument("--patients", type=int, default=60)
+    parser.add_argument("--rss-child", nargs=3)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child[0], args.rss_child[1], int(args.rss_child[2]))
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "load": load()}))
+    sections = {int(s) for s in args.sections.split(",")}
+    if 1 in sections:
+        folder = Path(tempfile.mkdtemp())
+        step_times(cohort(folder, 32), TINY, args.steps, args.batch)
+        if args.real:
+            step_times(cohort(folder / "real", 224), REAL, args.steps, args.batch)
+    if 2 in sections:
+        images_and_epoch(args.dicoms)
+    if 3 in sections:
+        peak_rss(REAL if args.real else TINY, args.batch)
+    if 4 in sections:
+        lp_cost(args.lp_model, args.patients)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""`adapters train`, `predict` and `export`: end-to-end runs on the shared protocol, and what they produced."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich import box
+from rich.table import Table
+
+from cli._common import console
+from cli.probe_cmds import _mean_std, _shots
+from featcache.fileio import atomic_write
+
+METHOD_NAMES = ("lp", "fft", "lora", "vera", "bitfit", "ia3")
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a list of numbers", param_hint=option) from None
+    if not values or min(values) <= 0:
+        raise typer.BadParameter("give at least one positive value", param_hint=option)
+    return values
+
+
+class _EpochLines:
+    """Per-epoch progress: a rich line that updates in place on a terminal; in a log (no TTY) one plain line
+    per epoch at most every ``every_s`` seconds, plus each run's last epoch."""
+
+    def __init__(self, quiet: bool, every_s: float = 5.0):
+        self.quiet, self.every_s = quiet or not _rank0(), every_s
+        self.tty = sys.stdout.isatty()
+        self.last = 0.0
+        self.started: dict[str, float] = {}
+
+    def __call__(self, label: str, done: int, total: int, status: str) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        start = self.started.setdefault(label, now)
+        rate = (now - start) / max(1, done)
+        line = f"{label} · epoch {done}/{total} · {status} · {rate:.2f} s/epoch"
+        if self.tty:
+            console.print(line, end="\n" if status.startswith("done") else "\r", highlight=False,
+                          soft_wrap=True)
+        elif now - self.last >= self.every_s or status.startswith("done"):
+            print(line, flush=True)
+            self.last = now
+
+
+def train(
+    method: str = typer.Option(..., "--method", help=f"One of {', '.join(METHOD_NAMES)}."),
+    model: str = typer.Option(..., "--model", help="Backbone (`featcache models`; -tiny for the tiny variant)."),
+    task: str = typer.Option(..., "--task", help="Task key, a label column of the manifest (e.g. AFC)."),
+    manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest; its splits must exist."),
+    positive: str | None = typer.Option(None, "--positive", help="Positive class of a two-class column of your "
+                                                                 "own (as for `featcache splits`)."),
+    rank: int | None = typer.Option(None, "--rank", help="LoRA/VeRA rank (default 8; benchmark: 4, 8, 16)."),
+    fold: str = typer.Option("all", "--fold", help="Fold name (fold0, center-A, ...) or all."),
+    full: bool = typer.Option(False, "--full", help="Full data (the default when --shots is not given)."),
+    shots: str | None = typer.Option(None, "--shots", help="Few-shot k per class, e.g. 16 or 2,4,8."),
+    draws: int | None = typer.Option(None, "--draws", min=1, help="Draws per few-shot level (default 10)."),
+    per_center: bool = typer.Option(False, "--per-center", help="Use the k-per-class-per-center draws."),
+    head_lr: str = typer.Option("1e-2,1e-3,1e-4", "--head-lr", help="Head LR grid; each value is a run."),
+    backbone_lr: float | None = typer.Option(None, "--backbone-lr",
+                                             help="Backbone/adapter LR (default: FFT 1e-5, PEFT 1e-4)."),
+    max_epochs: int = typer.Option(1000, "--max-epochs", min=1, help="Epoch limit."),
+    patience: int = typer.Option(100, "--patience", min=1, help="Early stop after this many epochs "
+                                                                "without a lower validation loss."),
+    warmup: int = typer.Option(50, "--warmup", min=0, help="Linear LR warm-up epochs."),
+    plateau_patience: int = typer.Option(25, "--plateau-patience", min=1,
+                                         help="LR x0.1 after this many epochs without improvement (floor 1e-8)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1,
+                                          help="Images per step (default per task: 128 AFC/NY, 64 CoCross, "
+                                               "32 CAR and others)."),
+    accumulate: int = typer.Option(1, "--accumulate", min=1,
+                                   help="Split each batch into this many micro-batches (same result, less "
+                                        "memory)."),
+    seed: int = typer.Option(42, "--seed", help="Seed of head/adapter init, dropout and batch order."),
+    augment: bool = typer.Option(False, "--augment", help="Random flips and small affine jitter (off: the "
+                                                          "benchmark's setting)."),
+    grad_ckpt: bool = typer.Option(False, "--grad-ckpt", help="Gradient checkpointing (large ViTs on a GPU)."),
+    checkpoint_every: float = typer.Option(60.0, "--checkpoint-every", min=0.0,
+                                           help="Seconds between resumable checkpoints (0: every epoch)."),
+    weights: Path | None = typer.Option(None, "--weights", help="Weights file or folder."),
+    random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
+    pixels: Path | None = typer.Option(None, "--pixels", help="Pixel cache (default: pixels.zarr beside the "
+                                                              "manifest when it holds this input size)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Folder of run records (one JSON + folder per run)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No per-epoch progress."),
+) -> None:
+    """Train MODEL end to end with one method on every fold (and few-shot draw), one record per head LR.
+
+    Defaults, one per line (the benchmark's):
+    - class-weighted cross-entropy; Adam; head LR grid 1e-2,1e-3,1e-4, one run each;
+    - backbone LR 1e-5 (fft) or 1e-4 (lora, vera, bitfit, ia3); lp trains the head only;
+    - up to 1000 epochs; 50 warm-up epochs; LR x0.1 on a 25-epoch plateau (floor 1e-8);
+    - early stop after 100 epochs without a lower validation loss; the best epoch's weights are tested;
+    - MCC threshold from the same model's validation scores;
+    - few-shot: trains on the support set; validation = the fold's validation part less the support patients;
+    - frozen modules stay in eval mode; no augmentation; seed 42.
+    Recorded runs in --out are read back; an interrupted run resumes from its last checkpoint.
+    Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes).
+    `featcache results` picks the head LR by mean validation loss.
+    """
+    if method not in METHOD_NAMES:
+        raise typer.BadParameter(f"{method!r}: choose from {', '.join(METHOD_NAMES)}", param_hint="--method")
+    if full and (shots is not None or draws is not None or per_center):
+        raise typer.BadParameter("--full excludes --shots, --draws and --per-center", param_hint="--full")
+    if random_init and weights is not None:
+        raise typer.BadParameter("--weights and --random-init exclude each other")
+    from featcache.backbones import get_spec, weights_identity
+
+    weights_identity(get_spec(model), weights, random_init)  # missing weights: one line, before torch loads
+    from adapters.train import TrainSettings, run_train
+
+    settings = TrainSettings(max_epochs=max_epochs, patience=patience, warmup=warmup,
+                             plateau_patience=plateau_patience, batch_size=batch_size, accumulate=accumulate,
+                             seed=seed, backbone_lr=backbone_lr, augment=augment, grad_ckpt=grad_ckpt,
+                             checkpoint_every_s=checkpoint_every)
+    if random_init and _rank0():
+        console.print("[yellow]random-init: real architecture with random weights (recorded in each run)[/]")
+    report = run_train(manifest, task, model, method=method, rank=rank, full=shots is None,
+                       shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
+                       folds=None if fold == "all" else [fold], head_lrs=_floats(head_lr, "--head-lr"),
+                       settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
+                       device=device, progress=_EpochLines(quiet), positive=positive)
+    if not _rank0():
+        return
+    for line in report.skipped:
+        console.print(f"[yellow]skipped[/] {line}", highlight=False)
+    console.print(_table(report.records, f"{task} · {model} · {method}"))
+    console.print(f"wrote {report.written} run records ({report.existing} already there) to {out}",
+                  highlight=False)
+
+
+def _table(records, title: str) -> Table:
+    """Mean ± std over folds (and draws) per level and head LR, with the validation loss that selects it."""
+    from featcache.metrics import summarize
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption="MCC at the validation threshold; "
+                  "select the head LR by validation loss (`featcache results`), never by test scores")
+    for name in ("regime", "k", "head LR", "runs", "val loss", "MCC", "AP", "best epoch", "trainable %"):
+        table.add_column(name, justify="left" if name == "regime" else "right")
+    groups: dict[tuple, list] = {}
+    for r in records:
+        groups.setdefault((r.regime, r.shots or 0, r.options.get("head_lr")), []).append(r)
+    for (regime, k, lr), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
+        share = 100 * runs[0].trainable_params / runs[0].total_params
+        table.add_row(regime, str(k or "–"), f"{lr:g}", str(len(runs)),
+                      _mean_std(summarize([r.training.get("val_loss") for r in runs])),
+                      _mean_std(summarize([r.metrics.get("mcc_val_thr") for r in runs])),
+                      _mean_std(summarize([r.metrics.get("average_precision") for r in runs])),
+                      _mean_std(summarize([r.training.get("best_epoch") for r in runs])), f"{share:.3f}")
+    return table
+
+
+def predict(
+    run: Path = typer.Option(..., "--run", help="A run folder (RUNS/<key>) or its record RUNS/<key>.json."),
+    manifest: Path = typer.Option(..., "--manifest", help="Manifest of the images to score."),
+    out: Path | None = typer.Option(None, "--out", help="CSV to write (default: print)."),
+    weights: Path | None = typer.Option(None, "--weights", help="Backbone weights (default: as trained)."),
+    pixels: Path | None = typer.Option(None, "--pixels", help="Pixel cache (default: beside the manifest)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+) -> None:
+    """Score new images with a trained run: positive-class probability per image."""
+    from adapters.artifacts import predict as score
+
+    rows = score(run, manifest, weights=weights, pixels=pixels, device=device)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["image_id", "score"],
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    if out is None:
+        sys.stdout.write(buffer.getvalue())
+        return
+    atomic_write(out, buffer.getvalue().encode("utf-8"))
+    console.print(f"scored {len(rows)} images → {out}", highlight=False)
+
+
+def export(
+    run: Path = typer.Option(..., "--run", help="A run folder (RUNS/<key>) or its record."),
+    out: Path = typer.Option(..., "--out", help="Folder to write."),
+    merge: bool = typer.Option(False, "--merge", help="Fold LoRA/IA3/VeRA into the backbone (merge_and_unload) "
+                                                      "and write one model.safetensors."),
+    weights: Path | None = typer.Option(None, "--weights", help="Backbone weights (default: as trained)."),
+) -> None:
+    """Hand over a trained run: the adapter as saved, or with --merge one plain model file."""
+    from adapters.artifacts import export_merged
+
+    folder = export_merged(run, out, merge, weights)
+    console.print(f"exported {run} → {folder}{' (merged)' if merge else ''}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train`, `predict` and `export` to ``app``."""
+    app.command("train")(train)
+    app.command("predict")(predict)
+    app.command("export")(export)
