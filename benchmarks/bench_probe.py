@@ -14,7 +14,7 @@ Each measurement runs twice: "quiet" (whatever else runs on the machine: the loa
 "loaded", with ``--load`` extra busy-loop processes (default 3 per CPU, the load of a busy shared node) started
 by this script and stopped after.
 
-    python benchmarks/bench_probe.py [--threads N] [--draws 100] [--sk-draws 5] [--load N]
+    python benchmarks/bench_probe.py [--threads N] [--draws 100] [--sk-draws 5] [--load N] [--full-dims 384,2048]
 
 The store is written through the store API with random-init specs (no model, no images: only features are
 read).
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--sk-draws", type=int, default=5, help="draws per fold for the scikit-learn path")
     parser.add_argument("--sk-full-folds", type=int, default=1, help="folds timed for scikit-learn full data")
+    parser.add_argument("--full-dims", default="384,768,1024,2048", help="D of the full-data table ('' for none)")
     parser.add_argument("--load", type=int, default=3 * (os.cpu_count() or 1), help="busy loops when loaded")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,7 +200,7 @@ def main() -> None:
     for name in ("D", "torch quiet s", "torch loaded s", "sklearn quiet s", "sklearn loaded s", "ratio quiet",
                  "ratio loaded"):
         full.add_column(name, justify="right")
-    for D in MODELS:
+    for D in (int(d) for d in args.full_dims.split(",") if d.strip()):
         Xd, yd = features(args.images, D, seed=D)
         t_quiet, t_loaded, *_ = both(partial(full_data, Xd, yd, "torch", 5), args.load)
         k_quiet, k_loaded, *_ = both(partial(full_data, Xd, yd, "sklearn", args.sk_full_folds), args.load)
