@@ -49,7 +49,7 @@ def main() -> None:
             "featcache --version": [*cli, "--version"],
             "featcache extract (missing weights)": [*cli, "extract", "--model", "dinov2-s", "--manifest",
                                                     str(manifest)],
-            "adapters methods (missing weights)": [sys.executable, "-m", "cli.adapters_app", "methods", "--model",
+            "adapters methods (meta device)": [sys.executable, "-m", "cli.adapters_app", "methods", "--model",
                                                    "dinov2-s"],
         }
         timed = {name: seconds(argv, env, args.repeat) for name, argv in rows.items()}

@@ -183,3 +183,25 @@ def test_messages_name_the_option_and_count_in_words(tmp_path):
     next((tmp_path / "cohort" / "images").rglob("*.png")).unlink()  # one missing file: one error
     result = CliRunner().invoke(featcache_app, ["manifest", "validate", str(manifest)])
     assert result.exit_code != 0 and ": 1 error (missing_file)" in str(result.exception)
+
+
+def test_adapters_methods_needs_no_weights(tmp_path, monkeypatch):
+    """The README's `adapters methods --model dinov2-s` runs with no weights on the machine (meta device), and
+    its counts are those of a real build."""
+    import copy
+
+    from adapters.classifier import Classifier
+    from adapters.methods import apply_method
+    from featcache.backbones import build_backbone, count_parameters
+
+    monkeypatch.setenv("FEATCACHE_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = CliRunner().invoke(adapters_app, ["methods", "--model", "dinov2-s"])
+    assert result.exit_code == 0, result.output
+    assert "architecture only" in result.output and "q_proj k_proj v_proj fc1 fc2" in result.output
+    tiny = CliRunner().invoke(adapters_app, ["methods", "--model", "dinov2-s-tiny", "--rank", "4"])
+    base = Classifier(build_backbone("dinov2-s-tiny"))
+    for method in ("lora", "vera", "bitfit", "ia3", "lp"):
+        trainable, _ = count_parameters(apply_method(copy.deepcopy(base), method, r=4))
+        row = next(line for line in tiny.output.splitlines() if line.startswith(f"│ {method} "))
+        assert f"{trainable:,}" in row, (method, row)
