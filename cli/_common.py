@@ -199,15 +199,30 @@ def new_app(help: str, *, name: str | None = None) -> typer.Typer:
 
 
 def run_app(app: typer.Typer) -> None:
-    """Run a Typer app; a toolkit error becomes one line on stderr and its exit code, never a traceback."""
+    """Run a Typer app; a toolkit error or a usage error (bad option, missing value) becomes one line on stderr
+    and its exit code, never a traceback or a boxed message wrapped at 80 columns in a log."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except FeatcacheError as err:
-        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        _error_line(str(err))
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        _error_line("aborted")
+        sys.exit(1)
+    except typer.TyperException as err:  # click's usage errors
+        if type(err).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            ctx = getattr(err, "ctx", None)
+            hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            _error_line(err.format_message().rstrip(".") + hint)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error_line(message: str) -> None:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 def check_choice(value: str, allowed: tuple[str, ...], option: str) -> str:

@@ -9,7 +9,7 @@ from rich.table import Table
 from typer.testing import CliRunner
 
 import cli._common as common
-from cli._common import make_console, plain_output, progress
+from cli._common import make_console, plain_output, progress, run_app
 from cli.adapters_app import app as adapters_app
 from cli.featcache_app import app as featcache_app
 from featcache.backbones import BACKBONES
@@ -205,3 +205,16 @@ def test_adapters_methods_needs_no_weights(tmp_path, monkeypatch):
         trainable, _ = count_parameters(apply_method(copy.deepcopy(base), method, r=4))
         row = next(line for line in tiny.output.splitlines() if line.startswith(f"│ {method} "))
         assert f"{trainable:,}" in row, (method, row)
+
+
+@pytest.mark.parametrize(("argv", "start"), [
+    (["synth", "--out", "x", "--format", "jpg"], "error: Invalid value for --format: 'jpg': choose from png"),
+    (["probe", "--model", "x"], "error: Missing option '--task'; see `featcache probe --help`"),
+    (["nosuch"], "error: No such command 'nosuch'"),
+])
+def test_usage_errors_are_one_line(argv, start, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["featcache", *argv])
+    with pytest.raises(SystemExit) as done:
+        run_app(featcache_app)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith(start) and err.count("\n") == 1, err
