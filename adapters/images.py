@@ -76,7 +76,7 @@ def load_images(manifest: Manifest, ids: Sequence[str], pre: Preprocess, store: 
         pick = np.array([where[i] for i in ids], dtype=np.int64)
         wanted = Rows(every.image_id[pick], every.path[pick], every.bbox[pick])  # checked against the cache
         dataset = PixelDataset(pixels, None, wanted, preprocess=pre, raw=True)
-        gray = torch.stack([dataset[i] for i in range(len(dataset))]) if len(dataset) else torch.empty(0)
+        gray = dataset.read_all()
         source = f"pixel cache {pixels}/{dataset.name}"
     else:
         decode = GrayDecoder(pre.size, pre.intensity, quantized=True)

@@ -4,7 +4,10 @@
    pre-made tensors, same model, batch size and threads (goal >= 0.9x);
 2. a rerun on the complete store (goal: ~2 s beyond start-up; no model built);
 3. a shuffled epoch read from the pixel cache against one decoding the source files (goal >= 3x);
-4. peak RSS of an extraction at N and 10 N images, each in a fresh process (goal: flat).
+4. peak RSS of an extraction at N and 10 N images, each in a fresh process (goal: flat);
+5. what the row checksums cost: a checked read of a feature view against a plain one, a full verification
+   (what every extract does before resuming) against a plain read of every array, and the digests of a pixel
+   epoch against the epoch itself (goal: small ratios).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_extract.py [--images 256] [--sources 48]
 """
@@ -31,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 from featcache.backbones import build_backbone, get_spec  # noqa: E402
 from featcache.extract import extract_features  # noqa: E402
 from featcache.imaging import load_image  # noqa: E402
+from featcache.integrity import row_digests, verify  # noqa: E402
 from featcache.pixels import PixelDataset, cache_pixels  # noqa: E402
+from featcache.store import RowGroup, Rows, feature_spec  # noqa: E402
 
 
 def xray_like(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -165,6 +170,49 @@ def peak_rss(manifest: Path, model: str, store: Path) -> dict[str, int]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def feature_group(store: Path, model: str, n: int) -> RowGroup:
+    """A complete group of ``n`` random rows of ``model``'s views, written chunk by chunk (no model run)."""
+    spec = feature_spec(model, random_init=True)
+    group = RowGroup.create_or_open(store, model, spec)
+    ids = [f"r{i:06d}" for i in range(n)]
+    group.sync(Rows.build(ids, [f"{i}.png" for i in ids], [None] * n))
+    rng = np.random.default_rng(0)
+    for chunk in range(group.n_chunks):
+        rows = np.arange(group.n_rows)[group.chunk_slice(chunk)]
+        values = {v: rng.normal(size=(len(rows), d)).astype(np.float16) for v, d in spec["views"].items()}
+        group.write_chunk(chunk, rows, values, np.full(len(rows), ""))
+    return RowGroup.open(store, group.name)
+
+
+def best_of(rounds: int, run) -> float:
+    """The fastest of ``rounds`` timings of ``run()``: others share these cores."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def checksum_rows(group: RowGroup, pixels: PixelDataset, rounds: int) -> list[tuple[str, str, str, str]]:
+    """Section 5: checked against plain reads, in one run."""
+    view, index = group.data_names[0], np.arange(group.n_rows)
+    checked = best_of(rounds, lambda: group.read_checked(view, index))
+    plain = best_of(rounds, lambda: group.read(view, index))
+    full = best_of(rounds, lambda: verify(group))
+    every = best_of(rounds, lambda: [group.read(name) for name in group.layout])
+    raw = np.stack([np.asarray(pixels._array()[int(r)]) for r in pixels.rows])
+    digests = best_of(rounds, lambda: [row_digests(row[None]) for row in raw])
+    epoch = best_of(rounds, lambda: [pixels[i] for i in range(len(pixels))])
+    n = f"{group.n_rows} rows"
+    return [(f"checked read, {view} of {n} (s)", f"checked {checked:.3f}", f"plain {plain:.3f}",
+             f"{checked / plain:.2f}x"),
+            (f"verify before resuming, {n} (s)", f"verify {full:.3f}", f"plain read of all arrays {every:.3f}",
+             f"{full / every:.2f}x"),
+            (f"pixel epoch, {len(pixels)} rows (s)", f"digests {digests:.3f}", f"epoch {epoch:.3f}",
+             f"{digests / epoch:.2f} of the epoch")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18", help="built with --random-init")
@@ -179,6 +227,8 @@ def main() -> None:
     parser.add_argument("--source-size", type=int, default=2048)
     parser.add_argument("--memory-images", type=int, default=300, help="N of the N vs 10 N memory check")
     parser.add_argument("--memory-model", default="dinov2-s-tiny")
+    parser.add_argument("--checksum-rows", type=int, default=20000, help="rows of the checksum section")
+    parser.add_argument("--checksum-model", default="dinov2-b", help="its views' dims (no model is run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - args.workers))
     print(f"torch threads {torch.get_num_threads()}, decoding workers {args.workers}, "
@@ -230,6 +280,10 @@ def main() -> None:
                      f"10N: {at_10n['peak_kib'] / 1024:.0f} (+{grown[1]:.0f})",
                      f"{at_10n['peak_kib'] / at_n['peak_kib']:.2f}x (goal: flat)"))
 
+        group = feature_group(tmp / "checks.zarr", args.checksum_model, args.checksum_rows)
+        rows += checksum_rows(group, PixelDataset(tmp / "pixels.zarr", args.model, ids, raw=True), args.rounds)
+
+    print(f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])} on {os.cpu_count()} cores")
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, width, strict=True)))

@@ -43,7 +43,7 @@ from featcache import solver
 from featcache.manifest import load_manifest, write_manifest
 from featcache.probe import Part, ProbeOptions, probe_full, run_probe
 from featcache.splits import build_splits, save_splits
-from featcache.store import DataArray, RowGroup, feature_spec, manifest_rows
+from featcache.store import RowGroup, feature_spec, manifest_rows
 
 TASK = "SYN"  # the synthetic dataset's task: classes ALIVE / DEATH
 MODELS = {384: "dinov2-s", 768: "dinov2-b", 1024: "dinov2-l", 2048: "resnet50"}  # backbones with a D-dim cls
@@ -70,9 +70,8 @@ def cohort(folder: Path, y: np.ndarray, draws: int) -> Path:
 def store(manifest: Path, model: str, X: np.ndarray) -> Path:
     """Write ``X`` as the ``cls`` view of ``model`` into features.zarr beside the manifest, chunk by chunk."""
     spec = feature_spec(model, random_init=True, views=["cls"])
-    data = {"cls": DataArray((X.shape[1],), "float16", ("cls_dim",), fill_value=float("nan"))}
     path = manifest.parent / "features.zarr"
-    group = RowGroup.create_or_open(path, spec["model"], spec, data)
+    group = RowGroup.create_or_open(path, spec["model"], spec)
     index = group.sync(manifest_rows(load_manifest(manifest))).index  # store row of each manifest row
     by_row = X[np.argsort(index)].astype(np.float16)
     for chunk in range(-(-group.n_rows // group.chunk_rows)):

@@ -19,7 +19,7 @@ app = new_app("Stage 2: fine-tune backbones end to end (FFT, LoRA, VeRA, BitFit,
 @app.command("methods")
 def methods(
     model: str = typer.Option(..., "--model", help="Backbone name (add -tiny for the tiny random variant)."),
-    rank: int = typer.Option(8, "--rank", help="LoRA/VeRA rank."),
+    rank: int = typer.Option(8, "--rank", min=1, help="LoRA/VeRA rank."),
 ) -> None:
     """Show what each method trains on MODEL: the modules it targets and its trainable parameters.
 

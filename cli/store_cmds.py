@@ -110,17 +110,33 @@ def export(
     console.print(f"wrote {to}: {', '.join(names)}", highlight=False)
 
 
-def stores(store: Path = typer.Option(..., "--store", help="Zarr store to list.")) -> None:
-    """List a store's groups: backbone, key, rows written and skipped, arrays, weights."""
+def stores(
+    store: Path = typer.Option(..., "--store", help="Zarr store to list."),
+    verify: bool = typer.Option(False, "--verify", help="Decode every chunk and check every written row "
+                                                        "against its checksums; exit 1 if anything fails."),
+) -> None:
+    """List a store's groups: backbone, key, rows written and skipped, arrays, weights. With --verify, also
+    check every chunk and say what the next extract (or pixels) would recompute."""
+    from featcache.integrity import verify as verify_group
+
+    problems: list[str] = []
+    groups = list_groups(store, problems=problems)
     table = Table(title=str(store))
     for column in ("group", "kind", "rows", "written", "skipped", "arrays", "weights", "version"):
         table.add_column(column, overflow="fold")
-    for group in list_groups(store):
+    for group in groups:
         info = group.summary()
         arrays = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in info["arrays"].items())
         counts = (str(info[k]) for k in ("rows", "written", "skipped"))
         table.add_row(info["group"], info["kind"], *counts, arrays, info["weights"] or "-", info["featcache"])
     console.print(table)
+    verdicts = [verify_group(group) for group in groups] if verify else []
+    for verdict in verdicts:
+        console.print(f"{verdict.where}: {verdict.describe()}", highlight=False, markup=False, soft_wrap=True)
+    for problem in problems:
+        console.print(f"refused: {problem}", highlight=False, markup=False, soft_wrap=True)
+    if verify and (problems or not all(v.ok for v in verdicts)):
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

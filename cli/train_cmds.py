@@ -42,21 +42,29 @@ class _EpochLines:
         self.quiet, self.every_s = quiet or not _rank0(), every_s
         self.tty = sys.stdout.isatty()
         self.last = 0.0
-        self.started: dict[str, float] = {}
+        self.started: dict[str, tuple[float, int]] = {}  # run -> (time, epoch) of its first report
 
     def __call__(self, label: str, done: int, total: int, status: str) -> None:
         if self.quiet:
             return
         now = time.monotonic()
-        start = self.started.setdefault(label, now)
-        rate = (now - start) / max(1, done)
-        line = f"{label} · epoch {done}/{total} · {status} · {rate:.2f} s/epoch"
+        start, first = self.started.setdefault(label, (now, done))
+        rate = (now - start) / (done - first) if done > first else 0.0
+        eta = "" if status.startswith("done") or not rate else f" · ETA ≤ {_clock(rate * (total - done))}"
+        line = f"{label} · epoch {done}/{total} · {status} · {rate:.2f} s/epoch{eta}"
         if self.tty:
             console.print(line, end="\n" if status.startswith("done") else "\r", highlight=False,
                           soft_wrap=True)
         elif now - self.last >= self.every_s or status.startswith("done"):
             print(line, flush=True)
             self.last = now
+
+
+def _clock(seconds: float) -> str:
+    """``1h02m``, ``4m05s`` or ``12s``: an upper bound, as early stopping usually ends a run sooner."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def train(

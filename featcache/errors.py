@@ -42,3 +42,7 @@ class RecordError(FeatcacheError):
 
 class StoreError(FeatcacheError):
     """A feature/pixel store that is missing, incomplete, or built under another spec."""
+
+
+class WriteError(FeatcacheError):
+    """A file or store that cannot be written: read-only folder, disk full, file size limit."""

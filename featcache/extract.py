@@ -1,20 +1,28 @@
 """Embed a manifest's images into a keyed store: resumable, chunk by chunk, on one process or many.
 
-The row pipeline (`run_rows`) is shared by features and the pixel cache: rank 0 opens the keyed group and
-gives every manifest image a row; each rank takes a contiguous slice of the chunks that still have unwritten
-rows; DataLoader workers decode; the main thread computes a batch at a time (batches never cross a chunk, so
-a resumed or multi-rank run batches every chunk exactly as an uninterrupted one); a writer thread turns
-finished chunks into whole-chunk zarr writes, then flags them written. The model is built only when a rank has
-work, so a rerun on a complete store loads none.
+The row pipeline (`run_rows`) is shared by features and the pixel cache: rank 0, holding the group lock,
+opens the keyed group, verifies every written row against its checksums (failures lose their flag) and gives
+every manifest image a row; each rank takes a contiguous slice of the chunks that still have unwritten rows,
+claiming each chunk just before computing it (a chunk another process holds is left to it, and waited for at
+the end); DataLoader workers decode; the main thread computes a batch at a time (batches never cross a chunk,
+so a resumed or multi-rank run batches every chunk exactly as an uninterrupted one); a writer thread turns
+finished chunks into whole-chunk zarr writes, flags them written and lets their claims go. The model is built
+only when a rank has work (or before a new group is created, so a bad device or model leaves nothing behind),
+so a rerun on a complete store loads none.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import queue
+import signal
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from featcache.backbones import BackboneSpec, build_backbone, get_spec
 from featcache.errors import ImageError, UsageError
+from featcache.fileio import write_errors
 from featcache.imaging import Preprocess, load_gray, quantize, to_model_input
+from featcache.integrity import repair, verify
+from featcache.locks import GroupLocks
 from featcache.manifest import Manifest, load_manifest
 from featcache.store import (
     DEFAULT_CHUNK_ROWS,
     ON_ERROR,
-    DataArray,
     RowGroup,
     Rows,
     default_store,
@@ -66,7 +76,6 @@ class RowJob:
     store: Path
     prefix: str
     spec: Mapping[str, Any]
-    data: Mapping[str, DataArray]
     decode: Callable[[Path, tuple[int, int, int, int] | None], torch.Tensor]
     placeholder: torch.Tensor  # what a skipped image contributes to its batch
     make_compute: Callable[[torch.device], Compute]
@@ -101,8 +110,6 @@ def extract_features(manifest: Manifest | str | Path, model: str | BackboneSpec,
     job = RowJob(
         store=Path(store) if store is not None else default_store(manifest.path),
         prefix=bspec.name, spec=spec,
-        data={v: DataArray((dim,), dtype, (f"{v}_dim",), fill_value=float("nan")) for v, dim in
-              spec["views"].items()},
         decode=GrayDecoder(pre.size, pre.intensity), placeholder=torch.zeros(pre.size, pre.size),
         make_compute=make_compute, fill={v: float("nan") for v in chosen})
     return run_rows(job, manifest, batch_size=batch_size, num_workers=num_workers, on_error=on_error,
@@ -183,32 +190,39 @@ def run_rows(job: RowJob, manifest: Manifest, *, batch_size: int = 64, num_worke
     rows = manifest_rows(manifest, stamp=True)
     device = device or resolve_device()
     dist = Distributed.from_env()
-    added, changed = 0, []
+    name = group_name(job.prefix, job.spec)
+    locks = GroupLocks(job.store, name)
+    added, changed, compute, computed = 0, [], None, 0
     try:
         if dist.rank == 0:
-            group = RowGroup.create_or_open(job.store, job.prefix, job.spec, job.data, chunk_rows)
-            report = group.sync(rows)
+            if len(rows) and not (job.store / name / "zarr.json").is_file():
+                compute = job.make_compute(device)  # a new group: the model (and device) must work first
+            with locks.group(), write_errors(job.store):
+                group = RowGroup.create_or_open(job.store, job.prefix, job.spec, chunk_rows)
+                repair(group, verify(group), locks.chunks)
+                report = group.sync(rows, hold=locks.chunks)
             added, changed = report.added, report.changed
-        dist.barrier()  # the group exists and every manifest image has a row
+        dist.barrier()  # the group exists, is verified, and every manifest image has a row
         if dist.rank != 0:
-            group = RowGroup.open(job.store, group_name(job.prefix, job.spec), mode="r+")
+            group = RowGroup.open(job.store, name, mode="r+")
         index = group.locate(rows.image_id)
         plan = plan_chunks(group, index, retry_skipped)
         dist.barrier()  # every rank has read the written mask before any rank writes
         mine = np.array_split(np.arange(len(plan)), dist.world)[dist.rank]
         owned = [plan[i] for i in mine]
         if owned:
-            compute = job.make_compute(device)
-            _embed(job, group, rows, manifest.root, index, owned, compute, batch_size=batch_size,
-                   num_workers=num_workers, on_error=on_error, pin=device.type == "cuda",
-                   progress=progress if dist.rank == 0 else None)
-        dist.barrier()  # all chunks are on disk
+            compute = compute or job.make_compute(device)
+            computed = _embed(job, group, locks, rows, manifest.root, index, owned, compute,
+                              batch_size=batch_size, num_workers=num_workers, on_error=on_error,
+                              retry_skipped=retry_skipped, pin=device.type == "cuda",
+                              progress=progress if dist.rank == 0 else None)
+        computed = dist.sum(computed)  # also the barrier: all chunks are on disk
         skipped = _skipped(group, index, rows) if dist.rank == 0 else {}
     finally:
         dist.close()
-    return ExtractResult(store=job.store, group=group.name, rows=len(rows),
-                         embedded=sum(len(r) for _, r in plan), added=added, changed=changed, skipped=skipped,
-                         model_loaded=bool(owned) and job.loads_model, seconds=time.perf_counter() - started)
+    return ExtractResult(store=job.store, group=group.name, rows=len(rows), embedded=computed, added=added,
+                         changed=changed, skipped=skipped, model_loaded=compute is not None and job.loads_model,
+                         seconds=time.perf_counter() - started)
 
 
 def plan_chunks(group: RowGroup, index: np.ndarray, retry_skipped: bool = False
@@ -247,52 +261,123 @@ class _RowImages(Dataset):
             return i, self.placeholder, err.reason
 
 
-def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
-    return [i for i, _, _ in items], torch.stack([x for _, x, _ in items]), [r for _, _, r in items]
+def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[list[int], np.ndarray, list[str]]:
+    """A batch as numpy: workers send it through their pipe rather than a shared-memory file, which a full
+    /dev/shm or a file size limit would make torch drop silently (the loader then waits forever)."""
+    return [i for i, _, _ in items], torch.stack([x for _, x, _ in items]).numpy(), [r for _, _, r in items]
 
 
-def _embed(job: RowJob, group: RowGroup, rows: Rows, root: Path, index: np.ndarray,
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """DataLoader worker start: ask Linux to kill this worker when its parent dies, whatever kills the parent
+    (torch's own watchdog only notices while the worker waits for work)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+class _ClaimedBatches:
+    """The batch sampler: claims each owned chunk just before its first batch and yields the batches of the
+    rows still unwritten once it holds it; chunks another process holds are kept in ``deferred``. ``order``
+    tells the consumer, batch by batch, the chunk and (on its last batch) the claim to hand to the writer."""
+
+    def __init__(self, group: RowGroup, locks: GroupLocks, owned: list[tuple[int, np.ndarray]],
+                 manifest_row: np.ndarray, batch_size: int, retry_skipped: bool):
+        self.group, self.locks, self.owned = group, locks, owned
+        self.manifest_row, self.batch_size, self.retry_skipped = manifest_row, batch_size, retry_skipped
+        self.order: deque[tuple[int, Any]] = deque()
+        self.deferred: list[tuple[int, np.ndarray]] = []
+        self.held: dict[int, Any] = {}
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for chunk, store_rows in self.owned:
+            lock = self.locks.try_chunk(chunk)
+            if lock is None:
+                self.deferred.append((chunk, store_rows))
+                continue
+            todo = self._still_todo(chunk, store_rows)
+            if not len(todo):
+                lock.release()
+                continue
+            self.held[chunk] = lock
+            for start in range(0, len(todo), self.batch_size):
+                last = start + self.batch_size >= len(todo)
+                self.order.append((chunk, lock if last else None))
+                yield self.manifest_row[todo[start:start + self.batch_size]].tolist()
+
+    def _still_todo(self, chunk: int, store_rows: np.ndarray) -> np.ndarray:
+        """The rows another process has not written since the plan was made."""
+        local = store_rows - self.group.chunk_slice(chunk).start
+        written = self.group.read_block("written", chunk)
+        if written is None:
+            return store_rows
+        todo = ~written[local]
+        if self.retry_skipped:
+            reasons = self.group.read_block("skip_reason", chunk)
+            todo |= True if reasons is None else reasons[local] != ""
+        return store_rows[todo]
+
+    def release(self) -> None:
+        for lock in self.held.values():
+            lock.release(force=True)
+        self.held.clear()
+
+
+def _embed(job: RowJob, group: RowGroup, locks: GroupLocks, rows: Rows, root: Path, index: np.ndarray,
            owned: list[tuple[int, np.ndarray]], compute: Compute, *, batch_size: int, num_workers: int,
-           on_error: str, pin: bool, progress: Progress | None) -> None:
-    """Compute the owned chunks batch by batch and hand each finished chunk to the writer thread."""
+           on_error: str, retry_skipped: bool, pin: bool, progress: Progress | None) -> int:
+    """Compute the owned chunks batch by batch, each finished chunk going to the writer thread; then wait for
+    the chunks other processes held and compute whatever they left. Returns the rows computed here."""
     manifest_row = np.full(group.n_rows, -1, dtype=np.int64)
     manifest_row[index] = np.arange(len(index))
-    batches, ends = [], []
-    for chunk, store_rows in owned:
-        for start in range(0, len(store_rows), batch_size):
-            batches.append(manifest_row[store_rows[start:start + batch_size]].tolist())
-            ends.append(chunk if start + batch_size >= len(store_rows) else None)
     images = _RowImages([root / rows.path[i] for i in range(len(rows))],
                         [rows.bbox_of(i) for i in range(len(rows))], job.decode, job.placeholder)
-    loader = DataLoader(images, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
-                        pin_memory=pin)
-    total, done = sum(len(b) for b in batches), 0
+    workers = {"num_workers": num_workers}
+    if num_workers:
+        workers.update(worker_init_fn=functools.partial(_die_with_parent, os.getpid()), persistent_workers=False)
+    total, done = sum(len(r) for _, r in owned), 0
     if progress:
         progress(0, total)
-    pending: list[tuple[list[int], dict[str, torch.Tensor], list[str]]] = []
+    remaining = owned
     with ChunkWriter(group, job.fill) as writer:
-        for (batch_rows, x, reasons), end in zip(loader, ends, strict=True):
-            if on_error == "fail" and any(reasons):
-                bad = next(i for i, r in enumerate(reasons) if r)
-                raise ImageError(root / rows.path[batch_rows[bad]], reasons[bad])
-            pending.append((batch_rows, compute(x), reasons))
-            done += len(batch_rows)
-            if progress:
-                progress(done, total)
-            if end is not None:
-                writer.put(end, index, pending)
-                pending = []
+        while remaining:
+            sampler = _ClaimedBatches(group, locks, remaining, manifest_row, batch_size, retry_skipped)
+            loader = DataLoader(images, batch_sampler=sampler, collate_fn=_collate, **workers)
+            pending: list[tuple[list[int], dict[str, torch.Tensor], list[str]]] = []
+            try:
+                for batch_rows, x, reasons in loader:
+                    chunk, last = sampler.order.popleft()
+                    if on_error == "fail" and any(reasons):
+                        bad = next(i for i, r in enumerate(reasons) if r)
+                        raise ImageError(root / rows.path[batch_rows[bad]], reasons[bad])
+                    batch = torch.from_numpy(x)
+                    pending.append((batch_rows, compute(batch.pin_memory() if pin else batch), reasons))
+                    done += len(batch_rows)
+                    if progress:
+                        progress(done, total)
+                    if last is not None:
+                        del sampler.held[chunk]
+                        writer.put(chunk, index, pending, last)
+                        pending = []
+            finally:
+                sampler.release()
+            for chunk, _ in sampler.deferred:
+                locks.wait_chunk(chunk)  # holding nothing: whoever holds it finishes it, then we look again
+            remaining = sampler.deferred
+    return writer.rows
 
 
 class ChunkWriter:
     """Writes finished chunks on a thread behind a bounded queue, so zarr encoding and disk I/O overlap the
-    next batches and memory stays flat. A writer error is raised in the caller at its next `put` or at exit;
-    an error in the caller still lets chunks already queued land, since each is complete."""
+    next batches and memory stays flat; each chunk's claim is let go once it is written. A writer error is
+    raised in the caller at its next `put` or at exit; an error in the caller still lets chunks already
+    queued land, since each is complete."""
 
     def __init__(self, group: RowGroup, fill: Mapping[str, float], depth: int = 2):
         self.group, self.fill = group, fill
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.rows = 0
         self.thread = threading.Thread(target=self._run, name="featcache-writer", daemon=True)
 
     def __enter__(self) -> ChunkWriter:
@@ -306,18 +391,21 @@ class ChunkWriter:
             raise self.error
 
     def put(self, chunk: int, index: np.ndarray, parts: list[tuple[list[int], dict[str, torch.Tensor],
-                                                                  list[str]]]) -> None:
+                                                                  list[str]]], claim: Any) -> None:
         if self.error is not None:
+            claim.release(force=True)
             raise self.error
-        self.queue.put((chunk, index, parts))
+        self.queue.put((chunk, index, parts, claim))
 
     def _run(self) -> None:
-        for item in iter(self.queue.get, None):
-            if self.error is None:
-                try:
-                    self._write(*item)
-                except BaseException as err:  # noqa: BLE001 - handed to the caller thread
-                    self.error = err
+        for chunk, index, parts, claim in iter(self.queue.get, None):
+            try:
+                if self.error is None:
+                    self._write(chunk, index, parts)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller thread
+                self.error = err
+            finally:
+                claim.release(force=True)
 
     def _write(self, chunk: int, index: np.ndarray,
                parts: list[tuple[list[int], dict[str, torch.Tensor], list[str]]]) -> None:
@@ -327,7 +415,9 @@ class ChunkWriter:
         failed = reasons != ""
         for name, fill in self.fill.items():
             values[name][failed] = fill
-        self.group.write_chunk(chunk, store_rows, values, reasons)
+        with write_errors(self.group.where):
+            self.group.write_chunk(chunk, store_rows, values, reasons)
+        self.rows += len(store_rows)
 
 
 # --------------------------------------------------------------------------------------------- ranks
@@ -352,6 +442,16 @@ class Distributed:
         if owned:
             dist.init_process_group("gloo")
         return cls(dist.get_rank(), dist.get_world_size(), owned)
+
+    def sum(self, value: int) -> int:
+        """``value`` summed over the ranks (a barrier too)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        total = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(total)
+        return int(total.item())
 
     def barrier(self) -> None:
         if self.world > 1:

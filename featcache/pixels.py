@@ -23,11 +23,12 @@ from featcache.backbones import BackboneSpec, get_spec
 from featcache.errors import StoreError
 from featcache.extract import ExtractResult, GrayDecoder, Progress, RowJob, run_rows
 from featcache.imaging import Preprocess, to_model_input
+from featcache.integrity import row_digests
 from featcache.manifest import Manifest, load_manifest
 from featcache.store import (
     CROP_RULE,
     LAYOUT_VERSION,
-    DataArray,
+    WHY_REBUILD,
     RowGroup,
     check_inputs,
     default_store,
@@ -58,7 +59,6 @@ def cache_pixels(manifest: Manifest | str | Path, model: str | BackboneSpec, *,
     job = RowJob(
         store=Path(store) if store is not None else default_store(manifest.path, "pixels"),
         prefix=PIXEL_PREFIX, spec=pixel_spec(pre),
-        data={"pixels": DataArray((size, size), "uint8", ("y", "x"), fill_value=0, sharded=True)},
         decode=GrayDecoder(size, pre.intensity, quantized=True),
         placeholder=torch.zeros(size, size, dtype=torch.uint8),
         make_compute=lambda device: _identity, fill={"pixels": 0}, loads_model=False)
@@ -90,6 +90,7 @@ class PixelDataset(Dataset):
         self.pre = preprocess or (get_spec(model) if isinstance(model, str) else model).preprocess
         self.store, self.raw = Path(store), raw
         group = open_pixels(store, self.pre)
+        group.require("pixels", "checksum")
         wanted = rows_of(images)
         self.rows = group.locate(wanted.image_id)
         ready = (self.rows >= 0) & group.read("written")[np.maximum(self.rows, 0)]
@@ -98,9 +99,12 @@ class PixelDataset(Dataset):
             missing = wanted.image_id[~ready]
             raise StoreError(f"{group.where}: {len(missing)} of {len(self.rows)} images not cached or "
                              f"skipped (e.g. {missing[:3].tolist()}); run `featcache pixels` for them")
+        group.read_checked("image_id", self.rows)
+        group.read_checked("skip_reason", self.rows)
         if wanted.path.size:
             check_inputs(group, self.rows, wanted)
-        self.name = group.name
+        self.name, self.where = group.name, group.where
+        self.digests = group.read("checksum", self.rows)[:, group.columns.index("pixels")]
         self._pixels: Any = None
         self._pid: int | None = None
 
@@ -108,8 +112,23 @@ class PixelDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        gray = torch.from_numpy(np.asarray(self._array()[int(self.rows[i])]))
+        """Image ``i``, checked against its recorded digest (about as costly as one more copy of it)."""
+        row = int(self.rows[i])
+        try:
+            pixels = np.asarray(self._array()[row])
+        except Exception as err:  # noqa: BLE001 - a codec's error for damaged bytes, whatever its type
+            raise StoreError(f"{self.where}/pixels: row {row} does not decode ({type(err).__name__}); "
+                             f"{WHY_REBUILD}") from None
+        if row_digests(pixels[None])[0] != self.digests[i]:
+            raise StoreError(f"{self.where}/pixels: row {row} fails its checksum; {WHY_REBUILD}")
+        gray = torch.from_numpy(pixels)
         return gray if self.raw else to_model_input(gray, self.pre)
+
+    def read_all(self) -> torch.Tensor:
+        """Every image as stored, ``(N, S, S)`` uint8 in the order of ``images``, checked against its digest:
+        one read of the rows rather than one per image (a training run loads its images once)."""
+        group = RowGroup.open(self.store, self.name)
+        return torch.from_numpy(np.ascontiguousarray(group.read_checked("pixels", self.rows)))
 
     def _array(self) -> Any:
         if self._pid != os.getpid():  # reopened in each DataLoader worker

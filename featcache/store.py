@@ -7,14 +7,18 @@ Layout (documented for plain-zarr readers in the README)::
         image_id      (N,)    string                            row order of every array
         path, bbox    (N,), (N, 4)                              the input of each row (bbox -1 = no crop)
         stamp         (N, 2)                                    file size and mtime when embedded
-        written       (N,)    bool                              set only after the row's chunk is on disk
         skip_reason   (N,)    string                            why an image was skipped ("" = embedded)
-        attrs: kind, spec, spec_sha256, layout
+        checksum      (N, K)  uint64                            digest of the row in each array (integrity.py)
+        written       (N,)    bool                              set only after the row's chunk is on disk
+        attrs: kind, spec, spec_sha256, layout, chunk_rows, checksum_columns
 
 Every array is chunked along rows only, with the same R rows per chunk, and written one whole chunk at a time:
 ranks that own disjoint chunks never touch the same file, and a chunk's `written` flags go to disk after its
-data (zarr's local store writes each chunk file atomically, temp file then rename), so a killed run loses at
-most its unfinished chunks. A group whose attributes disagree with its key is refused, never reused.
+data and checksums (zarr's local store writes each chunk file atomically, temp file then rename), so a killed
+run loses at most its unfinished chunks. A group whose attributes disagree with its key is refused, never
+reused. A `written` row is trusted only while its checksums match (see `featcache.integrity`): writers
+recompute the rows that fail, readers refuse them in one line. Independent processes serialise their row
+bookkeeping and claim chunks through `featcache.locks`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,9 +40,11 @@ import zarr
 
 import featcache
 from featcache.errors import ManifestError, StoreError
+from featcache.fileio import atomic_write, write_errors
+from featcache.integrity import IDENTITY_COLUMNS, digest_columns, row_digests, row_ranges
 from featcache.manifest import Manifest, load_manifest
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: checksum array
 KEY_LENGTH = 16
 DEFAULT_CHUNK_ROWS = 256
 FEATURE_DTYPES = ("float16", "float32")
@@ -156,15 +164,17 @@ class DataArray:
     sharded: bool = False  # one inner chunk per row inside each R-row shard: cheap random row reads
 
 
-_ROW_LAYOUT = {  # `written` last in creation order: see create_or_open
+_ROW_LAYOUT = {  # creation (and resize) order; `written` last: see create_or_open and RowGroup.n_rows
     "image_id": DataArray((), str, (), ""),
     "path": DataArray((), str, (), ""),
     "bbox": DataArray((4,), "int64", ("corner",), -1),
     "stamp": DataArray((2,), "int64", ("size_mtime",), -1),
     "skip_reason": DataArray((), str, (), ""),
+    "checksum": DataArray((0,), "uint64", ("column",), 0),  # one column per digested array, set per group
     "written": DataArray((), "bool", (), False),
 }
 ROW_ARRAYS = tuple(_ROW_LAYOUT)
+WHY_REBUILD = "`featcache extract` (or `featcache pixels`) recomputes it; `featcache stores --verify` lists all damage"
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,39 @@ class SyncReport:
     index: np.ndarray  # store row of each manifest row
     added: int
     changed: list[str]
+
+
+def group_layout(spec: Mapping[str, Any]) -> dict[str, DataArray]:
+    """Every array of a group built under ``spec``: its data arrays first, then the row arrays."""
+    if spec.get("kind") == "features":
+        data = {v: DataArray((int(dim),), str(spec["dtype"]), (f"{v}_dim",), float("nan"))
+                for v, dim in dict(spec["views"]).items()}
+    elif spec.get("kind") == "pixels":
+        size = int(spec["size"])
+        data = {"pixels": DataArray((size, size), "uint8", ("y", "x"), 0, sharded=True)}
+    else:
+        raise StoreError(f"unknown group kind {spec.get('kind')!r}")
+    checksum = replace(_ROW_LAYOUT["checksum"], tail=(len(digest_columns(data)),))
+    return {**data, **_ROW_LAYOUT, "checksum": checksum}
+
+
+def _layout_problem(array: Any, layout: DataArray, chunk_rows: int) -> str | None:
+    """Why ``array``'s metadata differs from the layout its group promises, or None."""
+    if not isinstance(array, zarr.Array):
+        return "is not an array"
+    inner = 1 if layout.sharded else chunk_rows
+    text = array.dtype.kind == "T"
+    if (layout.dtype is str) != text or (not text and np.dtype(layout.dtype) != array.dtype):
+        return f"has dtype {array.dtype}, expected {'string' if layout.dtype is str else layout.dtype}"
+    if tuple(array.shape[1:]) != layout.tail:
+        return f"has row shape {tuple(array.shape[1:])}, expected {layout.tail}"
+    if tuple(array.chunks) != (inner, *layout.tail):
+        return f"has chunks {tuple(array.chunks)}, expected {(inner, *layout.tail)}"
+    if (array.shards is not None) != layout.sharded or (layout.sharded and array.shards[0] != chunk_rows):
+        return f"has shards {array.shards}, expected {(chunk_rows, *layout.tail) if layout.sharded else None}"
+    fill = array.fill_value
+    same = (fill != fill and layout.fill_value != layout.fill_value) or fill == layout.fill_value
+    return None if same else f"has fill value {fill!r}, expected {layout.fill_value!r}"
 
 
 # --------------------------------------------------------------------------------------------- groups
@@ -186,12 +229,16 @@ def open_root(store: str | Path, mode: str = "a") -> zarr.Group:
         raise StoreError(f"{path}: folder exists and is not a zarr store; refusing to write into it")
     try:
         return zarr.open_group(path, mode=mode, zarr_format=3)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
         raise StoreError(f"{path}: not a readable zarr v3 store ({err})") from None
 
 
 class RowGroup:
-    """One keyed group: per-row identity arrays plus data arrays, all chunked by the same R rows."""
+    """One keyed group: per-row identity arrays plus data arrays, all chunked by the same R rows.
+
+    Opening never fails on a damaged array: ``damaged`` maps each missing array, or one whose metadata no
+    longer matches the group's layout, to the reason; readers refuse those arrays in one line and a writer
+    (``rebuild_damaged``) recreates them empty, which the checksums then turn into rows to recompute."""
 
     def __init__(self, group: zarr.Group, where: str):
         self.group = group
@@ -202,37 +249,91 @@ class RowGroup:
             raise StoreError(f"{where}: attributes missing or not matching their spec hash; refusing it")
         if not group.path.endswith(spec_sha256(spec)[:KEY_LENGTH]):
             raise StoreError(f"{where}: group name does not match the hash of its spec; refusing to use it")
+        if spec.get("layout") != LAYOUT_VERSION:
+            raise StoreError(f"{where}: store layout {spec.get('layout')} from an older featcache (this one "
+                             f"reads layout {LAYOUT_VERSION}); extract again, it makes a new group")
+        chunk_rows = attrs.get("chunk_rows")
+        if not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise StoreError(f"{where}: attribute chunk_rows missing or invalid ({chunk_rows!r}); refusing it")
         self.spec: dict[str, Any] = spec
-        self.arrays: dict[str, zarr.Array] = {name: group[name] for name in group.array_keys()}
-        missing = [name for name in ROW_ARRAYS if name not in self.arrays]
-        if missing:
-            raise StoreError(f"{where}: incomplete group, arrays {missing} missing")
+        self.chunk_rows = chunk_rows
+        self.layout = group_layout(spec)
+        self.columns = digest_columns([n for n in self.layout if n not in ROW_ARRAYS])
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)read every array's metadata: another process may have grown the group since it was opened.
+        The new view replaces the old one at once (the writer thread refreshes while the main thread reads)."""
+        arrays: dict[str, zarr.Array] = {}
+        damaged: dict[str, str] = {}
+        for name, layout in self.layout.items():
+            try:
+                array = self.group[name]
+            except KeyError:
+                damaged[name] = "is missing"
+                continue
+            except Exception as err:  # noqa: BLE001 - any unparsable zarr.json is damage, reported in one line
+                damaged[name] = f"has unreadable metadata ({type(err).__name__}: {err})"
+                continue
+            problem = _layout_problem(array, layout, self.chunk_rows)
+            if problem is None:
+                arrays[name] = array
+            else:
+                damaged[name] = problem
+        if "checksum" in arrays and arrays["checksum"].attrs.get("columns") != list(self.columns):
+            damaged["checksum"] = f"columns differ from {list(self.columns)}"
+        # `written` is resized last, so a group another process is growing shows its old size until done
+        sizes = [a.shape[0] for n, a in arrays.items() if n not in damaged]
+        n_rows = int(arrays["written"].shape[0] if "written" in arrays and "written" not in damaged
+                     else max(sizes, default=0))
+        for name, array in arrays.items():
+            if array.shape[0] < n_rows:
+                damaged[name] = f"has {array.shape[0]} rows, the group {n_rows}"
+        self.arrays = {n: a for n, a in arrays.items() if n not in damaged}
+        self.damaged, self.n_rows = damaged, n_rows
 
     # ---- creation / opening
 
     @classmethod
     def create_or_open(cls, store: str | Path, prefix: str, spec: Mapping[str, Any],
-                       data: Mapping[str, DataArray], chunk_rows: int = DEFAULT_CHUNK_ROWS) -> RowGroup:
-        """Open the group keyed by ``spec`` under ``prefix``, creating it (and the store) when absent."""
+                       chunk_rows: int = DEFAULT_CHUNK_ROWS) -> RowGroup:
+        """Open the group keyed by ``spec`` under ``prefix``, creating it (and the store) when absent and
+        rebuilding damaged metadata. Writers call it holding the group's lock (`featcache.locks`)."""
         root = open_root(store, "a")
         name = group_name(prefix, spec)
         where = f"{store}/{name}"
-        existing = cls._maybe_open(root, name, where)
+        try:
+            existing = cls._maybe_open(root, name, where)
+        except _Unreadable:
+            existing = cls._rewrite_attributes(root, name, where, spec)
         if existing is not None:
             if existing.spec != json.loads(canonical_json(spec)):
                 raise StoreError(f"{where}: holds another spec under this key; refusing to reuse it")
+            existing.rebuild_damaged()
             return existing
         group = root.require_group(name)
-        for key, array in {**data, **_ROW_LAYOUT}.items():
-            inner = 1 if array.sharded else chunk_rows
-            group.create_array(key, shape=(0, *array.tail), chunks=(inner, *array.tail),
-                               shards=(chunk_rows, *array.tail) if array.sharded else None,
-                               dtype=array.dtype, fill_value=array.fill_value,
-                               dimension_names=("row", *array.dims), overwrite=True)
+        layout = group_layout(spec)
+        columns = digest_columns([n for n in layout if n not in ROW_ARRAYS])
+        for key, array in layout.items():
+            _create(group, key, array, 0, chunk_rows, columns)
         # Attributes last: a group without them (a creation killed half-way) is recreated above, never used.
-        spec_json = json.loads(canonical_json(spec))
-        group.attrs.update({"kind": spec_json["kind"], "spec": spec_json, "spec_sha256": spec_sha256(spec),
-                            "layout": LAYOUT_VERSION})
+        _set_attributes(group, spec, chunk_rows)
+        return cls(group, where)
+
+    @classmethod
+    def _rewrite_attributes(cls, root: zarr.Group, name: str, where: str, spec: Mapping[str, Any]
+                            ) -> RowGroup | None:
+        """A group whose zarr.json no longer parses, opened by a writer with the spec that hashes to its
+        name: write fresh group metadata (chunk rows read off an intact array); its arrays are then checked
+        like any others."""
+        folder = Path(root.store.root) / name
+        chunk_rows = _chunk_rows_of(folder)
+        if chunk_rows is None:
+            shutil.rmtree(folder)
+            return None
+        atomic_write(folder / "zarr.json", b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+        group = root[name]
+        _set_attributes(group, spec, chunk_rows)
         return cls(group, where)
 
     @classmethod
@@ -241,6 +342,9 @@ class RowGroup:
             group = root[name]
         except KeyError:
             return None
+        except Exception as err:  # noqa: BLE001 - an unparsable zarr.json, whatever zarr raises for it
+            raise _Unreadable(f"{where}: group metadata (zarr.json) unreadable ({type(err).__name__}: {err}); "
+                              "`featcache extract` (or `pixels`) rewrites it") from None
         if not isinstance(group, zarr.Group):
             raise StoreError(f"{where}: is an array, not a feature group")
         if "spec" not in group.attrs:
@@ -259,6 +363,14 @@ class RowGroup:
             raise StoreError(missing or f"{where}: no finished group here")
         return group
 
+    def rebuild_damaged(self) -> None:
+        """Recreate every damaged array empty at the group's size (a writer's repair): its rows then fail
+        their checksums, or lose their ids or `written` flags, and are recomputed."""
+        for name in list(self.damaged):
+            _create(self.group, name, self.layout[name], self.n_rows, self.chunk_rows, columns=self.columns)
+        if self.damaged:
+            self.refresh()
+
     # ---- reading
 
     @property
@@ -270,26 +382,62 @@ class RowGroup:
         return str(self.spec["kind"])
 
     @property
-    def chunk_rows(self) -> int:
-        return int(self.arrays["written"].chunks[0])
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.arrays["image_id"].shape[0])
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_rows)
 
     @property
     def data_names(self) -> list[str]:
-        return [name for name in self.arrays if name not in ROW_ARRAYS]
+        return [name for name in self.layout if name not in ROW_ARRAYS]
+
+    def require(self, *names: str) -> None:
+        """Refuse, in one line, to read arrays that are damaged."""
+        bad = [f"{n} {self.damaged[n]}" for n in names if n in self.damaged]
+        if bad:
+            raise StoreError(f"{self.where}: array {'; '.join(bad)}; {WHY_REBUILD}")
 
     def read(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Rows of one array (all rows by default); a chunk that does not decode is refused in one line
+        naming its rows."""
+        self.require(name)
         array = self.arrays[name]
-        if rows is None:
-            values = array[:]
-        elif isinstance(rows, slice):
-            values = array[rows]
-        else:
-            values = array.get_orthogonal_selection(np.asarray(rows, dtype=np.int64))
-        return np.asarray(values.tolist(), dtype=str) if array.dtype.kind == "T" else np.asarray(values)
+        rows = slice(0, self.n_rows) if rows is None else rows
+        try:
+            if isinstance(rows, slice):
+                values = array[rows]
+            else:
+                values = array.get_orthogonal_selection(np.asarray(rows, dtype=np.int64))
+        except Exception as err:  # noqa: BLE001 - a codec's error for damaged bytes, whatever its type
+            raise StoreError(self._unreadable(name, rows, err)) from None
+        return _plain(values, array)
+
+    def read_block(self, name: str, chunk: int) -> np.ndarray | None:
+        """One chunk of an array, or None when its array is damaged or the chunk does not decode."""
+        array = self.arrays.get(name)
+        if array is None:
+            return None
+        try:
+            return _plain(array[self.chunk_slice(chunk)], array)
+        except Exception:  # noqa: BLE001 - "does it decode?" is the question; any failure answers no
+            return None
+
+    def read_checked(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """``read`` for rows flagged written, refusing any whose bytes no longer match their checksum."""
+        rows = np.asarray(rows, dtype=np.int64)
+        values = self.read(name, rows)
+        stored = self.read("checksum", rows)[:, self.columns.index(name)] if len(rows) else np.zeros(0)
+        bad = rows[row_digests(values) != stored]
+        if len(bad):
+            raise StoreError(f"{self.where}: {len(bad)} written rows of {name} fail their checksum (rows "
+                             f"{row_ranges(bad)}); {WHY_REBUILD}")
+        return values
+
+    def _unreadable(self, name: str, rows: slice | np.ndarray, err: Exception) -> str:
+        wanted = np.arange(self.n_rows)[rows] if isinstance(rows, slice) else np.asarray(rows)
+        chunks = np.unique(wanted // self.chunk_rows)
+        broken = [c for c in chunks.tolist() if self.read_block(name, c) is None]
+        spans = ", ".join(f"{self.chunk_slice(c).start}-{self.chunk_slice(c).stop - 1}" for c in broken)
+        return (f"{self.where}/{name}: chunk of rows {spans or '?'} does not decode ({type(err).__name__}: "
+                f"{str(err)[:120]}); {WHY_REBUILD}")
 
     def locate(self, image_ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Store row of each id, -1 where the store has no row for it."""
@@ -301,12 +449,20 @@ class RowGroup:
         start = chunk * self.chunk_rows
         return slice(start, min(start + self.chunk_rows, self.n_rows))
 
-    # ---- writing (rank 0 alone syncs; any rank writes the chunks it owns)
+    def chunk_file(self, name: str, chunk: int) -> Path:
+        """Where the chunk (or shard) holding rows of ``chunk`` lives on disk."""
+        array = self.arrays[name]
+        key = array.metadata.encode_chunk_key((chunk, *([0] * (array.ndim - 1))))
+        return Path(self.group.store.root) / self.group.path / name / key
 
-    def sync(self, rows: Rows) -> SyncReport:
-        """Give every manifest row a store row: new ids fill free slots (rows a killed sync left empty), then
-        append. Rows whose path or crop changed lose their `written` flag before their new input is recorded,
-        so a kill in between re-embeds them and never keeps stale ones."""
+    # ---- writing (the group lock serialises sync; any rank writes the chunks it holds)
+
+    def sync(self, rows: Rows, hold: Callable[[Sequence[int]], AbstractContextManager[Any]] | None = None
+             ) -> SyncReport:
+        """Give every manifest row a store row: new ids fill free slots (rows a killed sync left empty, or
+        whose id was lost), then append. New rows and rows whose path or crop changed lose their `written`
+        flag before their new input is recorded, so a kill in between re-embeds them and never keeps stale
+        ones. ``hold(chunks)`` holds a chunk's claim while its flags change."""
         index = self.locate(rows.image_id)
         known = np.flatnonzero(index >= 0)
         differs = (self.read("path", index[known]) != rows.path[known]) | np.any(
@@ -314,17 +470,21 @@ class RowGroup:
         if rows.stamp is not None:  # a file replaced under the same name is a changed input too
             differs |= np.any(self.read("stamp", index[known]) != rows.stamp[known], axis=1)
         changed = known[differs]
-        if len(changed):
-            self._set_rows("written", index[changed], False)
-            self._set_rows("skip_reason", index[changed], "")
         new = np.flatnonzero(index < 0)
         free = np.flatnonzero(self.read("image_id") == "")
         slots = np.concatenate([free[: len(new)], self.n_rows + np.arange(max(0, len(new) - len(free)))])
         index[new] = slots.astype(np.int64)
         size = max(self.n_rows, int(slots.max()) + 1 if len(slots) else 0)
-        for array in self.arrays.values():
+        for array in self.arrays.values():  # `written` last: readers size the group by it
             if array.shape[0] != size:
                 array.resize((size, *array.shape[1:]))
+        self.n_rows = size
+        reset = np.concatenate([index[changed], slots]).astype(np.int64)
+        for chunk in np.unique(reset // self.chunk_rows).tolist():  # one claim at a time: few open files
+            mine = reset[reset // self.chunk_rows == chunk]
+            with hold([chunk]) if hold else nullcontext():
+                self._set_rows("written", mine, False)
+                self._set_rows("skip_reason", mine, "")
         fix = np.concatenate([new, changed])
         if len(fix):
             self._set_rows("path", index[fix], rows.path[fix])
@@ -340,31 +500,52 @@ class RowGroup:
 
     def write_chunk(self, chunk: int, rows: np.ndarray, values: Mapping[str, np.ndarray],
                     reasons: np.ndarray) -> None:
-        """Write the rows of one chunk as one whole-chunk write per array; `written` goes last."""
+        """Write the rows of one chunk as one whole-chunk write per array: data, skip reasons, then the
+        digests of what was written (identity included), and the `written` flags last. The caller holds
+        the chunk's claim; metadata is re-read first, since another process may have grown the group."""
+        self.refresh()
+        self.require(*self.layout)
         span = self.chunk_slice(chunk)
         local = np.asarray(rows, dtype=np.int64) - span.start
-        whole = len(local) == span.stop - span.start
-        for name, block in values.items():
-            self._write_block(name, span, local, block, whole)
-        self._write_block("skip_reason", span, local, np.asarray(reasons, dtype=str), whole)
-        self._write_block("written", span, local, np.ones(len(local), dtype=bool), whole)
+        digests = self.read_block("checksum", chunk)
+        digests = np.zeros((span.stop - span.start, len(self.columns)), np.uint64) if digests is None else digests
+        blocks = {**values, "skip_reason": np.asarray(reasons, dtype=str)}
+        for name, block in blocks.items():
+            block = self._write_block(name, chunk, local, block)
+            digests[local, self.columns.index(name)] = row_digests(block[local])
+        for name in IDENTITY_COLUMNS:
+            if name not in blocks:
+                digests[local, self.columns.index(name)] = row_digests(self.read(name, span)[local])
+        self._write_block("checksum", chunk, np.arange(len(digests)), digests)
+        self._write_block("written", chunk, local, np.ones(len(local), dtype=bool))
 
-    def _write_block(self, name: str, span: slice, local: np.ndarray, block: np.ndarray, whole: bool) -> None:
-        array = self.arrays[name]
-        if not whole:  # rows added to a chunk that already holds others: merge, still one write
-            merged = self.read(name, span)
+    def _write_block(self, name: str, chunk: int, local: np.ndarray, block: np.ndarray) -> np.ndarray:
+        """Write rows ``local`` of a chunk, merged with the rows it already holds; returns the whole block."""
+        array, span = self.arrays[name], self.chunk_slice(chunk)
+        block = np.asarray(block, dtype=str if array.dtype.kind == "T" else array.dtype)
+        if len(local) != span.stop - span.start:  # rows added to a chunk that already holds others
+            merged = self.read_block(name, chunk)
+            if merged is None:  # undecodable: its other rows fail their checksums and are recomputed
+                merged = np.full((span.stop - span.start, *array.shape[1:]), self.layout[name].fill_value,
+                                 dtype=block.dtype)
             merged[local] = block
             block = merged
         array[span] = block
+        return block
 
     # ---- summaries
 
     def summary(self) -> dict[str, Any]:
-        written = self.read("written")
-        skipped = self.read("skip_reason") != ""
+        """Counts as flagged (`featcache stores`); "?" where the flags themselves are damaged."""
+        try:
+            written = self.read("written")
+            skipped: Any = int((written & (self.read("skip_reason") != "")).sum())
+            flagged: Any = int(written.sum())
+        except StoreError:
+            flagged = skipped = "?"
         return {"group": self.name, "kind": self.kind, "model": self.spec.get("model", ""),
-                "rows": self.n_rows, "written": int(written.sum()), "skipped": int((written & skipped).sum()),
-                "arrays": {n: list(self.arrays[n].shape) for n in self.data_names},
+                "rows": self.n_rows, "written": flagged, "skipped": skipped,
+                "arrays": {n: [self.n_rows, *self.layout[n].tail] for n in self.data_names},
                 "dtype": self.spec.get("dtype", ""), "weights": self.spec.get("weights", ""),
                 "featcache": self.spec.get("featcache", "")}
 
@@ -375,15 +556,60 @@ class RowGroup:
         return dict(zip(self.read("image_id", rows).tolist(), reasons[rows].tolist(), strict=True))
 
 
-def list_groups(store: str | Path, kind: str | None = None) -> list[RowGroup]:
-    """Every finished group of the store (optionally of one kind), in name order."""
+class _Unreadable(StoreError):
+    """A group whose own zarr.json does not parse."""
+
+
+def _plain(values: Any, array: zarr.Array) -> np.ndarray:
+    return np.asarray(values.tolist(), dtype=str) if array.dtype.kind == "T" else np.asarray(values)
+
+
+def _create(group: zarr.Group, key: str, array: DataArray, rows: int, chunk_rows: int,
+            columns: Sequence[str]) -> None:
+    inner = 1 if array.sharded else chunk_rows
+    created = group.create_array(key, shape=(rows, *array.tail), chunks=(inner, *array.tail),
+                                 shards=(chunk_rows, *array.tail) if array.sharded else None,
+                                 dtype=array.dtype, fill_value=array.fill_value,
+                                 dimension_names=("row", *array.dims), overwrite=True)
+    if key == "checksum":
+        created.attrs["columns"] = list(columns)
+
+
+def _set_attributes(group: zarr.Group, spec: Mapping[str, Any], chunk_rows: int) -> None:
+    spec_json = json.loads(canonical_json(spec))
+    group.attrs.update({"kind": spec_json["kind"], "spec": spec_json, "spec_sha256": spec_sha256(spec),
+                        "layout": LAYOUT_VERSION, "chunk_rows": chunk_rows})
+
+
+def _chunk_rows_of(folder: Path) -> int | None:
+    """Rows per chunk read off the first intact row array of a group folder (None: none intact)."""
+    for name in ROW_ARRAYS:
+        try:
+            meta = json.loads((folder / name / "zarr.json").read_text())
+            return int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        except (ValueError, KeyError, TypeError, IndexError, OSError):
+            continue
+    return None
+
+
+def list_groups(store: str | Path, kind: str | None = None, problems: list[str] | None = None
+                ) -> list[RowGroup]:
+    """Every finished group of the store (optionally of one kind), in name order. A group that cannot be
+    opened raises, or with ``problems`` given, is described there and left out."""
     root = open_root(store, "r")
     found = []
-    for prefix, parent in sorted(root.groups()):
-        for key, _ in sorted(parent.groups()):
-            group = RowGroup._maybe_open(root, f"{prefix}/{key}", f"{store}/{prefix}/{key}")
-            if group is not None and (kind is None or group.kind == kind):
-                found.append(group)
+    folders = sorted(p for p in Path(store).glob("*/*") if (p / "zarr.json").is_file())
+    for folder in folders:
+        name = f"{folder.parent.name}/{folder.name}"
+        try:
+            group = RowGroup._maybe_open(root, name, f"{store}/{name}")
+        except StoreError as err:
+            if problems is None:
+                raise
+            problems.append(str(err))
+            continue
+        if group is not None and (kind is None or group.kind == kind):
+            found.append(group)
     return found
 
 
@@ -406,11 +632,13 @@ def find_feature_group(store: str | Path, model: str, view: str = "cls", *, weig
     wanted: dict[str, Any] = {"dtype": dtype, "precision": precision,
                               "weights": weights_identity(bspec, weights, random_init)
                               if (weights is not None or random_init) else None}
-    groups = [g for g in list_groups(store, "features") if g.spec.get("model") == bspec.name
+    problems: list[str] = []
+    groups = [g for g in list_groups(store, "features", problems) if g.spec.get("model") == bspec.name
               and view in g.spec.get("views", {})
               and all(value is None or g.spec.get(key) == value for key, value in wanted.items())]
     if not groups:
-        raise StoreError(f"{store}: no {bspec.name} features with view {view!r}"
+        damaged = [p for p in problems if f"/{safe_name(bspec.name)}/" in p]
+        raise StoreError(damaged[0] if damaged else f"{store}: no {bspec.name} features with view {view!r}"
                          f"{_describe(wanted)}; run `featcache extract --model {bspec.name} ...` first")
     if len(groups) > 1:
         current = [g for g in groups if g.spec.get("featcache") == featcache.__version__]
@@ -461,6 +689,7 @@ def load_features(store: str | Path, model: str, manifest: Any = None, view: str
     ids_in = None if rows_in is None else rows_in.image_id
     group = group or find_feature_group(store, model, view, weights=weights, random_init=random_init,
                                         dtype=dtype, precision=precision, image_ids=ids_in)
+    group.require(view, "checksum")
     written = group.read("written")
     if ids_in is None:
         index = np.flatnonzero(written)
@@ -474,15 +703,14 @@ def load_features(store: str | Path, model: str, manifest: Any = None, view: str
                              "to fill them")
         if isinstance(rows_in, Rows) and rows_in.path.size:
             check_inputs(group, index, rows_in)
-    reasons = group.read("skip_reason", index) if len(index) else np.zeros(0, dtype=str)
+    reasons = group.read_checked("skip_reason", index)
     failed = reasons != ""
     if failed.any() and skipped == "raise":
         raise StoreError(f"{group.where}: {int(failed.sum())} requested images were skipped at extraction "
                          f"(e.g. {group.read('image_id', index[failed][:3]).tolist()})")
     index = index[~failed]
-    ids = group.read("image_id", index) if len(index) else np.zeros(0, dtype=str)
-    features = group.read(view, index) if len(index) else np.zeros((0, group.arrays[view].shape[1]))
-    return ids, features.astype(np.float32)
+    ids = group.read_checked("image_id", index)
+    return ids, group.read_checked(view, index).astype(np.float32)
 
 
 def rows_of(manifest: Any) -> Rows | None:
@@ -540,12 +768,13 @@ def export_hdf5(store: str | Path, to: str | Path, model: str | None = None) -> 
     to = Path(to)
     tmp = to.with_name(f".{to.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w") as h5:
+        with write_errors(to), h5py.File(tmp, "w") as h5:
             h5.attrs["featcache"] = featcache.__version__
             h5.attrs["layout"] = LAYOUT_VERSION
             for group in groups:
                 _export_group(h5.create_group(group.name), group)
-        os.replace(tmp, to)
+        with write_errors(to):
+            os.replace(tmp, to)
     finally:
         tmp.unlink(missing_ok=True)
     return [g.name for g in groups]
@@ -554,6 +783,7 @@ def export_hdf5(store: str | Path, to: str | Path, model: str | None = None) -> 
 def _export_group(out: Any, group: RowGroup) -> None:
     import h5py
 
+    group.require(*group.layout)
     out.attrs["kind"] = group.kind
     out.attrs["spec"] = canonical_json(group.spec)
     out.attrs["spec_sha256"] = spec_sha256(group.spec)
