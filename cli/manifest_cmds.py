@@ -29,11 +29,13 @@ def synth_cmd(
 ) -> None:
     """Write a synthetic chest-X-ray cohort (task SYN) with its manifest."""
     check_choice(fmt, synth.FORMATS, "--format")
+    if centers > patients:  # combinations typer cannot check option by option
+        raise typer.BadParameter(f"{centers} centers need at least as many patients (--patients {patients})",
+                                 param_hint="--centers")
+    if images[0] > images[1]:
+        raise typer.BadParameter(f"MIN {images[0]} > MAX {images[1]}", param_hint="--images-per-patient")
     with console.status(f"drawing {plural(patients, 'patient')}"):
-        try:
-            path = synth.make_cohort(out, patients, positive_rate, images, centers, size, fmt, seed)
-        except ValueError as err:  # argument combinations typer cannot check alone
-            raise typer.BadParameter(str(err)) from None
+        path = synth.make_cohort(out, patients, positive_rate, images, centers, size, fmt, seed)
     _print_report(validate(path))
 
 

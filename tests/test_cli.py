@@ -211,6 +211,8 @@ def test_adapters_methods_needs_no_weights(tmp_path, monkeypatch):
     (["synth", "--out", "x", "--format", "jpg"], "error: Invalid value for --format: 'jpg': choose from png"),
     (["probe", "--model", "x"], "error: Missing option '--task'; see `"),
     (["nosuch"], "error: No such command 'nosuch'"),
+    (["synth", "--out", "x", "--patients", "2"], "error: Invalid value for --centers: 3 centers need at least"),
+    (["synth", "--out", "x", "--images-per-patient", "3", "1"], "error: Invalid value for --images-per-patient"),
 ])
 def test_usage_errors_are_one_line(argv, start, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["featcache", *argv])
