@@ -131,14 +131,21 @@ def all_threads() -> Iterator[None]:
         solver.SINGLE_THREAD_MAX, solver.SINGLE_THREAD_WORK = saved
 
 
-def both(measure: Callable[[], object], load: int) -> tuple[object, object, float, float]:
-    """``measure()`` quiet, then under ``load`` busy loops; with the 1-minute load average after each."""
+def both(name: str, measure: Callable[[], object], load: int) -> tuple[object, object, float, float]:
+    """``measure()`` quiet, then under ``load`` busy loops; with the 1-minute load average after each. Each
+    figure is also printed as it comes, so a run stopped early still leaves its numbers in the log."""
     quiet = measure()
     quiet_load = os.getloadavg()[0]
+    print(f"{name}: quiet {_seconds(quiet):.1f} s (load {quiet_load:.1f})", flush=True)
     with busy_loops(load):
         loaded = measure()
         loaded_load = os.getloadavg()[0]
+    print(f"{name}: loaded {_seconds(loaded):.1f} s (load {loaded_load:.1f})", flush=True)
     return quiet, loaded, quiet_load, loaded_load
+
+
+def _seconds(measured: object) -> float:
+    return measured[0] if isinstance(measured, tuple) else measured
 
 
 def main() -> None:
@@ -169,9 +176,10 @@ def main() -> None:
             return measure
 
         timed = {
-            "torch": both(grid("torch", None), args.load),
-            "torch, all threads (former rule)": both(grid("torch", None, former=True), args.load),
-            "sklearn": both(grid("sklearn", args.sk_draws), args.load),
+            "torch": both("few-shot torch", grid("torch", None), args.load),
+            "torch, all threads (former rule)": both("few-shot torch former rule", grid("torch", None, former=True),
+                                                     args.load),
+            "sklearn": both(f"few-shot sklearn {args.sk_draws} draws", grid("sklearn", args.sk_draws), args.load),
         }
     scale = args.draws / args.sk_draws
     mcc_torch, mcc_sk = timed["torch"][0][1], timed["sklearn"][0][1]
@@ -201,8 +209,9 @@ def main() -> None:
         full.add_column(name, justify="right")
     for D in (int(d) for d in args.full_dims.split(",") if d.strip()):
         Xd, yd = features(args.images, D, seed=D)
-        t_quiet, t_loaded, *_ = both(partial(full_data, Xd, yd, "torch", 5), args.load)
-        k_quiet, k_loaded, *_ = both(partial(full_data, Xd, yd, "sklearn", args.sk_full_folds), args.load)
+        t_quiet, t_loaded, *_ = both(f"full D={D} torch", partial(full_data, Xd, yd, "torch", 5), args.load)
+        k_quiet, k_loaded, *_ = both(f"full D={D} sklearn", partial(full_data, Xd, yd, "sklearn", args.sk_full_folds),
+                                     args.load)
         k_quiet, k_loaded = k_quiet * 5 / args.sk_full_folds, k_loaded * 5 / args.sk_full_folds
         full.add_row(str(D), f"{t_quiet:.1f}", f"{t_loaded:.1f}", f"{k_quiet:.1f}", f"{k_loaded:.1f}",
                      f"{k_quiet / t_quiet:.1f}x", f"{k_loaded / t_loaded:.1f}x")
