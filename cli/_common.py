@@ -31,6 +31,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from cli._study import use_study
 from featcache import __version__
 from featcache.errors import FeatcacheError
 
@@ -178,11 +179,11 @@ typer.core.TyperOption.display_type_rich = _flag_type
 
 
 def new_app(help: str, *, name: str | None = None) -> typer.Typer:
-    """A command group (kept a group even with one verb, so `APP VERB` always works); ``name`` adds
-    `--version` (top-level apps only)."""
+    """A command group (kept a group even with one verb, so `APP VERB` always works); its callback installs
+    the study file's defaults (`cli._study`); ``name`` adds `--version` (top-level apps only)."""
     app = typer.Typer(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
     if name is None:
-        app.callback()(lambda: None)
+        app.callback()(use_study)
         return app
 
     def show_version(value: bool) -> None:
@@ -191,9 +192,10 @@ def new_app(help: str, *, name: str | None = None) -> typer.Typer:
             raise typer.Exit()
 
     @app.callback()
-    def root(version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+    def root(ctx: typer.Context,
+             version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
                                           help="Show the version and exit.")) -> None:
-        """The top-level options."""
+        use_study(ctx)
 
     return app
 

@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from cli._common import console
-from featcache.backbones import BACKBONES, locate
+from featcache.backbones import ALIASES, BACKBONES, locate
 from featcache.backbones.weights import weights_root
 from featcache.errors import WeightsError
 
@@ -15,10 +15,12 @@ def models() -> None:
     """List the backbones of the registry: source, views and dimensions, input, PEFT target names."""
     table = Table(title="Backbones (also: timm:NAME, hf:ORG/NAME, open_clip:NAME; add -tiny for a tiny random variant)")
     for col in ("name", "source", "views", "input", "PEFT targets", "about"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name")
     for spec in BACKBONES.values():
         views = ", ".join(f"{v}:{d}" for v, d in spec.views.items())
-        table.add_row(spec.name, spec.source, views, str(spec.input_size), " ".join(spec.peft.all_names()),
+        aliases = [alias for alias, name in ALIASES.items() if name == spec.name]
+        named = f"{spec.name}\n(alias: {', '.join(aliases)})" if aliases else spec.name
+        table.add_row(named, spec.source, views, str(spec.input_size), " ".join(spec.peft.all_names()),
                       spec.description)
     console.print(table)
 

@@ -46,3 +46,7 @@ class StoreError(FeatcacheError):
 
 class WriteError(FeatcacheError):
     """A file or store that cannot be written: read-only folder, disk full, file size limit."""
+
+
+class StudyError(FeatcacheError):
+    """A study file or grid that is malformed or names something unknown; names the file and key."""

@@ -361,6 +361,7 @@ class ProbeReport:
     written: int = 0
     existing: int = 0
     skipped: list[str] = field(default_factory=list)
+    planned: list[tuple[str, int | None, str]] = field(default_factory=list)  # (regime, k, run key) asked for
     warnings: list[str] = field(default_factory=list)
 
     def warn_edges(self, level: str, fitted: Sequence[Fitted], grid: Sequence[float]) -> None:
@@ -388,12 +389,17 @@ class _Job:
     store: Path
     out: Path
     report: ProbeReport
+    plan_only: bool = False
 
     def pending(self, fold: str, regime: str, shots: int | None, draw: int | None) -> bool:
-        """Whether a run still has to be fitted; a recorded one is read back into the report instead."""
+        """Whether a run still has to be fitted; a recorded one is read back into the report instead. Under
+        ``plan_only`` every run's key is noted and nothing is fitted or read."""
         key = run_key(task=self.task, backbone=self.data.backbone, method=METHOD, fold=fold,
                       seed=self.splits.seed, options=self.options.defining(self.view), regime=regime,
                       shots=shots, draw=draw, splits_digest=self.digest, identity=self.data.identity)
+        self.report.planned.append((regime, shots, key))
+        if self.plan_only:
+            return False
         path = record_path(self.out, key)
         if not path.is_file():
             return True
@@ -481,13 +487,15 @@ def _run_fewshot(job: _Job, k: int, draws: int | None, per_center: bool) -> None
 def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path | None = None,
               full: bool = False, shots: Sequence[int] = SHOTS, draws: int | None = None,
               per_center: bool = False, view: str = "cls", options: ProbeOptions | None = None,
-              out: str | Path = "runs", progress: Progress | None = None, **selectors) -> ProbeReport:
+              out: str | Path = "runs", progress: Progress | None = None, plan_only: bool = False,
+              **selectors) -> ProbeReport:
     """Probe ``model``'s cached features on ``task``: every fold (``full``) or every fold x draw of each shot
     level, one run record each in ``out``; runs whose key is already recorded are read back, not refitted.
 
     ``store`` defaults to ``features.zarr`` beside the manifest, ``draws`` to all persisted draws;
     ``per_center`` takes the draws with k per class per center; ``selectors`` (weights, random_init, dtype,
-    precision) choose the feature group where a store holds several. The module docstring states the protocol.
+    precision) choose the feature group where a store holds several. ``plan_only`` lists the run keys of the
+    request in ``report.planned`` without fitting anything. The module docstring states the protocol.
     """
     manifest_obj = load_manifest(manifest)
     splits = load_splits(manifest, task)
@@ -496,7 +504,7 @@ def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path 
     store = Path(store) if store is not None else default_store(manifest_obj.path)
     data = load_task_data(manifest_obj, task, splits, store, model, view, **selectors)
     job = _Job(task, Path(manifest), splits, splits.digest(), data, options or ProbeOptions(), view, store,
-               Path(out), ProbeReport())
+               Path(out), ProbeReport(), plan_only)
     levels: list[int | None] = [None] if full else sorted(set(shots))
     for done, k in enumerate(levels):
         if progress is not None:

@@ -11,6 +11,7 @@ Layout: ``<manifest dir>/<manifest stem>.splits/<TASK>.json``; see :meth:`Splits
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import Counter
@@ -683,13 +684,20 @@ def build_splits(
     return made if spec.dataset else replace(made, classes=(spec.negative, spec.positive))
 
 
+@functools.lru_cache(maxsize=8)
+def _read_unchanged(path: Path, size: int, mtime_ns: int) -> Splits:
+    """`read_splits` memoised on the file's size and mtime: a study plan reads one file thousands of times."""
+    return read_splits(path)
+
+
 def load_splits(manifest_path: str | Path, task: str) -> Splits:
     """The persisted splits of ``task``, refused when the manifest changed since they were made or when the
     file fails :func:`check_splits` against the manifest (a hand edit that would leak test patients)."""
     path = splits_path(manifest_path, task)
     if not path.is_file():
         raise SplitError(f"{path}: no splits for task {task}; make them with {_command(manifest_path, task)}")
-    splits = read_splits(path)
+    stat = path.stat()
+    splits = _read_unchanged(path.resolve(), stat.st_size, stat.st_mtime_ns)
     if splits.task != task:
         raise SplitError(f"{path}: holds splits of task {splits.task!r}, not {task!r}")
     manifest = load_manifest(manifest_path)

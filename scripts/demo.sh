@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
-# The toolkit end to end on a small synthetic cohort, offline, in a few minutes on 2 CPU cores:
-# cohort -> manifest check -> splits -> feature store -> linear probes (full data and few-shot) -> BitFit and
-# LoRA trained end to end on one fold -> results.
-# Tiny random-weight backbones stand in for real ones (`featcache weights` shows how to add real weights).
+# The toolkit end to end as one study folder, offline, in a few minutes on 2 CPU cores: a synthetic cohort,
+# a study file, the smoke grid (features of two tiny backbones, full-data and few-shot probes, BitFit and LoRA
+# on one of them for one fold), the three commands users type inside a study, and the report.
+# Tiny and random-init backbones stand in for real ones (`featcache weights` shows how to add real weights);
+# every table and figure of the report says so.
 set -euo pipefail
-BIN=${1:-.venv/bin}
+BIN=$(cd "${1:-.venv/bin}" && pwd)
 OUT=${DEMO_OUT:-demo_out}
-MODEL=${DEMO_MODEL:-resnet18-tiny}
 fc() { echo "+ featcache $*"; "$BIN/featcache" "$@"; }
-
-rm -rf "$OUT"
-fc synth --out "$OUT/cohort" --patients 120 --positive-rate 0.3 --centers 3 --format png
-fc manifest validate "$OUT/cohort/manifest.csv"
-fc splits --manifest "$OUT/cohort/manifest.csv" --task SYN --draws 20
-fc extract --model "$MODEL" --manifest "$OUT/cohort/manifest.csv" --store "$OUT/features.zarr"
-fc extract --model "$MODEL" --manifest "$OUT/cohort/manifest.csv" --store "$OUT/features.zarr"  # cached: instant
-fc probe --model "$MODEL" --task SYN --manifest "$OUT/cohort/manifest.csv" --store "$OUT/features.zarr" --full --out "$OUT/runs"
-fc probe --model "$MODEL" --task SYN --manifest "$OUT/cohort/manifest.csv" --store "$OUT/features.zarr" --shots 2,4,8,16 --draws 20 --out "$OUT/runs"
 ad() { echo "+ adapters $*"; "$BIN/adapters" "$@"; }
-# Stage 2 on one fold, short schedules so the demo stays quick (the protocol's defaults: up to 1000 epochs).
-for method in bitfit lora; do
-  ad train --method "$method" --model "$MODEL" --task SYN --manifest "$OUT/cohort/manifest.csv" --fold fold0 \
-    --head-lr 1e-2,1e-3 --max-epochs 40 --warmup 5 --patience 15 --plateau-patience 5 --out "$OUT/runs"
-done
-fc results "$OUT/runs" --out "$OUT/results.csv"
-echo "+ adapters methods --model $MODEL"
-"$BIN/adapters" methods --model "$MODEL"
-echo "Demo done: records in $OUT/runs/, one row per run in $OUT/results.csv"
+
+unset FEATCACHE_STUDY  # the study is the one made below
+rm -rf "$OUT" && mkdir -p "$OUT" && cd "$OUT"
+fc synth --out cohort --patients 60 --positive-rate 0.5 --centers 3 --images-per-patient 1 1
+fc init --manifest cohort/manifest.csv --task SYN --model medclip --weights medclip=random-init --grid smoke
+# The demo's one real-size training stays short: one fold, one head LR, one epoch (--help has the benchmark's).
+sed -i.bak 's/^  train: {}.*/  train: {fold: fold0, head_lr: "1e-3", max_epochs: 1, warmup: 0}/' study.yaml
+rm -f study.yaml.bak
+fc manifest validate                  # the study's manifest
+fc study plan                         # the smoke grid: runs per stage, nothing recorded yet
+fc study run                          # splits, features once per backbone, every probe, BitFit and LoRA
+ad methods --model resnet18-tiny      # what each method trains on the backbone the grid adapted
+fc study plan                         # now everything is recorded; a rerun would do nothing
+# The three commands users type, verbatim: the study supplies manifest, task, model, store, weights, records.
+fc extract --model medclip            # medclip -> medclip-vit, random-init as study.yaml states
+fc probe --shots 16
+ad train --method bitfit
+fc results                            # every record -> runs/results.csv
+fc report                             # report/report.md and report/figures/*.png
+echo "Demo done: study file $OUT/study.yaml, records in $OUT/runs/, report in $OUT/report/report.md"

@@ -3,16 +3,16 @@
 The registry, specs and weight lookup import no deep-learning library, so commands that only need to know a
 model (or to fail fast on missing weights) start in well under a second; building one imports torch."""
 
-from .registry import BACKBONES, get_spec, list_backbones
+from .registry import ALIASES, BACKBONES, canonical_name, get_spec, list_backbones
 from .spec import BackboneSpec, PeftTargets, TinyVariant, WeightsSource
 from .weights import WeightsLocation, download_hint, load_state_dict, locate, weights_identity
 
 _BUILD = ("Backbone", "build_backbone", "count_parameters", "match_targets")
 
 __all__ = [
-    "BACKBONES", "Backbone", "BackboneSpec", "PeftTargets", "TinyVariant", "WeightsLocation", "WeightsSource",
-    "build_backbone", "count_parameters", "download_hint", "get_spec", "list_backbones", "load_state_dict",
-    "locate", "match_targets", "weights_identity",
+    "ALIASES", "BACKBONES", "Backbone", "BackboneSpec", "PeftTargets", "TinyVariant", "WeightsLocation",
+    "WeightsSource", "build_backbone", "canonical_name", "count_parameters", "download_hint", "get_spec",
+    "list_backbones", "load_state_dict", "locate", "match_targets", "weights_identity",
 ]
 
 

@@ -115,14 +115,27 @@ BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in (
 )}
 
 
+# Names people say for a backbone -> its registry name. MedCLIP's default vision encoder is the Swin one.
+ALIASES: dict[str, str] = {"medclip": "medclip-vit"}
+
+
 def list_backbones() -> list[str]:
     return list(BACKBONES)
 
 
+def canonical_name(name: str) -> str:
+    """The registry name behind an alias (``medclip`` -> ``medclip-vit``, ``medclip-tiny`` ->
+    ``medclip-vit-tiny``); any other name is returned as given."""
+    base, tiny = (name[: -len("-tiny")], "-tiny") if name.endswith("-tiny") else (name, "")
+    return ALIASES.get(base, base) + tiny
+
+
 def get_spec(name: str) -> BackboneSpec:
-    """Resolve a backbone name: a table entry, `timm:`/`hf:`/`open_clip:` ids, `-tiny` variants of either."""
+    """Resolve a backbone name: a table entry or an alias of one (`ALIASES`), `timm:`/`hf:`/`open_clip:` ids,
+    `-tiny` variants of either."""
     from featcache.errors import UsageError
 
+    name = canonical_name(name)
     base, tiny = (name[: -len("-tiny")], True) if name.endswith("-tiny") else (name, False)
     prefix, _, ident = base.partition(":")
     if base in BACKBONES:

@@ -1,0 +1,415 @@
+"""A study report from run records alone: Markdown tables and PNG figures (matplotlib, Agg).
+
+What it shows and how it chooses, stated again at the top of every report:
+- full data: per task x backbone x method, mean ± std over folds of image-level MCC (at the threshold chosen
+  on held-out scores, where the run had one) and AP (average precision, the benchmark's PR-AUC), plus the 95 %
+  patient-level bootstrap interval of the folds' pooled test predictions (MCC at each run's threshold, AP);
+- gradient-trained runs: per group, the head LR with the lowest mean validation loss
+  (`records.select_head_lr`); test data never chooses;
+- few-shot: MCC at 0.5 against k, median and interquartile range over backbones, folds and draws;
+- runs made with random weights are marked in every table and figure title.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.backbones.weights import RANDOM_INIT, TINY_RANDOM
+from featcache.errors import RecordError
+from featcache.fileio import atomic_write
+from featcache.metrics import bootstrap_ci
+from featcache.records import RunRecord, load_records, select_head_lr, summarize_records
+
+STAGE1 = ("probe",)
+RANDOM_MARK = "random weights"
+FIGURE_DPI = 150
+_MARKERS = "osD^vP*Xh<>p"
+
+
+def is_random(record: RunRecord) -> bool:
+    """Whether a run's backbone had random weights (random-init, or a tiny test variant)."""
+    return record.provenance.get("weights") in (RANDOM_INIT, TINY_RANDOM) or record.identity in (RANDOM_INIT,
+                                                                                                   TINY_RANDOM)
+
+
+def variant(record: RunRecord) -> str:
+    """Method name with its rank where it has one: ``lora-r8``; the cached probe stays ``probe``."""
+    rank = record.options.get("rank")
+    return record.method if rank in (None, "") else f"{record.method}-r{rank}"
+
+
+def threshold(record: RunRecord) -> float:
+    """The threshold behind `mcc`: the validation-chosen one for full-data runs that have it, else 0.5."""
+    value = record.metrics.get("val_threshold") if record.regime == "full" else None
+    return 0.5 if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def mcc(record: RunRecord) -> float:
+    """MCC at the validation threshold for full-data runs that have one, else at 0.5."""
+    value = record.metrics.get("mcc_val_thr") if record.regime == "full" else None
+    if value is None or not math.isfinite(float(value)):
+        value = record.metrics.get("mcc")
+    return math.nan if value is None else float(value)
+
+
+def _order(methods: Iterable[str]) -> list[str]:
+    """Methods in the benchmark's order: probe, LP, FFT, LoRA, VeRA, BitFit, IA3, then anything else."""
+    rank = {m: i for i, m in enumerate(("probe", "lp", "fft", "lora", "vera", "bitfit", "ia3"))}
+    return sorted(set(methods), key=lambda v: (rank.get(v.split("-r")[0], 99), v))
+
+
+def _fmt(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.3f}" if not math.isfinite(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _seconds(value: float) -> str:
+    if value >= 3600:
+        return f"{value / 3600:.2f} h"
+    return f"{value / 60:.1f} min" if value >= 120 else f"{value:.2f} s"
+
+
+@dataclass
+class Report:
+    """What `write_report` made: the Markdown file, the figures, and notes on choices and gaps."""
+
+    markdown: Path
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    records: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+
+def pooled_ci(records: list[RunRecord], n_boot: int = 1000, seed: int = 0) -> dict[str, tuple] | None:
+    """95 % patient-level bootstrap intervals of MCC and PR-AUC over the folds' pooled test predictions, each
+    image predicted at its own run's threshold (as `mcc`). None where test sets overlap or lack patients."""
+    ids = [i for r in records for i in r.test_ids]
+    if not ids or len(set(ids)) != len(ids) or not all(r.test_patients for r in records):
+        return None
+    y = np.array([v for r in records for v in r.test_labels])
+    s = np.array([v for r in records for v in r.test_scores], dtype=np.float64)
+    calls = np.concatenate([np.asarray(r.test_scores) >= threshold(r) for r in records]).astype(np.float64)
+    patients = np.array([p for r in records for p in r.test_patients])
+    return {"mcc": tuple(bootstrap_ci(y, calls, patients, "mcc", n_boot=n_boot, seed=seed)[:2]),
+            "ap": tuple(bootstrap_ci(y, s, patients, "average_precision", n_boot=n_boot, seed=seed)[:2])}
+
+
+def full_table(records: list[RunRecord]) -> list[dict[str, Any]]:
+    """One row per task x backbone x method variant (full data, head LR already chosen): fold mean ± std of
+    MCC and PR-AUC, and the pooled patient-level 95 % intervals."""
+    rows = []
+    for row in summarize_records(records, metrics=("average_precision",)):
+        members = [r for r in records if (r.task, r.backbone, r.method) == (row["task"], row["backbone"],
+                                                                            row["method"])
+                   and r.regime == "full" and _options_match(r, row["options"])]
+        values = np.array([mcc(r) for r in members])
+        finite = values[np.isfinite(values)]
+        rows.append({
+            "task": row["task"], "backbone": row["backbone"], "method": variant(members[0]),
+            "runs": row["runs"], "random": any(is_random(r) for r in members),
+            "mcc_mean": float(finite.mean()) if finite.size else math.nan,
+            "mcc_std": float(finite.std(ddof=1)) if finite.size > 1 else math.nan,
+            "ap_mean": row["average_precision"].mean, "ap_std": row["average_precision"].std,
+            "pooled": pooled_ci(members),
+            "head_lr": members[0].options.get("head_lr"),
+        })
+    return rows
+
+
+def _options_match(record: RunRecord, label: str) -> bool:
+    from featcache.records import options_label
+
+    return options_label(record.options) == label
+
+
+def compute_table(records: list[RunRecord]) -> tuple[list[list[str]], list[list[str]]]:
+    """Wall time by stage (runs, of them with random weights, total, mean per run), and per task x backbone
+    the cost ratio of the end-to-end LP to the cached probe where both ran (same regime: full data)."""
+    by_stage: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.wall_time_s is not None:
+            by_stage["1 (cached probe)" if r.method in STAGE1 else "2 (trained end to end)"].append(r)
+    stages = []
+    for name, members in sorted(by_stage.items()):
+        total = sum(r.wall_time_s for r in members)
+        stages.append([name, str(len(members)), str(sum(map(is_random, members))), _seconds(total),
+                       _seconds(total / len(members))])
+    pairs: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.regime == "full" and r.method in ("probe", "lp") and r.wall_time_s is not None:
+            pairs[r.task, r.backbone][r.method].append(r)
+    ratios = []
+    for (task, backbone), runs in sorted(pairs.items()):
+        if runs["probe"] and runs["lp"]:
+            probe, lp = (float(np.mean([r.wall_time_s for r in runs[m]])) for m in ("probe", "lp"))
+            name = _backbone(backbone, runs["probe"] + runs["lp"])
+            ratios.append([task, name, _seconds(probe), _seconds(lp), f"{lp / probe:,.0f}×" if probe > 0 else "–"])
+    return stages, ratios
+
+
+def _backbone(name: str, records: Iterable[RunRecord]) -> str:
+    """A backbone's table cell, marked where any of its runs had random weights."""
+    return f"{name} *({RANDOM_MARK})*" if any(is_random(r) for r in records) else name
+
+
+# --------------------------------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9})
+    return plt
+
+
+def _title(text: str, records: Iterable[RunRecord]) -> str:
+    return f"{text} ({RANDOM_MARK})" if any(is_random(r) for r in records) else text
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=FIGURE_DPI, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def box_figure(task: str, records: list[RunRecord], path: Path) -> Path:
+    """MCC of each method across backbones and folds, full data."""
+    plt = _pyplot()
+    methods = _order(variant(r) for r in records)
+    data = [[v for r in records if variant(r) == m and math.isfinite(v := mcc(r))] for m in methods]
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.75 * len(methods) + 2), 3.8))
+    ax.boxplot(data, showmeans=True)
+    ax.set_xticks(range(1, len(methods) + 1), methods, rotation=30 if len(methods) > 6 else 0)
+    ax.axhline(0, color="0.7", linewidth=0.8, zorder=0)
+    ax.set_xlabel("method")
+    ax.set_ylabel("MCC (validation threshold)")
+    backbones = len({r.backbone for r in records})
+    ax.set_title(_title(f"{task}: MCC per method, full data\n{backbones} backbone(s) × folds", records))
+    ax.text(0.99, 0.01, "line: median, triangle: mean", transform=ax.transAxes, ha="right", va="bottom",
+            fontsize=8, color="0.4")
+    ax.grid(axis="y", alpha=0.3)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def share_points(records: list[RunRecord]) -> tuple[list[tuple[str, str, float, float]], list[str]]:
+    """(method, backbone, trainable share, mean MCC) per backbone x method. The cached probe trains D + 1
+    parameters beside a frozen backbone, whose size its records carry; records that counted the probe alone take
+    the backbone's total from a trained run of it, or are left out (with a note) where there is none."""
+    totals = {r.backbone: r.total_params for r in records if r.method not in STAGE1 and r.total_params}
+    groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        groups[variant(r), r.backbone].append(r)
+    points, missing = [], []
+    for (method, backbone), members in sorted(groups.items()):
+        first = members[0]
+        total = first.total_params
+        if method in STAGE1 and (not total or total <= (first.trainable_params or 0)):  # older probe records
+            total = totals.get(backbone)  # counted the probe alone: take the backbone's size from a trained run
+        if not total or not first.trainable_params:
+            missing.append(f"{method} on {backbone}")
+            continue
+        values = [v for r in members if math.isfinite(v := mcc(r))]
+        if values:
+            points.append((method, backbone, first.trainable_params / total, float(np.mean(values))))
+    return points, missing
+
+
+def share_figure(task: str, records: list[RunRecord], path: Path) -> tuple[Path | None, list[str]]:
+    """Mean MCC over folds against the share of trainable parameters (log x), one marker per method."""
+    points, missing = share_points(records)
+    if not points:
+        return None, missing
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for i, method in enumerate(_order(p[0] for p in points)):
+        mine = [p for p in points if p[0] == method]
+        ax.scatter([p[2] * 100 for p in mine], [p[3] for p in mine], marker=_MARKERS[i % len(_MARKERS)], s=45,
+                   label=method)
+        for _, backbone, share, value in mine:  # which backbone each point is
+            ax.annotate(backbone, (share * 100, value), xytext=(4, 3), textcoords="offset points", fontsize=7,
+                        color="0.35")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the model, log scale)")
+    ax.set_ylabel("MCC, mean over folds")
+    ax.set_title(_title(f"{task}: MCC against trainable share, full data", records))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title="method", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out, missing
+
+
+_REGIME_STYLE = {"fewshot": ("-", ""), "fewshot-center": ("--", " per center")}
+
+
+def _quartiles(records: list[RunRecord]) -> list[tuple[int, float, float, float]]:
+    """(k, q1, median, q3) of MCC over the runs of each k."""
+    out = []
+    for k in sorted({r.shots for r in records}):
+        values = np.array([mcc(r) for r in records if r.shots == k])
+        values = values[np.isfinite(values)]
+        if values.size:
+            out.append((k, *np.percentile(values, [25, 50, 75])))
+    return out
+
+
+def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
+    """MCC at 0.5 against k per method (dashed: k per class per center): median line and interquartile band
+    (and bar) over draws and folds; the first panel pools every backbone, the others show one each."""
+    plt = _pyplot()
+    backbones = sorted({r.backbone for r in records})
+    panels = [("all backbones", records)] + ([(b, [r for r in records if r.backbone == b]) for b in backbones]
+                                             if len(backbones) > 1 else [])
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.3 * rows), squeeze=False, sharey=True)
+    methods = _order(variant(r) for r in records)
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for ax, (name, members) in zip(axes.flat, panels, strict=False):
+        for method in methods:
+            for regime, (style, suffix) in _REGIME_STYLE.items():
+                stats = _quartiles([r for r in members if variant(r) == method and r.regime == regime])
+                if not stats:
+                    continue
+                k, q1, med, q3 = (np.array(c) for c in zip(*stats, strict=True))
+                color = colors[method]
+                ax.plot(k, med, marker="o", linestyle=style, color=color, label=f"{method}{suffix}")
+                ax.fill_between(k, q1, q3, color=color, alpha=0.15, linewidth=0)
+                ax.vlines(k, q1, q3, color=color, alpha=0.6, linewidth=1.5)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r.shots for r in members})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(name)
+        ax.set_xlabel("k (images per class)")
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("MCC at 0.5")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(_title(f"{task}: few-shot MCC against k, median and interquartile range over folds and draws",
+                        records))
+    labels: dict[str, Any] = {}  # every method and regime drawn in any panel, once
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labels.setdefault(label, handle)
+    fig.legend(list(labels.values()), list(labels), title="method", loc="center left", bbox_to_anchor=(1.0, 0.5),
+               frameon=False)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def write_report(results: str | Path, out: str | Path) -> Report:
+    """Read every record in ``results`` and write ``out/report.md`` with its figures in ``out/figures/``."""
+    results, out = Path(results), Path(out)
+    if not results.is_dir():
+        raise RecordError(f"{results}: no such records folder")
+    everything = load_records(results)
+    if not everything:
+        raise RecordError(f"{results}: no run records (<run key>.json) in this folder")
+    kept, choices = select_head_lr(everything)
+    report = Report(out / "report.md", records=len(everything))
+    figures = out / "figures"
+    md = [f"# Study report: {results.resolve()}", "",
+          f"{len(everything)} run records, read {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
+          "Every number below comes from these records.", ""]
+    randoms = sorted({f"{r.backbone} ({r.provenance.get('weights') or r.identity})" for r in everything
+                      if is_random(r)})
+    if randoms:
+        md += [f"**Random weights:** runs of {', '.join(randoms)} used random weights; their rows are marked "
+               f"*{RANDOM_MARK}* and their figure titles say so. They test the pipeline, not the models.", ""]
+    md += ["How to read it: metrics are image-level, as the benchmark reported them (records also hold "
+           "patient-level ones: `featcache results`). MCC is at the threshold chosen on held-out scores of the "
+           "tested model (full data; 0.5 where a run had none, and in few-shot); AP is average precision, the "
+           "benchmark's PR-AUC. Gradient-trained runs keep, per task x backbone x method x regime, the head LR "
+           "with the lowest mean validation loss; test data never chooses.", ""]
+    if choices:
+        md += ["<details><summary>Head-LR choices (by mean validation loss)</summary>", ""]
+        md += [f"- {line}" for line in choices] + ["", "</details>", ""]
+    full = [r for r in kept if r.regime == "full"]
+    few = [r for r in kept if r.regime != "full"]
+    for task in sorted({r.task for r in kept}):
+        md += [f"## {task}", ""]
+        mine = [r for r in full if r.task == task]
+        if mine:
+            md += _full_section(task, mine, figures, report)
+        shots = [r for r in few if r.task == task]
+        if shots:
+            path = fewshot_figure(task, shots, figures / f"{task}_fewshot.png")
+            report.figures.append(path)
+            md += ["### Few-shot", "", f"![{task} few-shot]({path.relative_to(out)})", ""]
+    md += _compute_section(everything)
+    atomic_write(report.markdown, ("\n".join(md) + "\n").encode("utf-8"))
+    return report
+
+
+def _full_section(task: str, records: list[RunRecord], figures: Path, report: Report) -> list[str]:
+    rows = full_table(records)
+    methods = _order(r["method"] for r in rows)
+    rows.sort(key=lambda r: (r["backbone"], methods.index(r["method"])))
+    table = []
+    for r in rows:
+        pooled = r["pooled"]
+        ci = tuple(f"{pooled[m][0]:.3f} – {pooled[m][1]:.3f}" for m in ("mcc", "ap")) if pooled else ("–", "–")
+        lr = "–" if r["head_lr"] is None else f"{float(r['head_lr']):g}"
+        name = f"{r['backbone']} *({RANDOM_MARK})*" if r["random"] else r["backbone"]
+        table.append([name, r["method"], lr, r["runs"], _fmt(r["mcc_mean"], r["mcc_std"]),
+                      _fmt(r["ap_mean"], r["ap_std"]), *ci])
+    lines = ["### Full data", "", *_table(("backbone", "method", "head LR", "folds", "MCC (mean ± std)",
+                                          "AP (mean ± std)", "MCC 95% CI", "AP 95% CI"), table), "",
+             "95 % intervals: the folds' test predictions pooled (each image scored once, MCC at its run's "
+             "threshold), 1,000 bootstrap resamples of patients.", ""]
+    box = box_figure(task, records, figures / f"{task}_mcc_box.png")
+    report.figures.append(box)
+    lines += [f"![{task} MCC per method]({box.relative_to(report.markdown.parent)})", ""]
+    share, missing = share_figure(task, records, figures / f"{task}_mcc_vs_trainable.png")
+    if share is not None:
+        report.figures.append(share)
+        lines += [f"![{task} MCC against trainable share]({share.relative_to(report.markdown.parent)})", ""]
+    if missing:
+        note = (f"Left out of the trainable-share plot (no parameter count of the backbone in these records): "
+                f"{', '.join(missing)}.")
+        report.notes.append(f"{task}: {note}")
+        lines += [note, ""]
+    return lines
+
+
+def _compute_section(records: list[RunRecord]) -> list[str]:
+    stages, ratios = compute_table(records)
+    lines = ["## Compute", "", *_table(("stage", "runs", f"with {RANDOM_MARK}", "wall time, total", "per run"),
+                                       stages), "",
+             "Cached-probe times are each run's share of a batched solve on stored features; extracting the "
+             "features (once per backbone) is not in the records and not in these numbers.", ""]
+    if ratios:
+        lines += ["Cost of the end-to-end LP against the cached probe (full data, mean per run):", "",
+                  *_table(("task", "backbone", "cached probe", "end-to-end LP", "LP / probe"), ratios), ""]
+    return lines
