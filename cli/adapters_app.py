@@ -3,35 +3,38 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from cli import train_cmds
 from cli._common import console, new_app, run_app
-from featcache.backbones import get_spec, weights_identity
+from featcache.backbones import get_spec
 from featcache.errors import FeatcacheError
 
-app = new_app("Stage 2: fine-tune backbones end to end (FFT, LoRA, VeRA, BitFit, IA3) on the shared protocol.")
+app = new_app("Stage 2: fine-tune backbones end to end (FFT, LoRA, VeRA, BitFit, IA3) on the shared protocol.",
+              name="adapters")
 
 
 @app.command("methods")
 def methods(
     model: str = typer.Option(..., "--model", help="Backbone name (add -tiny for the tiny random variant)."),
     rank: int = typer.Option(8, "--rank", min=1, help="LoRA/VeRA rank."),
-    weights: Path | None = typer.Option(None, "--weights", help="Weights file or folder."),
-    random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
 ) -> None:
-    """Show what each method trains on MODEL: the modules it targets and its trainable parameters."""
+    """Show what each method trains on MODEL: the modules it targets and its trainable parameters.
+
+    Needs no weights: the architecture is built on PyTorch's meta device (shapes only, no memory, nothing read)."""
     spec = get_spec(model)
-    weights_identity(spec, weights, random_init)  # missing weights fail here, before torch and peft load
+    import torch
+
     from adapters.classifier import Classifier
     from adapters.methods import METHODS, apply_method, target_modules
     from featcache.backbones import build_backbone, count_parameters, match_targets
 
-    base = Classifier(build_backbone(spec, weights=weights, random_init=random_init))
-    table = Table(title=f"Adaptation methods on {spec.name} (weights: {base.backbone.weights_id})")
+    meta = torch.device("meta")
+    with meta:
+        base = Classifier(build_backbone(spec, random_init=True))
+    table = Table(title=f"Adaptation methods on {spec.name} (architecture only: counts do not depend on weights)")
     for col in ("method", "targets", "modules", "trainable", "% of total", "backbone LR"):
         table.add_column(col)
     notes: list[str] = []
@@ -42,7 +45,8 @@ def methods(
             table.add_row(method.name, "n/a", "-", "-", "-", "-")
             notes.append(str(err))
             continue
-        trainable, total = count_parameters(apply_method(copy.deepcopy(base), method.name, r=rank))
+        with meta:
+            trainable, total = count_parameters(apply_method(copy.deepcopy(base), method.name, r=rank))
         modules = sum(len(v) for v in match_targets(base.backbone.model, tuple(targets)).values())
         what = " ".join(targets) or {"none": "head only", "all": "everything", "bias": "biases"}[method.trains]
         table.add_row(method.name, what, str(modules) if targets else "-", f"{trainable:,}",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cli._common import console
+from cli._common import check_choice, console
 
 if TYPE_CHECKING:
     from featcache import imaging
@@ -29,8 +29,7 @@ def show(
     from featcache import imaging
 
     box = _parse_bbox(bbox)
-    if intensity not in imaging.INTENSITIES:
-        raise typer.BadParameter(f"must be one of {', '.join(imaging.INTENSITIES)}", param_hint="--intensity")
+    check_choice(intensity, imaging.INTENSITIES, "--intensity")
     info = imaging.describe(image)
     decoded = imaging.decode(image)
     gray = imaging.prepare_gray(decoded, size, box, intensity, source=image)

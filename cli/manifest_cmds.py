@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli._common import console, new_app
+from cli._common import check_choice, console, new_app, plural
 from featcache import datasets, synth
 from featcache.manifest import ValidationReport, validate
 
@@ -28,11 +28,14 @@ def synth_cmd(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Write a synthetic chest-X-ray cohort (task SYN) with its manifest."""
-    with console.status(f"drawing {patients} patients"):
-        try:
-            path = synth.make_cohort(out, patients, positive_rate, images, centers, size, fmt, seed)
-        except ValueError as err:  # argument combinations typer cannot check alone
-            raise typer.BadParameter(str(err)) from None
+    check_choice(fmt, synth.FORMATS, "--format")
+    if centers > patients:  # combinations typer cannot check option by option
+        raise typer.BadParameter(f"{centers} centers need at least as many patients (--patients {patients})",
+                                 param_hint="--centers")
+    if images[0] > images[1]:
+        raise typer.BadParameter(f"MIN {images[0]} > MAX {images[1]}", param_hint="--images-per-patient")
+    with console.status(f"drawing {plural(patients, 'patient')}"):
+        path = synth.make_cohort(out, patients, positive_rate, images, centers, size, fmt, seed)
     _print_report(validate(path))
 
 
@@ -106,7 +109,8 @@ def _print_list(title: str, items: list[str]) -> None:
 
 def _print_report(report: ValidationReport, counts: bool = True) -> None:
     if counts:
-        console.print(f"{report.path}: {report.images} images, {report.patients} patients", highlight=False)
+        console.print(f"{report.path}: {plural(report.images, 'image')}, {plural(report.patients, 'patient')}",
+                      highlight=False)
         table = Table()
         for name in ("task", "class", "images"):
             table.add_column(name, justify="right" if name == "images" else "left")

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import typer
 from rich import box
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli._common import console
+from cli._common import check_choice, console, plural, progress
 from featcache import datasets
 from featcache.errors import SplitError
 from featcache.manifest import load_manifest
@@ -43,12 +42,6 @@ def _grid(text: str | None) -> tuple[float, ...] | None:
     if not values or min(values) <= 0 or not all(np.isfinite(values)):
         raise typer.BadParameter("give positive finite values of C", param_hint="--c-grid")
     return values
-
-
-def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
-    if value not in allowed:
-        raise typer.BadParameter(f"{value!r}: choose from {', '.join(allowed)}", param_hint=option)
-    return value
 
 
 def _mean_std(summary: Summary) -> str:
@@ -131,18 +124,13 @@ def probe(
     if positive is not None:
         datasets.task_for(load_manifest(manifest), task, positive)
     grid = _grid(c_grid)
-    options = ProbeOptions(select=_choice(select, SELECT, "--select"), solver=_choice(solver, SOLVERS, "--solver"),
-                           refit=refit, device=device, **({"grid": grid} if grid else {}))
-    columns = (TextColumn("probing {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        level = bar.add_task("", total=None)
-
-        def progress(label: str, done: int, total: int) -> None:
-            bar.update(level, description=label, completed=done, total=total)
-
+    options = ProbeOptions(select=check_choice(select, SELECT, "--select"),
+                           solver=check_choice(solver, SOLVERS, "--solver"), refit=refit, device=device,
+                           **({"grid": grid} if grid else {}))
+    with progress("probing levels") as update:
         report = run_probe(manifest, task, model, store=store, full=full, shots=_shots(shots), draws=draws,
-                           per_center=per_center, view=view, options=options, out=out, progress=progress,
+                           per_center=per_center, view=view, options=options, out=out,
+                           progress=lambda level, done, total: update(done, total, status=level),
                            weights=weights, random_init=random_init, dtype=dtype)
     if not report.records:
         raise SplitError(_nothing_ran(task, report.skipped))
@@ -154,7 +142,7 @@ def probe(
     if weights & {"random-init", "tiny-random"}:
         console.print(f"[yellow]features from random weights ({', '.join(sorted(map(str, weights)))})[/]")
     console.print(_table(report.records, f"{task} · {model} · {view} · solver {solver} · select {select}"))
-    console.print(f"wrote {report.written} run records ({report.existing} already there) to {out}",
+    console.print(f"wrote {plural(report.written, 'run record')} ({report.existing} already there) to {out}",
                   highlight=False)
 
 

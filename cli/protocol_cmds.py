@@ -8,12 +8,10 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.markup import escape
-from rich.measure import Measurement
 from rich.table import Table
 
-from cli._common import console
+from cli._common import console, plural
 from featcache import datasets
 from featcache.errors import FeatcacheError
 from featcache.manifest import load_manifest
@@ -123,7 +121,7 @@ def splits(
         folds = ", ".join(reasons)
         first, why = next(iter(reasons.items()))
         console.print(f"[yellow]skipped[/] {kind} k={shot} in {folds} ({first}: {why})", highlight=False)
-    console.print(f"wrote {path}: {len(made.folds)} folds; {_drawn(made)}", highlight=False)
+    console.print(f"wrote {path}: {plural(len(made.folds), 'fold')}; {_drawn(made)}", highlight=False)
 
 
 def _drawn(made: splits_lib.Splits) -> str:
@@ -170,7 +168,7 @@ def results(
     summary = summarize_records(kept, metrics=(*names, *(f"patient_{n}" for n in names)), pooled=True)
     shown = [n for n in names if n != ("average_precision" if trapezoid else "pr_auc_trapezoid")]
     prefix = "patient_" if level == "patient" else ""
-    _print_whole(_results_table(f"{folder} · {level} level", summary, [prefix + n for n in shown], len(kept)))
+    console.print(_results_table(f"{folder} · {level} level", summary, [prefix + n for n in shown], len(kept)))
     for line in _variant_legend(summary, kept):
         console.print(f"[dim]{escape(line)}[/]", highlight=False)
     console.print(f"[dim]{_key_line(summary, shown, level)}[/]", highlight=False)
@@ -183,8 +181,9 @@ def results(
             name = " · ".join(str(row[n]) for n in ("task", "backbone", "method", "regime"))
             intervals = ", ".join(f"{label} {pooled[m]:.3f} [{pooled[m + '_ci'][0]:.3f}, {pooled[m + '_ci'][1]:.3f}]"
                                   for m, label in (("mcc", "MCC@0.5"), ("average_precision", "AP")))
-            console.print(f"{name}: pooled over {row['runs']} folds ({pooled['n']} images, {pooled['patients']} "
-                          f"patients), 95% bootstrap CI over patients: {intervals}", highlight=False)
+            console.print(f"{name}: pooled over {plural(row['runs'], 'fold')} ({plural(pooled['n'], 'image')}, "
+                          f"{plural(pooled['patients'], 'patient')}), 95% bootstrap CI over patients: {intervals}",
+                          highlight=False)
     summary_path = write_summary(summary, path.with_name(f"{path.stem}_summary.csv"))
     console.print(f"wrote {path} (one row per run) and {summary_path} (one row per configuration)",
                   highlight=False)
@@ -210,21 +209,11 @@ def _key_line(summary: list[dict], shown: list[str], level: str) -> str:
     return "; ".join(parts)
 
 
-def _print_whole(table: Table) -> None:
-    """A table never cut: off a terminal (a log file) the line grows to the table's natural width instead of
-    truncating cells at the default 80 columns."""
-    if console.is_terminal:
-        console.print(table)
-        return
-    width = Measurement.get(console, console.options.update_width(10_000), table).maximum
-    Console(file=console.file, width=max(console.width, width), no_color=console.no_color).print(table)
-
-
 def _results_table(where: str, summary: list[dict], metrics: list[str], runs: int) -> Table:
     """One row per configuration: the columns that vary, the level, runs, metrics, draw spread, drawn."""
     variants = _option_variants(summary)
     shared = [n for n in ("task", "backbone", "method") if len({row[n] for row in summary}) == 1]
-    title = " · ".join([where, *(str(summary[0][n]) for n in shared), f"{runs} runs"])
+    title = " · ".join([where, *(str(summary[0][n]) for n in shared), plural(runs, "run")])
     table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     columns = [n for n in ("task", "backbone", "method") if n not in shared or (n == "method" and variants)]
     fewshot = any(row["shots"] is not None for row in summary)

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
-from cli._common import console
-from featcache.store import DEFAULT_CHUNK_ROWS, ON_ERROR, export_hdf5, feature_spec, list_groups
+from cli._common import check_choice, console, plural, progress
+from featcache.store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, ON_ERROR, export_hdf5, feature_spec, list_groups
 
 if TYPE_CHECKING:
     from featcache.extract import ExtractResult
@@ -35,40 +22,17 @@ def _rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:.1f} img/s")
-
-
-@contextmanager
-def _progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich bar (images/s, ETA) fed by the pipeline's (done, total) hook; silent on ranks other than 0."""
-    if not _rank0():
-        yield None
-        return
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
-
-
-def _check_on_error(on_error: str) -> None:
-    if on_error not in ON_ERROR:
-        raise typer.BadParameter(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
-
-
-def _report(result: ExtractResult, what: str) -> None:
+def _report(result: ExtractResult, pixels: bool = False) -> None:
     if not _rank0():
         return
-    loaded = "model loaded" if result.model_loaded else "no model loaded"
-    if what == "pixels":
-        loaded = "decoded"
-    console.print(f"{result.store}/{result.group}: {result.rows} images, {result.embedded} {what} computed "
-                  f"({result.added} new rows, {len(result.changed)} changed inputs; {loaded}) "
+    work = plural(result.embedded, "image") + " decoded" if pixels else plural(result.embedded, "row") + " computed"
+    loaded = "" if pixels else "; model loaded" if result.model_loaded else "; no model loaded"
+    console.print(f"{result.store}/{result.group}: {plural(result.rows, 'image')}, {work} "
+                  f"({plural(result.added, 'new row')}, {plural(len(result.changed), 'changed input')}{loaded}) "
                   f"in {result.seconds:.1f} s", highlight=False)
     if result.skipped:
-        table = Table(title=f"{len(result.skipped)} images skipped (recorded in the store's skip_reason)")
+        table = Table(title=f"{plural(len(result.skipped), 'image')} skipped (recorded in the store's "
+                            "skip_reason)")
         table.add_column("image_id")
         table.add_column("reason", overflow="fold")
         for image_id, reason in result.skipped.items():
@@ -96,7 +60,8 @@ def extract(
     """Embed every image of a manifest once per frozen backbone; reruns compute only what is missing.
 
     Under `torchrun --nproc-per-node N --no-python featcache extract ...` each rank takes a share."""
-    _check_on_error(on_error)
+    check_choice(on_error, ON_ERROR, "--on-error")
+    check_choice(dtype, FEATURE_DTYPES, "--dtype")
     if random_init and weights is not None:
         raise typer.BadParameter("--weights and --random-init exclude each other")
     view_list = [v.strip() for v in views.split(",")] if views else None
@@ -106,13 +71,13 @@ def extract(
                       "spec)[/]")
     from featcache.extract import extract_features
 
-    with _progress("embedding") as hook:
+    with progress("embedding", enabled=_rank0()) as hook:
         result = extract_features(manifest, model, store=store, weights=weights, random_init=random_init,
                                   views=view_list, dtype=dtype,
                                   batch_size=batch_size, num_workers=workers, on_error=on_error,
                                   device=device, chunk_rows=chunk_rows, retry_skipped=retry_skipped,
                                   progress=hook)
-    _report(result, "rows")
+    _report(result)
 
 
 def pixels(
@@ -126,13 +91,13 @@ def pixels(
     chunk_rows: int = typer.Option(64, "--chunk-rows", min=1, help="Rows per shard of a new cache."),
 ) -> None:
     """Decode, crop and resize every image once into a uint8 pixel cache that stage-2 epochs read."""
-    _check_on_error(on_error)
+    check_choice(on_error, ON_ERROR, "--on-error")
     from featcache.pixels import cache_pixels
 
-    with _progress("decoding") as hook:
+    with progress("decoding", enabled=_rank0()) as hook:
         result = cache_pixels(manifest, model, store=store, batch_size=batch_size, num_workers=workers,
                               on_error=on_error, chunk_rows=chunk_rows, progress=hook)
-    _report(result, "pixels")
+    _report(result, pixels=True)
 
 
 def export(

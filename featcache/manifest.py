@@ -358,7 +358,8 @@ class ValidationReport:
             return f"{self.path}: valid, {self.images} images, {self.patients} patients, tasks {tasks}"
         kinds = Counter(issue.kind for issue in self.errors)
         first = self.errors[0]
-        return f"{self.path}: {len(self.errors)} errors ({', '.join(kinds)}); first: {first}"
+        n = len(self.errors)
+        return f"{self.path}: {n} {'error' if n == 1 else 'errors'} ({', '.join(kinds)}); first: {first}"
 
     def raise_for_errors(self) -> None:
         if self.errors:

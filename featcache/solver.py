@@ -17,11 +17,21 @@ batched Cholesky solve with the intercept treated exactly; Armijo backtracking k
 makes the objective strictly convex, so separable data -- the rule in few-shot -- is fine. The C grid is
 walked upwards with warm starts, so a whole grid costs a few steps per C. Work is float64: results match
 scikit-learn's lbfgs run to a tight tolerance.
+
+Threads: on CPU, batched Cholesky and triangular solves call LAPACK once per matrix, and each call (like each
+small element-wise or batched-matmul op) opens an OpenMP parallel region. For small systems the regions cost more
+than they share, and on a shared machine every region waits for its slowest thread: one descheduled thread stalls
+it for a scheduler time slice. A few-shot grid at load 8 on 2 cores ran 4-5x slower with 2 threads than with 1
+(`benchmarks/bench_probe.py`). So systems of up to `SINGLE_THREAD_MAX` unknowns are solved with one intra-op
+thread; larger ones (full-data primal problems) keep torch's thread count, where each region has real work.
+Scoring products of up to `SINGLE_THREAD_WORK` multiply-adds run on one thread for the same reason.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +47,8 @@ N_BACKTRACK = 30  # step sizes 1, 1/2, ..., 2**-29 tried at once
 MAX_ELEMENTS = 2**24  # bounds a chunk's float64 work arrays to ~128 MB each
 CURVATURE_FLOOR = 1e-200  # per-sample curvature below this is dropped (next to the unit ridge it is nil)
 SKLEARN_TOL, SKLEARN_MAX_ITER = 1e-10, 10_000  # the reference: lbfgs run to agree within ~1e-4
+SINGLE_THREAD_MAX = 256  # unknowns per problem up to which CPU solves run on one thread (module docstring)
+SINGLE_THREAD_WORK = 2**24  # multiply-adds up to which a CPU scoring product runs on one thread
 
 
 @dataclass(frozen=True)
@@ -102,9 +114,11 @@ class LogisticFit:
     def decision_function(self, X: Tensor) -> Tensor:
         """Logits (P, c, m) for rows ``X`` shared by all problems (m, D) or per problem (P, m, D)."""
         X = X.to(self.coef)
-        if X.dim() == 2:
-            return torch.einsum("md,pcd->pcm", X, self.coef) + self.intercept.unsqueeze(-1)
-        return torch.einsum("pmd,pcd->pcm", X, self.coef) + self.intercept.unsqueeze(-1)
+        small = X.device.type == "cpu" and X.shape[-2] * self.coef.numel() <= SINGLE_THREAD_WORK
+        with intra_op_threads(1 if small else None):
+            if X.dim() == 2:
+                return torch.einsum("md,pcd->pcm", X, self.coef) + self.intercept.unsqueeze(-1)
+            return torch.einsum("pmd,pcd->pcm", X, self.coef) + self.intercept.unsqueeze(-1)
 
     def predict_proba(self, X: Tensor) -> Tensor:
         """Probability of the positive class (P, c, m)."""
@@ -158,6 +172,25 @@ def _objective(f: Tensor, y: Tensor, sw: Tensor, C: Tensor, penalty: Tensor) -> 
     """C * sum w * logloss + 0.5 * penalty, with f (..., A, n) logits; exact softplus via logaddexp."""
     loss = torch.logaddexp(torch.zeros_like(f), f) - y * f
     return C * (sw * loss).sum(-1) + 0.5 * penalty
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (None: unchanged), restoring the count after."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def solve_threads(unknowns: int, device: torch.device) -> int | None:
+    """Intra-op threads for problems of ``unknowns`` parameters: 1 for small CPU systems, else unchanged."""
+    return 1 if device.type == "cpu" and unknowns <= SINGLE_THREAD_MAX else None
 
 
 def _cholesky(H: Tensor) -> Tensor:
@@ -296,6 +329,13 @@ def fit_batch(
     grid (c,) or one grid per problem (P, c). Runs on ``X``'s device in float64; ``overwrite`` lets a float64
     ``X`` be standardised in place instead of copied.
     """
+    n, D = X.shape[1:]
+    with intra_op_threads(solve_threads((n if _use_kernel(n, D) else D) + 1, X.device)):
+        return _fit_batch(X, y, mask, Cs, class_weight, standardize, tol, max_iter, overwrite)
+
+
+def _fit_batch(X: Tensor, y: Tensor, mask: Tensor, Cs: Tensor | np.ndarray | list[float], class_weight: str | None,
+               standardize: bool, tol: float, max_iter: int, overwrite: bool) -> LogisticFit:
     y, mask = y.to(device=X.device, dtype=DTYPE), mask.to(device=X.device, dtype=torch.bool)
     Cs = torch.as_tensor(Cs, dtype=DTYPE, device=X.device)
     Cs = Cs.expand(X.shape[0], -1) if Cs.dim() == 1 else Cs

@@ -60,9 +60,7 @@ def test_complete_rerun_loads_no_model(tmp_path, monkeypatch):
     first = extract_features(manifest, MODEL, chunk_rows=4)
     before = _chunk_files(tmp_path / "features.zarr", first.group)
     _forbid_model(monkeypatch)
-    started = time.perf_counter()
     again = extract_features(manifest, MODEL, chunk_rows=4)
-    assert time.perf_counter() - started < 2.0
     assert (again.group, again.embedded, again.added, again.model_loaded) == (first.group, 0, 0, False)
     assert _chunk_files(tmp_path / "features.zarr", first.group) == before
 
@@ -161,7 +159,7 @@ def test_on_error_fail_names_the_file_and_skip_records_it(tmp_path, monkeypatch)
     ok = runner.invoke(app, ["extract", "--model", MODEL, "--manifest", str(manifest), "--workers", "0",
                              "--on-error", "skip"])
     assert ok.exit_code == 0, ok.output
-    assert "1 images skipped" in ok.output and "id004" in ok.output
+    assert "1 image skipped" in ok.output and "id004" in ok.output
     assert group.read("written").all() and group.skipped().keys() == {"id004"}
     assert np.isnan(group.read("cls")[4]).all() and not np.isnan(group.read("cls")[[0, 1, 2, 3, 5]]).any()
     ids, X = load_features(tmp_path / "features.zarr", MODEL, manifest)

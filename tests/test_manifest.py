@@ -127,7 +127,7 @@ def test_duplicate_paths_are_refused(tmp_path):
     issue = _kinds(report)["duplicate_path"]
     assert issue.rows == [2, 4, 6, 7] and issue.ids == ["a1", "b1", "x1", "x2"]
     assert [i.kind for i in report.errors] == ["duplicate_path"]
-    with pytest.raises(ManifestError, match=r"1 errors \(duplicate_path\); first: duplicate_path: .*rows 2, 4"):
+    with pytest.raises(ManifestError, match=r"1 error \(duplicate_path\); first: duplicate_path: .*rows 2, 4"):
         report.raise_for_errors()
 
 

@@ -160,3 +160,43 @@ def test_singular_curvature_gets_a_ridge_not_a_crash():
     L = solver._cholesky(H)
     assert torch.isfinite(L).all()
     torch.testing.assert_close(L @ L.transpose(1, 2), H, atol=1e-8, rtol=0)
+
+
+def _threads_during_solve(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    solve_path = solver._solve_path
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return solve_path(*args, **kwargs)
+
+    monkeypatch.setattr(solver, "_solve_path", spy)
+    return seen
+
+
+def test_small_systems_solve_on_one_thread_large_ones_keep_theirs(monkeypatch):
+    """Few-shot systems run single-threaded (OpenMP regions per tiny LAPACK call stall on a loaded machine);
+    full-data primal systems keep the caller's threads; the caller's count is restored either way."""
+    seen = _threads_during_solve(monkeypatch)
+    X, y, X_new = _problem(16, 600, 0.5, seed=2)  # kernel form, 17 unknowns
+    X_big, y_big, _ = _problem(2000, solver.SINGLE_THREAD_MAX + 1, 0.3, seed=4)  # primal form, 258 unknowns
+    with solver.intra_op_threads(2):
+        small = fit_indexed(X, y, np.arange(16)[None], CS)
+        fit_indexed(X_big, y_big, np.arange(2000)[None], [1.0])
+        assert torch.get_num_threads() == 2
+    assert seen == [1, 2]
+    monkeypatch.setattr(solver, "SINGLE_THREAD_MAX", 0)  # the former rule: every solve on all threads
+    monkeypatch.setattr(solver, "SINGLE_THREAD_WORK", 0)
+    with solver.intra_op_threads(2):
+        threaded = fit_indexed(X, y, np.arange(16)[None], CS)
+    assert seen[-1] == 2
+    torch.testing.assert_close(small.coef, threaded.coef, rtol=1e-9, atol=1e-12)
+    new = torch.from_numpy(X_new)
+    torch.testing.assert_close(small.predict_proba(new), threaded.predict_proba(new), rtol=0, atol=1e-12)
+
+
+def test_thread_count_is_restored_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match="single class"):
+        fit_batch(torch.randn(1, 4, 3), torch.ones(1, 4), torch.ones(1, 4, dtype=torch.bool), CS)
+    assert torch.get_num_threads() == before
