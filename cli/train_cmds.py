@@ -6,14 +6,14 @@ import csv
 import io
 import os
 import sys
-import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import typer
 from rich import box
 from rich.table import Table
 
-from cli._common import console
+from cli._common import console, progress
 from cli.probe_cmds import _mean_std, _shots
 from featcache.fileio import atomic_write
 
@@ -35,36 +35,32 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 
 class _EpochLines:
-    """Per-epoch progress: a rich line that updates in place on a terminal; in a log (no TTY) one plain line
-    per epoch at most every ``every_s`` seconds, plus each run's last epoch."""
+    """Per-epoch progress of each run through the shared `progress` helper (a bar on a terminal; off a terminal
+    a plain line at most every few seconds): one bar per run, epochs done of the epoch limit, with the train and
+    validation loss and the best epoch as status. Quiet under ``--quiet`` and on ranks other than 0."""
 
-    def __init__(self, quiet: bool, every_s: float = 5.0):
-        self.quiet, self.every_s = quiet or not _rank0(), every_s
-        self.tty = sys.stdout.isatty()
-        self.last = 0.0
-        self.started: dict[str, tuple[float, int]] = {}  # run -> (time, epoch) of its first report
+    def __init__(self, quiet: bool):
+        self.enabled = not quiet and _rank0()
+        self.stack = ExitStack()
+        self.label: str | None = None
+        self.update = None
 
     def __call__(self, label: str, done: int, total: int, status: str) -> None:
-        if self.quiet:
+        if not self.enabled:
             return
-        now = time.monotonic()
-        start, first = self.started.setdefault(label, (now, done))
-        rate = (now - start) / (done - first) if done > first else 0.0
-        eta = "" if status.startswith("done") or not rate else f" · ETA ≤ {_clock(rate * (total - done))}"
-        line = f"{label} · epoch {done}/{total} · {status} · {rate:.2f} s/epoch{eta}"
-        if self.tty:
-            console.print(line, end="\n" if status.startswith("done") else "\r", highlight=False,
-                          soft_wrap=True)
-        elif now - self.last >= self.every_s or status.startswith("done"):
-            print(line, flush=True)
-            self.last = now
+        if label != self.label:
+            self.stack.close()
+            self.update = self.stack.enter_context(progress(label, total))
+            self.label = label
+        self.update(done, total, status=status)
+        if status.startswith("done"):
+            self.stack.close()
+            self.label = None
+            if console.is_terminal:  # the bar disappears; the plain log already has this line
+                console.print(f"{label}: {status}", highlight=False, markup=False)
 
-
-def _clock(seconds: float) -> str:
-    """``1h02m``, ``4m05s`` or ``12s``: an upper bound, as early stopping usually ends a run sooner."""
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    def close(self) -> None:
+        self.stack.close()
 
 
 def train(
@@ -140,11 +136,15 @@ def train(
                              checkpoint_every_s=checkpoint_every)
     if random_init and _rank0():
         console.print("[yellow]random-init: real architecture with random weights (recorded in each run)[/]")
-    report = run_train(manifest, task, model, method=method, rank=rank, full=shots is None,
-                       shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
-                       folds=None if fold == "all" else [fold], head_lrs=_floats(head_lr, "--head-lr"),
-                       settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
-                       device=device, progress=_EpochLines(quiet), positive=positive)
+    lines = _EpochLines(quiet)
+    try:
+        report = run_train(manifest, task, model, method=method, rank=rank, full=shots is None,
+                           shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
+                           folds=None if fold == "all" else [fold], head_lrs=_floats(head_lr, "--head-lr"),
+                           settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
+                           device=device, progress=lines, positive=positive)
+    finally:
+        lines.close()
     if not _rank0():
         return
     for line in report.skipped:
