@@ -264,13 +264,21 @@ def planned_keys(manifest: str | Path, task: str, model: str, **kwargs) -> list[
 # ------------------------------------------------------------------------------------------ the model
 
 
-def set_train_mode(model: nn.Module) -> None:
-    """Train mode, except modules whose parameters and buffers are all frozen (see module doc)."""
-    model.train()
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules with parameters or buffers, none of them trainable: they run in eval mode (see module doc)."""
+    found = []
     for module in model.modules():
         params = list(module.parameters())
         if (params or list(module.buffers())) and not any(p.requires_grad for p in params):
-            module.eval()
+            found.append(module)
+    return found
+
+
+def set_train_mode(model: nn.Module, frozen: list[nn.Module] | None = None) -> None:
+    """Train mode, except the frozen modules (found once per run by the trainer, else here)."""
+    model.train()
+    for module in frozen_modules(model) if frozen is None else frozen:
+        module.eval()
 
 
 def mutable_names(model: nn.Module) -> list[str]:
@@ -366,6 +374,7 @@ class _Trainer:
             if accelerator.num_processes > 1:  # batch statistics over the global batch, as one process
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.ddp, self.optimizer = accelerator.prepare(self.model, optimizer)
+        self.frozen = frozen_modules(self.ddp)
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer.optimizer, factor=settings.plateau_factor, patience=settings.plateau_patience,
             min_lr=settings.min_lr)
@@ -416,7 +425,7 @@ class _Trainer:
 
     def train_epoch(self, epoch: int) -> float:
         settings, acc = self.plan.settings, self.acc
-        set_train_mode(self.ddp)
+        set_train_mode(self.ddp, self.frozen)
         if epoch < settings.warmup:
             for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = base * (epoch + 1) / settings.warmup
