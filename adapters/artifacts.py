@@ -37,13 +37,11 @@ def head_module(model: Classifier) -> nn.Linear:
     """The head Linear, in its own attribute or in the backbone's head slot (also under peft's prefixes)."""
     if model.head is not None:
         return model.head
-    slot = model.backbone.spec.head
-    inner = model.backbone.model
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return base.get_submodule(slot)
+    return _backbone_module(model).get_submodule(model.backbone.spec.head)
 
 
 def _backbone_module(model: Classifier) -> nn.Module:
+    """The backbone's own module, under peft's wrapper where there is one."""
     inner = model.backbone.model
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
@@ -117,16 +115,15 @@ def export_merged(run: str | Path, out: str | Path, merge: bool, weights: str | 
     """Write the run's model to ``out``: with ``merge``, LoRA/IA3/VeRA folded into the backbone
     (``merge_and_unload``) as one ``model.safetensors`` (backbone + head by the classifier's names) and
     ``export.json``; without it, the adapter, head and changed weights as they were saved."""
-    model, record = load_model(run, weights)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    method = get_method(record.method)
     if not merge:
         folder, _ = read_run(run)
         for file in folder.iterdir():
-            if file.name not in ("checkpoint.pt",):
-                atomic_write(out / file.name, file.read_bytes())
+            atomic_write(out / file.name, file.read_bytes())
         return out
+    model, record = load_model(run, weights)
+    method = get_method(record.method)
     if method.name in MERGEABLE:
         model.backbone.model = model.backbone.model.merge_and_unload()
     elif method.config is not None:

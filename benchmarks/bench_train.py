@@ -103,28 +103,31 @@ def hand_loop(t: _Trainer, model: str, method: str):
     return step
 
 
+def cases(models: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Every (backbone, method) that applies: VeRA wraps Linear layers only, so not CNNs."""
+    return [(model, method) for model in models for method in METHODS
+            if method != "vera" or get_spec(model).peft.same_shape]
+
+
 def step_times(manifest: Path, models: tuple[str, ...], steps: int, batch: int) -> None:
     print(f"\n1. step time, adapters train vs hand-written torch + peft loop (batch {batch}, median of {steps} "
           f"interleaved steps after one warm-up; load {load()})")
     print(f"{'backbone':<16}{'method':<8}{'ours s/step':>12}{'hand s/step':>12}{'ratio':>8}")
-    for model in models:
-        for method in METHODS:
-            if method == "vera" and not get_spec(model).peft.same_shape:
-                continue
-            t = trainer(manifest, model, method, batch)
-            hand = hand_loop(t, model, method)
-            ours_s, hand_s = [], []
-            for i in range(steps + 1):
-                start = time.perf_counter()
-                t.train_epoch(10 + i)
-                middle = time.perf_counter()
-                hand()
-                end = time.perf_counter()
-                if i:
-                    ours_s.append(middle - start)
-                    hand_s.append(end - middle)
-            ours, bare = statistics.median(ours_s), statistics.median(hand_s)
-            print(f"{model:<16}{method:<8}{ours:>12.4f}{bare:>12.4f}{ours / bare:>7.2f}x", flush=True)
+    for model, method in cases(models):
+        t = trainer(manifest, model, method, batch)
+        hand = hand_loop(t, model, method)
+        ours_s, hand_s = [], []
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            t.train_epoch(10 + i)
+            middle = time.perf_counter()
+            hand()
+            end = time.perf_counter()
+            if i:
+                ours_s.append(middle - start)
+                hand_s.append(end - middle)
+        ours, bare = statistics.median(ours_s), statistics.median(hand_s)
+        print(f"{model:<16}{method:<8}{ours:>12.4f}{bare:>12.4f}{ours / bare:>7.2f}x", flush=True)
 
 
 def images_and_epoch(n: int) -> None:
@@ -153,14 +156,11 @@ def peak_rss(models: tuple[str, ...], batch: int) -> None:
     print(f"\n3. peak RSS of building the model + 2 training steps per method (fresh process each, batch {batch}, "
           f"224 px; resident size before, imports and images, in brackets); load {load()}")
     print(f"{'backbone':<16}{'method':<8}{'peak RSS MiB':>24}")
-    for model in models:
-        for method in METHODS:
-            if method == "vera" and not get_spec(model).peft.same_shape:
-                continue
-            done = subprocess.run([sys.executable, __file__, "--rss-child", model, method, str(batch)],
-                                  capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            value = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else f"failed: {done.stderr[-200:]}"
-            print(f"{model:<16}{method:<8}{value:>24}", flush=True)
+    for model, method in cases(models):
+        done = subprocess.run([sys.executable, __file__, "--rss-child", model, method, str(batch)],
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        value = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else f"failed: {done.stderr[-200:]}"
+        print(f"{model:<16}{method:<8}{value:>24}", flush=True)
 
 
 def _status_mib(field: str) -> float:

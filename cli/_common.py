@@ -40,6 +40,11 @@ PLAIN_WIDTH = 4096  # wide enough that no line or table is ever wrapped in a log
 PLAIN_EVERY_S = 10.0  # at most one plain progress line per this many seconds (plus the first and the last)
 
 
+def rank0() -> bool:
+    """Whether this process is rank 0 under torchrun (or alone): only it prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def plain_output(stream: TextIO | None = None) -> bool:
     """Whether ``stream`` (default stdout) gets plain lines: $FEATCACHE_PLAIN if set, else not a terminal."""
     forced = os.environ.get(PLAIN_ENV, "").strip().lower()

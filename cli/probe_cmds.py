@@ -31,16 +31,16 @@ def _shots(text: str | None) -> tuple[int, ...]:
     return values
 
 
-def _grid(text: str | None) -> tuple[float, ...] | None:
-    """'1e-4,1e-2,1' -> (0.0001, 0.01, 1.0); None keeps the default grid."""
+def positive_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    """'1e-4,1e-2,1' -> (0.0001, 0.01, 1.0) for a list option (C grid, head LRs); None stays None."""
     if text is None:
         return None
     try:
         values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a list of numbers", param_hint="--c-grid") from None
+        raise typer.BadParameter(f"{text!r} is not a list of numbers", param_hint=option) from None
     if not values or min(values) <= 0 or not all(np.isfinite(values)):
-        raise typer.BadParameter("give positive finite values of C", param_hint="--c-grid")
+        raise typer.BadParameter("give positive finite values", param_hint=option)
     return values
 
 
@@ -123,7 +123,7 @@ def probe(
 
     if positive is not None:
         datasets.task_for(load_manifest(manifest), task, positive)
-    grid = _grid(c_grid)
+    grid = positive_floats(c_grid, "--c-grid")
     options = ProbeOptions(select=check_choice(select, SELECT, "--select"),
                            solver=check_choice(solver, SOLVERS, "--solver"), refit=refit, device=device,
                            **({"grid": grid} if grid else {}))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from cli._common import check_choice, console, plural, progress
+from cli._common import check_choice, console, plural, progress, rank0
 from featcache.store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, ON_ERROR, export_hdf5, feature_spec, list_groups
 
 if TYPE_CHECKING:
@@ -18,12 +18,8 @@ if TYPE_CHECKING:
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
-def _rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _report(result: ExtractResult, pixels: bool = False) -> None:
-    if not _rank0():
+    if not rank0():
         return
     work = plural(result.embedded, "image") + " decoded" if pixels else plural(result.embedded, "row") + " computed"
     loaded = "" if pixels else "; model loaded" if result.model_loaded else "; no model loaded"
@@ -66,12 +62,12 @@ def extract(
         raise typer.BadParameter("--weights and --random-init exclude each other")
     view_list = [v.strip() for v in views.split(",")] if views else None
     feature_spec(model, weights=weights, random_init=random_init, views=view_list, dtype=dtype)  # fail fast
-    if random_init and _rank0():
+    if random_init and rank0():
         console.print("[yellow]random-init: real architecture with random weights (recorded in the store "
                       "spec)[/]")
     from featcache.extract import extract_features
 
-    with progress("embedding", enabled=_rank0()) as hook:
+    with progress("embedding", enabled=rank0()) as hook:
         result = extract_features(manifest, model, store=store, weights=weights, random_init=random_init,
                                   views=view_list, dtype=dtype,
                                   batch_size=batch_size, num_workers=workers, on_error=on_error,
@@ -94,7 +90,7 @@ def pixels(
     check_choice(on_error, ON_ERROR, "--on-error")
     from featcache.pixels import cache_pixels
 
-    with progress("decoding", enabled=_rank0()) as hook:
+    with progress("decoding", enabled=rank0()) as hook:
         result = cache_pixels(manifest, model, store=store, batch_size=batch_size, num_workers=workers,
                               on_error=on_error, chunk_rows=chunk_rows, progress=hook)
     _report(result, pixels=True)

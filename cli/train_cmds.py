@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,25 +12,11 @@ import typer
 from rich import box
 from rich.table import Table
 
-from cli._common import console, progress
-from cli.probe_cmds import _mean_std, _shots
+from cli._common import console, progress, rank0
+from cli.probe_cmds import _mean_std, _shots, positive_floats
 from featcache.fileio import atomic_write
 
 METHOD_NAMES = ("lp", "fft", "lora", "vera", "bitfit", "ia3")
-
-
-def _rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a list of numbers", param_hint=option) from None
-    if not values or min(values) <= 0:
-        raise typer.BadParameter("give at least one positive value", param_hint=option)
-    return values
 
 
 class _EpochLines:
@@ -40,7 +25,7 @@ class _EpochLines:
     validation loss and the best epoch as status. Quiet under ``--quiet`` and on ranks other than 0."""
 
     def __init__(self, quiet: bool):
-        self.enabled = not quiet and _rank0()
+        self.enabled = not quiet and rank0()
         self.stack = ExitStack()
         self.label: str | None = None
         self.update = None
@@ -134,18 +119,18 @@ def train(
                              plateau_patience=plateau_patience, batch_size=batch_size, accumulate=accumulate,
                              seed=seed, backbone_lr=backbone_lr, augment=augment, grad_ckpt=grad_ckpt,
                              checkpoint_every_s=checkpoint_every)
-    if random_init and _rank0():
+    if random_init and rank0():
         console.print("[yellow]random-init: real architecture with random weights (recorded in each run)[/]")
     lines = _EpochLines(quiet)
     try:
         report = run_train(manifest, task, model, method=method, rank=rank, full=shots is None,
                            shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
-                           folds=None if fold == "all" else [fold], head_lrs=_floats(head_lr, "--head-lr"),
+                           folds=None if fold == "all" else [fold], head_lrs=positive_floats(head_lr, "--head-lr"),
                            settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
                            device=device, progress=lines, positive=positive)
     finally:
         lines.close()
-    if not _rank0():
+    if not rank0():
         return
     for line in report.skipped:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
