@@ -11,13 +11,12 @@ from typer.testing import CliRunner
 from cli.featcache_app import app
 from featcache.errors import SplitError, UsageError
 from featcache.splits import build_splits, folds_allowed, load_splits, make_splits, save_splits
-from featcache.synth import make_cohort
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory) -> Path:
-    """Four patients, two of each class."""
-    return make_cohort(tmp_path_factory.mktemp("four"), patients=4, positive_rate=0.5, size=32, seed=0)
+def four(synth_cohort, tmp_path_factory) -> Path:
+    """Four patients, two of each class (this module's copy: its tests write splits)."""
+    return synth_cohort(patients=4, positive_rate=0.5, size=32, seed=0, to=tmp_path_factory.mktemp("four"))
 
 
 def _splits(manifest: Path, *options: str):
@@ -53,10 +52,10 @@ def test_what_the_cohort_allows_is_written_and_said(four):
     assert none.exit_code == 0 and "no few-shot draws" in " ".join(none.output.split())
 
 
-def test_probe_says_why_nothing_ran(tmp_path):
+def test_probe_says_why_nothing_ran(synth_cohort, tmp_path):
     from featcache.extract import extract_features
 
-    manifest = make_cohort(tmp_path / "c", patients=12, positive_rate=0.5, size=32, seed=2)
+    manifest = synth_cohort(patients=12, positive_rate=0.5, size=32, seed=2, to=tmp_path / "c")
     made = build_splits(manifest, "SYN", k=2, val_fraction=0, shots=(2, 8), draws=2, per_center=False)
     assert all(8 in fold.skipped["fewshot"] for fold in made.folds)
     save_splits(made, manifest)

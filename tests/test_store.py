@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from PIL import Image
+from conftest import MODEL, write_cohort
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
@@ -33,34 +32,6 @@ from featcache.store import (
     load_features,
     spec_sha256,
 )
-
-MODEL = "dinov2-s-tiny"  # two views (cls, mean), builds instantly offline
-
-
-def write_cohort(folder: Path, n: int, *, bbox: dict[int, tuple[int, int, int, int]] | None = None,
-                 broken: tuple[int, ...] = ()) -> Path:
-    """``n`` small random gray PNGs (image i is the same whatever ``n``; broken ones are not images) and their
-    canonical manifest."""
-    folder.mkdir(parents=True, exist_ok=True)
-    bbox = bbox or {}
-    header = "image_id,path,patient_id,center,bbox_x0,bbox_y0,bbox_x1,bbox_y1"
-    lines = [header]
-    for i in range(n):
-        name = f"img{i:03d}.png"
-        if i in broken:
-            content = b"not an image"
-        else:
-            buffer = io.BytesIO()
-            pixels = np.random.default_rng(i).integers(0, 256, (40, 48), dtype=np.uint8)
-            Image.fromarray(pixels).save(buffer, format="PNG")
-            content = buffer.getvalue()
-        if not (folder / name).is_file() or (folder / name).read_bytes() != content:
-            (folder / name).write_bytes(content)  # an unchanged image keeps its file (and modification time)
-        box = ",".join(map(str, bbox[i])) if i in bbox else ",,,"
-        lines.append(f"id{i:03d},{name},p{i // 2},C{i % 2},{box}")
-    manifest = folder / "manifest.csv"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
 
 
 def _reference(manifest: Path, model: str = MODEL) -> dict[str, np.ndarray]:

@@ -32,8 +32,6 @@ from featcache.errors import FeatcacheError, SplitError, StoreError, UsageError
 from featcache.manifest import load_manifest
 from featcache.pixels import cache_pixels
 from featcache.records import load_records
-from featcache.splits import build_splits, save_splits
-from featcache.synth import make_cohort
 
 TASK = "SYN"
 QUICK = TrainSettings(max_epochs=3, warmup=1, patience=2, plateau_patience=1, batch_size=8,
@@ -42,11 +40,9 @@ FAMILIES = ("resnet18-tiny", "dinov2-s-tiny", "clip-l-tiny", "medclip-vit-tiny",
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    """24 patients at 40 px, splits with 2 draws per level."""
-    manifest = make_cohort(tmp_path_factory.mktemp("cohort"), patients=24, positive_rate=0.4, size=40, seed=3)
-    save_splits(build_splits(manifest, TASK, draws=2, shots=(2, 4, 16)), manifest)
-    return manifest
+def cohort(synth_cohort) -> Path:
+    """24 patients at 40 px, splits with 2 draws per level (shared: read-only)."""
+    return synth_cohort(patients=24, positive_rate=0.4, size=40, seed=3, draws=2, shots=(2, 4, 16))
 
 
 def _train(cohort: Path, out: Path, model: str = "dinov2-s-tiny", method: str = "lora", **kwargs):
