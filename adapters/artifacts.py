@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
@@ -35,6 +36,18 @@ ADAPTER = "adapter_model.safetensors"
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write(path, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A saved tensor file; a damaged or missing one is refused in one line naming it."""
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise RecordError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def save_artifacts(model: Classifier, method: Method, folder: Path) -> None:
@@ -81,10 +94,14 @@ def load_model(run: str | Path, weights: str | Path | None = None) -> tuple[Clas
     model = build_classifier(spec, METHODS["lp"] if method.peft else method, None, weights=weights,
                              random_init=random_init)
     if method.peft:  # peft's own loader on the plain backbone module
-        model.backbone.model = PeftModel.from_pretrained(model.backbone.model, str(folder))
+        try:
+            model.backbone.model = PeftModel.from_pretrained(model.backbone.model, str(folder))
+        except (OSError, ValueError, KeyError, SafetensorError) as err:
+            raise RecordError(f"{folder}: its adapter does not load ({type(err).__name__}: {_first_line(err)})"
+                              ) from None
     if (folder / WEIGHTS).is_file():
-        _load_strict(backbone_module(model), load_file(folder / WEIGHTS), folder / WEIGHTS)
-    _load_strict(head_module(model), load_file(folder / HEAD), folder / HEAD)
+        _load_strict(backbone_module(model), _read_tensors(folder / WEIGHTS), folder / WEIGHTS)
+    _load_strict(head_module(model), _read_tensors(folder / HEAD), folder / HEAD)
     return model.eval(), record
 
 
@@ -123,9 +140,13 @@ def load_export(folder: str | Path) -> Classifier:
     """A merged export as a plain classifier (no peft), in eval mode; it holds every weight, so the backbone
     is built with random weights and then overwritten."""
     folder = Path(folder)
-    meta = json.loads((folder / "export.json").read_text(encoding="utf-8"))
-    model = build_classifier(get_spec(meta["backbone"]), METHODS["lp"], None, random_init=True)
-    model.load_state_dict(load_file(folder / "model.safetensors"))
+    try:
+        backbone = json.loads((folder / "export.json").read_text(encoding="utf-8"))["backbone"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RecordError(f"{folder / 'export.json'}: not an export description ({type(err).__name__}: "
+                          f"{_first_line(err)})") from None
+    model = build_classifier(get_spec(backbone), METHODS["lp"], None, random_init=True)
+    model.load_state_dict(_read_tensors(folder / "model.safetensors"))
     return model.eval()
 
 
