@@ -8,6 +8,7 @@ do not drift its statistics); the trainable parameters and the buffers of module
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,7 +24,8 @@ def frozen_modules(model: nn.Module) -> list[nn.Module]:
     found = []
     for module in model.modules():
         params = list(module.parameters())
-        if (params or list(module.buffers())) and not any(p.requires_grad for p in params):
+        buffers = list(module.buffers())
+        if (params or buffers) and not any(p.requires_grad for p in params):
             found.append(module)
     return found
 
@@ -47,7 +49,7 @@ def mutable_names(model: nn.Module) -> list[str]:
     return sorted(n for n in set(names) if n in saved)
 
 
-def _enable_grad_ckpt(model: nn.Module, spec: BackboneSpec) -> None:
+def _enable_grad_ckpt(model: Any, spec: BackboneSpec) -> None:  # a library's module (transformers, timm)
     if hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     elif hasattr(model, "set_grad_checkpointing"):
@@ -73,7 +75,7 @@ def head_module(model: Classifier) -> nn.Linear:
     """The head Linear, in its own attribute or in the backbone's head slot (also under peft's prefixes)."""
     if model.head is not None:
         return model.head
-    return backbone_module(model).get_submodule(model.backbone.spec.head)
+    return cast(nn.Linear, backbone_module(model).get_submodule(model.backbone.spec.head))  # Classifier put it
 
 
 def backbone_module(model: Classifier) -> nn.Module:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -234,7 +235,7 @@ def _adam(model: Classifier, head_lr: float, backbone_lr: float | None) -> tuple
     groups' base LRs (the warm-up scales them)."""
     head_ids = {id(p) for p in model.head_parameters()}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = [{"params": model.head_parameters(), "lr": head_lr}]
+    groups: list[dict[str, Any]] = [{"params": model.head_parameters(), "lr": head_lr}]
     if body:
         groups.append({"params": body, "lr": backbone_lr})
     return torch.optim.Adam(groups), [g["lr"] for g in groups]

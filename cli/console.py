@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -88,7 +88,8 @@ class _PlainProgress:
 
     def __init__(self, out: Console, label: str, total: int | None, every: float):
         self.out, self.label, self.total, self.every = out, label, total, every
-        self.done, self.status = 0, None
+        self.done = 0
+        self.status: str | None = None
         self.start = time.monotonic()
         self.last: float | None = None  # when the last line was written
 
@@ -150,8 +151,10 @@ def progress(label: str, total: int | None = None, *, enabled: bool = True, plai
         task = bar.add_task(label, total=total, status="")
 
         def update(done: int, total: int | None = None, status: str | None = None) -> None:
-            fields = {} if status is None else {"status": status}
-            bar.update(task, completed=done, **({} if total is None else {"total": total}), **fields)
+            fields: dict[str, Any] = {} if status is None else {"status": status}
+            if total is not None:
+                fields["total"] = total
+            bar.update(task, completed=done, **fields)
 
         yield update
 

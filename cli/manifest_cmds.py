@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
@@ -66,7 +67,8 @@ def build(
     with console.status(f"reading {dataset} metadata and scanning images under {root}"):
         report = datasets.build_manifest(dataset, root, out)
     table = Table(title=f"{report.dataset} -> {report.manifest}")
-    for name, justify in (("", "left"), ("found", "right"), ("published", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (("", "left"), ("found", "right"), ("published", "right"))
+    for name, justify in columns:
         table.add_column(name, justify=justify)
     for what, found, published in report.comparison():
         flag = "" if published is None or published == found else " [yellow]≠[/]"

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from adapters.methods import HEAD_LRS, METHODS, get_method
 from cli._common import rank0
-from cli.console import console, progress
+from cli.console import Update, console, progress
 from cli.probe_cmds import _mean_std, _shots, positive_floats
 from featcache.fileio import atomic_write
 
@@ -29,7 +29,7 @@ class _EpochLines:
         self.enabled = not quiet and rank0()
         self.stack = ExitStack()
         self.label: str | None = None
-        self.update = None
+        self.update: Update | None = None
 
     def __call__(self, label: str, done: int, total: int, status: str) -> None:
         if not self.enabled:
@@ -38,6 +38,7 @@ class _EpochLines:
             self.stack.close()
             self.update = self.stack.enter_context(progress(label, total))
             self.label = label
+        assert self.update is not None  # set on the first call (a label is never None)
         self.update(done, total, status=status)
         if status.startswith("done"):
             self.stack.close()

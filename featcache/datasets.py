@@ -551,7 +551,8 @@ def _build_table(spec: DatasetSpec, root: Path, records: list[_Record]) -> _List
     suffixes = spec.images.suffixes or (Path(spec.images.pattern).suffix.lower(),)
     files = _scan(root, spec.images.dirs, tuple(s for s in suffixes if s) or IMAGE_SUFFIXES)
     named: set[Path] = set()
-    images, missing, skipped = [], [], Counter()
+    images, missing = [], []
+    skipped: Counter[str] = Counter()
     for record in records:
         rel = _fill(spec.images.pattern, record.fields)
         file = files.get(rel)
@@ -580,7 +581,8 @@ def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record]) -> 
     column = spec.metadata.patient_column
     patients: dict[str, _Record] = {}
     left_out: set[str] = set()
-    twice, skipped = [], Counter()
+    twice: list[str] = []
+    skipped: Counter[str] = Counter()
     for record in records:
         pid = record.fields[column]
         reason = _rejected(spec, record)
@@ -594,7 +596,8 @@ def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record]) -> 
     if twice:
         raise ManifestError(f"{spec.name}: patients listed more than once: {', '.join(twice[:_SHOWN])}")
     keep = set(spec.images.modalities)
-    images, unlisted, seen = [], [], set()
+    images, seen = [], set()
+    unlisted: list[Path] = []
     for rel, file in _scan(root, spec.images.dirs, spec.images.suffixes or (".dcm",)).items():
         header = _dicom_header(file)
         if header is None:
@@ -605,14 +608,14 @@ def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record]) -> 
             skipped[f"modality {modality or '(none)'}"] += 1
             continue
         pid = str(header.get("PatientID", "")) or rel.split("/", 1)[0]
-        record = patients.get(pid)
-        if record is None:
+        listed = patients.get(pid)
+        if listed is None:
             if pid not in left_out:
                 unlisted.append(file)
             continue
         seen.add(pid)
         image_id = str(header.get("SOPInstanceUID", "")) or str(Path(rel).with_suffix(""))
-        images.append(_Image(image_id, file, record))
+        images.append(_Image(image_id, file, listed))
     kinds = "/".join(spec.images.modalities) or "DICOM"
     missing = [f"{pid} ({r.where}: no {kinds} images)" for pid, r in patients.items() if pid not in seen]
     return _Listing(images, missing, unlisted, skipped)

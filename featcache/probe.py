@@ -224,9 +224,9 @@ def _cross_fit(X: np.ndarray, y: np.ndarray, groups: np.ndarray, rows: Sequence[
             owner.append(j)
     fit = _fit(X, y, train, C[owner][:, None], options)
     scores = [_proba(fit[i : i + 1], X[h])[0, 0] for i, h in enumerate(held)]
-    owner = np.asarray(owner)
-    return ([np.concatenate([held[i] for i in np.flatnonzero(owner == j)]) for j in range(len(rows))],
-            [np.concatenate([scores[i] for i in np.flatnonzero(owner == j)]) for j in range(len(rows))])
+    owners = np.asarray(owner)
+    return ([np.concatenate([held[i] for i in np.flatnonzero(owners == j)]) for j in range(len(rows))],
+            [np.concatenate([scores[i] for i in np.flatnonzero(owners == j)]) for j in range(len(rows))])
 
 
 def inner_folds(y: np.ndarray, groups: np.ndarray, n_folds: int = INNER_FOLDS) -> np.ndarray:
@@ -276,10 +276,10 @@ def probe_fewshot(X: np.ndarray, y: np.ndarray, groups: np.ndarray, supports: Se
         C[selectable] = _inner_cv(X, y, groups, [s for s, ok in zip(supports, selectable, strict=True) if ok],
                                   options)
     fit = _fit(X, y, supports, C[:, None], options)
-    test_of = np.asarray(test_of)
+    test_index = np.asarray(test_of)
     scores = np.empty(len(supports), dtype=object)
     for t, rows in enumerate(tests):
-        members = np.flatnonzero(test_of == t)
+        members = np.flatnonzero(test_index == t)
         scores[members] = list(_proba(fit[torch.from_numpy(members)], X[rows])[:, 0])
     return [
         Fitted(scores[i], float(C[i]), "inner-cv" if selectable[i] else "fixed", bool(fit.converged[i].all()),
@@ -504,7 +504,7 @@ def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path 
     data = load_task_data(manifest_obj, task, splits, store, model, view, **selectors)
     job = _Job(task, Path(manifest), splits, splits.digest(), data, options or ProbeOptions(), view, store,
                Path(out), ProbeReport(), plan_only)
-    levels: list[int | None] = [None] if full else sorted(set(shots))
+    levels: list[int | None] = [None] if full else [*sorted(set(shots))]
     for done, k in enumerate(levels):
         if progress is not None:
             progress("full data" if k is None else f"k={k}", done, len(levels))

@@ -442,7 +442,7 @@ def make_splits(
     return made
 
 
-def folds_allowed(per_class: Sequence[int], validation: bool) -> str:
+def folds_allowed(per_class: Sequence[int] | np.ndarray, validation: bool) -> str:
     """The k-fold k a cohort with these patients per class allows, as text ("2..9", "3", "none"): each fold
     tests at least one patient of each class and, with validation, leaves two in its pool (one validates, one
     trains); more folds leave bigger pools, so the smallest k is the one validation limits."""
@@ -492,7 +492,7 @@ def _check_validation_room(splits: Splits, pools: list[_Pool], per_class: np.nda
                          "--val-fraction 0 (no validation part, few-shot only)")
 
 
-def describe(splits: Splits, ids: Sequence[str], y: Sequence[int], groups: Sequence[str]) -> list[dict]:
+def describe(splits: Splits, ids: Sequence[str], y: Sequence[int] | np.ndarray, groups: Sequence[str]) -> list[dict]:
     """Per fold and part: images, patients and positives; for reports and the CLI table."""
     label = dict(zip(map(str, ids), (int(v) for v in y), strict=True))
     patient = dict(zip(map(str, ids), map(str, groups), strict=True))
@@ -524,7 +524,8 @@ class TaskLabels:
     center: dict[str, str]
 
     @classmethod
-    def of(cls, ids: Sequence[str], y: Sequence[int], groups: Sequence[str], centers: Sequence[str] | None):
+    def of(cls, ids: Sequence[str], y: Sequence[int] | np.ndarray, groups: Sequence[str],
+           centers: Sequence[str] | None):
         ids = [str(i) for i in ids]
         sites = [""] * len(ids) if centers is None else [str(c) for c in centers]
         return cls(dict(zip(ids, (int(v) for v in y), strict=True)), dict(zip(ids, map(str, groups), strict=True)),

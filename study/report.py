@@ -127,7 +127,7 @@ def compute_table(records: list[RunRecord]) -> tuple[list[list[str]], list[list[
             by_stage["1 (cached probe)" if r.method == PROBE_METHOD else "2 (trained end to end)"].append(r)
     stages = []
     for name, members in sorted(by_stage.items()):
-        total = sum(r.wall_time_s for r in members)
+        total = sum(r.wall_time_s or 0.0 for r in members)  # members all have one
         stages.append([name, str(len(members)), str(sum(map(is_random, members))), duration(total),
                        duration(total / len(members))])
     pairs: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
@@ -248,7 +248,7 @@ _REGIME_STYLE = {"fewshot": ("-", ""), "fewshot-center": ("--", " per center")}
 def _quartiles(records: list[RunRecord]) -> list[tuple[int, float, float, float]]:
     """(k, q1, median, q3) of MCC over the runs of each k."""
     out = []
-    for k in sorted({r.shots for r in records}):
+    for k in sorted({r.shots for r in records if r.shots is not None}):
         values = np.array([mcc(r) for r in records if r.shots == k])
         values = values[np.isfinite(values)]
         if values.size:
@@ -280,7 +280,7 @@ def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
                 ax.fill_between(k, q1, q3, color=color, alpha=0.15, linewidth=0)
                 ax.vlines(k, q1, q3, color=color, alpha=0.6, linewidth=1.5)
         ax.set_xscale("log", base=2)
-        ticks = sorted({r.shots for r in members})
+        ticks = sorted({r.shots for r in members if r.shots is not None})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_title(name)

@@ -124,9 +124,9 @@ def submitit_executor(kind: str, folder: Path, settings: dict[str, Any]) -> Any:
 
     time_min = int(settings.get("time_min", 240))
     if kind == "local":
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=time_min)
-        return executor
+        local = submitit.LocalExecutor(folder=folder)
+        local.update_parameters(timeout_min=time_min)
+        return local
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     except RuntimeError as err:  # submitit found no srun/sbatch: not on a SLURM cluster
@@ -155,8 +155,8 @@ def execute(batches: list[Batch], study: Study, grid: Grid, *, executor: str = "
         raise UsageError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     if not batches:
         return [], []
+    results: list[BatchResult] = []
     if executor == "inline":
-        results = []
         for i, batch in enumerate(batches):
             if progress is not None:
                 progress(i, len(batches), None, batch)
@@ -171,7 +171,6 @@ def execute(batches: list[Batch], study: Study, grid: Grid, *, executor: str = "
     ids = [job.job_id for job in jobs]
     if not wait:
         return [], ids
-    results: list[BatchResult] = []
     for job in jobs:
         try:
             results += job.result()

@@ -38,7 +38,7 @@ class Study:
     path: Path
     name: str = "study"
     manifest: Path | None = None
-    manifests: dict[str, Path] = field(default_factory=dict)  # task -> manifest, where tasks differ
+    manifests: dict[str, Path | None] = field(default_factory=dict)  # task -> manifest, where tasks differ
     tasks: tuple[str, ...] = ()
     model: str | None = None
     features: Path | None = None
