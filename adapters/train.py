@@ -48,7 +48,7 @@ from adapters.classifier import Classifier
 from adapters.images import Images, load_images
 from adapters.methods import Method, apply_method, get_method, target_modules
 from featcache.backbones import BackboneSpec, build_backbone, count_parameters, get_spec, weights_identity
-from featcache.datasets import task_for
+from featcache.datasets import get_task, task_for
 from featcache.errors import SplitError, UsageError
 from featcache.extract import resolve_device
 from featcache.fileio import atomic_write
@@ -211,7 +211,7 @@ def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str,
     splits.require_validation()  # every run early-stops on a validation part
     identity = weights_identity(spec, weights, random_init)
     precision = "bf16-autocast" if resolve_device(device).type == "cuda" else "float32"
-    ids, codes = manifest.labels(task)
+    ids, codes = manifest.labels(get_task(task))
     labels = dict(zip(ids, codes.tolist(), strict=True))
     chosen = [splits.fold(f) for f in folds] if folds else list(splits.folds)
     digest = splits.digest()

@@ -17,7 +17,7 @@ import functools
 import importlib.resources
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -351,30 +351,49 @@ def own_spec_path(manifest: str | Path, task: str) -> Path:
     return Path(manifest).parent / f"{task}{OWN_SUFFIX}"
 
 
-def write_own_spec(raw: dict[str, Any], file: Path) -> DatasetSpec:
-    """Check an own cohort's spec (see :func:`parse_spec`) and write it as YAML, atomically."""
+def own_dataset(raw: dict[str, Any], file: Path) -> DatasetSpec:
+    """An own cohort's spec (see :func:`parse_spec`), refused when a task key is a dataset spec's."""
     spec = parse_spec(raw, file)
-    clash = [key for key in spec.tasks if _spec_task(key) is not None]
-    if clash:
-        raise UsageError(f"task {clash[0]!r} belongs to dataset spec {get_dataset(_spec_task(clash[0]).dataset).file}"
-                         "; name your task otherwise (--task NAME)")
+    for key in spec.tasks:
+        if (taken := _spec_task(key)) is not None:
+            raise UsageError(f"task {key!r} belongs to dataset spec {get_dataset(taken.dataset).file}; name "
+                             "yours otherwise (--task NAME)")
+    return spec
+
+
+def write_own_spec(raw: dict[str, Any], file: Path) -> DatasetSpec:
+    """Check an own cohort's spec (:func:`own_dataset`) and write it as YAML, atomically."""
+    spec = own_dataset(raw, file)
     text = "# A cohort of one's own, written by `featcache manifest build --table ...`; edit freely.\n"
     atomic_write(file, (text + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)).encode("utf-8"))
     return spec
 
 
+def _own_tasks(file: Path) -> dict[str, TaskSpec]:
+    """The tasks of an own cohort's spec, with dataset '' like an ad-hoc task's, so a split file made for one
+    records its classes."""
+    return {key: replace(task, dataset="") for key, task in _parse_spec(file).tasks.items()}
+
+
 def _own_task(manifest: Manifest, key: str) -> tuple[TaskSpec, Path] | None:
-    """The task ``key`` of an own cohort's spec beside ``manifest`` (its dataset is '' like an ad-hoc task's,
-    so its split file records its classes)."""
+    """The task ``key`` of an own cohort's spec beside ``manifest`` (``<key>.dataset.yaml``), with its file."""
     file = own_spec_path(manifest.path, key)
     if not file.is_file():
         return None
-    spec = _parse_spec(file)
-    if key not in spec.tasks:
-        raise ManifestError(f"{file}: defines tasks {list(spec.tasks)}, not {key!r}")
-    task = spec.tasks[key]
-    return TaskSpec(dataset="", key=key, column=key, classes=task.classes, positive=task.positive, cv=task.cv,
-                    k=task.k, has_centers=task.has_centers, outcome=task.outcome), file
+    tasks = _own_tasks(file)
+    if key not in tasks:
+        raise ManifestError(f"{file}: defines tasks {list(tasks)}, not {key!r}")
+    return tasks[key], file
+
+
+def tasks_of(manifest: str | Path | Manifest) -> list[TaskSpec]:
+    """Every task a manifest's columns may hold: the dataset specs' and those of own cohort specs beside it."""
+    folder = Path(manifest.path if isinstance(manifest, Manifest) else manifest).parent
+    found = {key: spec.tasks[key] for spec in _registry(spec_dirs()).values() for key in spec.tasks}
+    for file in sorted(folder.glob(f"*{OWN_SUFFIX}")):
+        for key, task in _own_tasks(file).items():
+            found.setdefault(key, task)
+    return list(found.values())
 
 
 def get_task(key: str) -> TaskSpec:

@@ -21,12 +21,13 @@ import yaml
 
 from featcache.backbones import canonical_name
 from featcache.backbones.weights import RANDOM_INIT
+from featcache.datasets import data_dir
 from featcache.errors import StudyError
 from featcache.fileio import atomic_write
 
 STUDY_FILE = "study.yaml"
 ENV_VAR = "FEATCACHE_STUDY"
-GRID_DIR = Path(__file__).resolve().parent.parent / "data_manifests" / "grids"  # beside the dataset specs
+GRID_DIR = data_dir() / "grids"  # shipped beside the dataset specs (package data)
 STAGE1_METHODS = ("probe",)
 STAGE2_METHODS = ("lp", "fft", "lora", "vera", "bitfit", "ia3")
 RANKED = ("lora", "vera")

@@ -182,14 +182,13 @@ def _table(file: Path, sheet: str, rows: list[list[str]], needed: Sequence[str],
 def read_table(file: Path, needed: Sequence[str], sheet: str = "") -> Table:
     """The rows of ``file`` (CSV or Excel) under the first row holding every ``needed`` column.
 
-    Excel: ``sheet`` by name, else the first sheet that holds the columns. Line numbers are 1-based, as a
-    spreadsheet shows them. MissingColumns (one line, with the closest names found) when no row qualifies."""
+    Excel: ``sheet`` by name (ignored for CSV), else the first sheet that holds the columns. Line numbers are
+    1-based, as a spreadsheet shows them. MissingColumns (one line, with the closest names found) when no row
+    qualifies."""
     suffix = file.suffix.lower()
     if suffix == ".xls":
         raise ManifestError(f"{file}: the old .xls format is not read; open it and save it as .xlsx")
-    if suffix not in EXCEL_SUFFIXES:
-        if sheet:
-            raise ManifestError(f"{file}: a CSV file has no sheet {sheet!r}")
+    if suffix not in EXCEL_SUFFIXES:  # a sheet name applies to workbooks only (a CSV export has one table)
         return _table(file, "", _csv_rows(file), needed, 1)
     book = _excel_sheets(file)
     try:
