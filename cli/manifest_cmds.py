@@ -12,7 +12,7 @@ from cli._common import check_choice, console, new_app, plural
 from featcache import builders, datasets, synth
 from featcache.manifest import ValidationReport, validate
 
-_SHOWN = 20
+_SHOWN = 5
 
 
 def synth_cmd(

@@ -148,10 +148,13 @@ class BuildReport:
             rows += [(f"{task} images", counts["images"], published.get("images")),
                      (f"{task} patients", counts["patients"], published.get("patients"))]
             rows += [(f"{task} {name}", n, published.get(name)) for name, n in counts["classes"].items()]
-        task = pub.get("centers_task", "")
-        for center, published in pub.get("centers", {}).items():
-            found = v.by_center.get(task, {}).get(str(center), {})
-            rows += [(f"{task} center {center} {name}", found.get(name, 0), n) for name, n in published.items()]
+            by_center = {str(c): n for c, n in pub.get("centers", {}).items()} if task == pub.get("centers_task") \
+                else {}
+            found = v.by_center.get(task, {})
+            if len(found) > 1 or by_center:
+                for center in sorted({*found, *by_center}):
+                    rows += [(f"{task} center {center} {name}", found.get(center, {}).get(name, 0),
+                              by_center.get(center, {}).get(name)) for name in counts["classes"]]
         return rows
 
     def summary(self) -> dict[str, Any]:
@@ -210,13 +213,15 @@ def _rejected(spec: DatasetSpec, fields: dict[str, str]) -> str:
     return next((str(f) for f in md.filters if not f.keeps(fields[f.column])), "")
 
 
-def _records(spec: DatasetSpec, tables: list[Table], skipped: Counter) -> list[_Record]:
-    """Kept metadata rows with their labels; a label value outside a task's mapping is refused, naming rows."""
-    records, bad = [], []
+def _records(spec: DatasetSpec, tables: list[Table], skipped: Counter) -> tuple[list[_Record], list[_Record]]:
+    """Kept metadata rows with their labels, and the rows left out on purpose (their images are listed, not
+    unmatched); a label value outside a task's mapping is refused, naming its rows."""
+    records, rejected, bad = [], [], []
     for table in tables:
         for i, fields in enumerate(table.rows):
             if reason := _rejected(spec, fields):
                 skipped[reason] += 1
+                rejected.append(_Record(fields, table.where(i), {}))
                 continue
             labels = {}
             for key, task in spec.tasks.items():
@@ -230,7 +235,7 @@ def _records(spec: DatasetSpec, tables: list[Table], skipped: Counter) -> list[_
         accepted = "; ".join(f"{key}: {task.mapping()}" for key, task in spec.tasks.items())
         raise ManifestError(f"label values outside the mapping of {spec.file.name} ({accepted}): "
                             f"{', '.join(bad[:_SHOWN])}{more}; add them under tasks.<key>.values (\"\" = no label)")
-    return _per_patient(spec, records) if spec.metadata.longitudinal else records
+    return (_per_patient(spec, records) if spec.metadata.longitudinal else records), rejected
 
 
 def _per_patient(spec: DatasetSpec, records: list[_Record]) -> list[_Record]:
@@ -308,7 +313,7 @@ class _Index:
         return self.folders.get(rel, []), True
 
 
-def _build_table(spec: DatasetSpec, root: Path, records: list[_Record]) -> _Listing:
+def _build_table(spec: DatasetSpec, root: Path, records: list[_Record], rejected: list[_Record]) -> _Listing:
     im, md = spec.images, spec.metadata
     suffixes = im.suffixes or tuple(s for s in (Path(p).suffix.lower() for p in im.patterns) if s) or IMAGE_SUFFIXES
     index = _Index(_scan([d for d in _glob(root, im.dirs) if d.is_dir()], suffixes))
@@ -327,6 +332,8 @@ def _build_table(spec: DatasetSpec, root: Path, records: list[_Record]) -> _List
             image_id = f"{base}/{Path(rel).with_suffix('').name}" if folder else base
             images.append(_Image(image_id, index.files[rel], record, (order, n, rel), view))
         named.update(found)
+    for record in rejected:
+        named.update(next((hits for p in im.patterns if (hits := index.find(_fill(p, record.fields))[0])), []))
     unlisted = [path for rel, path in index.files.items() if rel not in named]
     return _Listing(images, missing, unlisted)
 
@@ -342,8 +349,9 @@ def _tag(header: pydicom.Dataset, name: str) -> str:
     return str(header.get(name, "") or "").strip()
 
 
-def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record]) -> _Listing:
+def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record], rejected: list[_Record]) -> _Listing:
     column = spec.metadata.patient_column
+    left_out = {record.fields[column] for record in rejected}
     patients: dict[str, _Record] = {}
     twice = []
     for record in records:
@@ -369,7 +377,8 @@ def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record]) -> 
         pid = _tag(header, "PatientID") or rel.split("/", 1)[0]
         record = patients.get(pid)
         if record is None:
-            unlisted.append(file)
+            if pid not in left_out:
+                unlisted.append(file)
             continue
         seen.add(pid)
         image_id = _tag(header, "SOPInstanceUID") or str(Path(rel).with_suffix(""))
@@ -383,7 +392,7 @@ def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record]) -> 
     return _Listing(images, missing, unlisted, skipped)
 
 
-LAYOUT_BUILDERS: dict[str, Callable[[DatasetSpec, Path, list[_Record]], _Listing]] = {
+LAYOUT_BUILDERS: dict[str, Callable[[DatasetSpec, Path, list[_Record], list[_Record]], _Listing]] = {
     "table": _build_table,
     "dicom_tree": _build_dicom_tree,
 }
@@ -488,8 +497,8 @@ def build_manifest(dataset: str | DatasetSpec, root: str | Path, out: str | Path
     per_patient = per_patient or spec.images.per_patient
     found, ignored = _read_tables(spec, root, [Path(t) for t in tables] or None)
     skipped: Counter = Counter()
-    records = _records(spec, found, skipped)
-    listing = LAYOUT_BUILDERS[spec.layout](spec, root, records)
+    records, rejected = _records(spec, found, skipped)
+    listing = LAYOUT_BUILDERS[spec.layout](spec, root, records, rejected)
     skipped.update(listing.skipped)
     if listing.missing:
         skipped[NO_FILE] += len(listing.missing)
@@ -558,15 +567,16 @@ def own_spec(cohort: OwnCohort, out: Path) -> dict[str, Any]:
     hold exactly two values, one of them ``positive``."""
     columns = [c for c in (cohort.image_col, cohort.patient_col, cohort.label_col, cohort.center_col) if c]
     table = read_table(cohort.table, columns, cohort.sheet)
-    values = sorted({canon(r[cohort.label_col]) for r in table.rows if not is_missing(r[cohort.label_col])})
+    spelled = {canon(r[cohort.label_col]): r[cohort.label_col] for r in reversed(table.rows)
+               if not is_missing(r[cohort.label_col])}  # canonical value -> its first spelling
+    values = sorted(spelled)
     positive = canon(cohort.positive)
     if len(values) != 2 or positive not in values:
         need = "exactly two values" if len(values) != 2 else f"the value {cohort.positive!r}"
-        shown = ", ".join(repr(v) for v in values[:_SHOWN]) + (" ..." if len(values) > _SHOWN else "")
+        shown = ", ".join(repr(spelled[v]) for v in values[:_SHOWN]) + (" ..." if len(values) > _SHOWN else "")
         raise ManifestError(f"{cohort.table}: column {cohort.label_col!r} holds {len(values)} value(s) "
                             f"({shown or 'none'}); a task with --positive {cohort.positive!r} needs {need}")
     negative = next(v for v in values if v != positive)
-    spelled = {canon(r[cohort.label_col]): r[cohort.label_col] for r in reversed(table.rows)}
     neg, pos = spelled[negative], spelled[positive]
     root = out.parent
     metadata: dict[str, Any] = {"files": [_relative(cohort.table, root)], "id_column": cohort.image_col,

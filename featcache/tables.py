@@ -44,11 +44,12 @@ class Table:
 
 
 class MissingColumns(ManifestError):
-    """A table without the needed columns; ``found`` counts the needed columns it does have."""
+    """A file without the needed table; ``found`` counts the needed columns it does have, ``reason`` says in
+    a few words why it is not the table."""
 
-    def __init__(self, message: str, found: int):
+    def __init__(self, message: str, found: int, reason: str = "lacks the needed columns (e.g. a data dictionary)"):
         super().__init__(message)
-        self.found = found
+        self.found, self.reason = found, reason
 
 
 def cell_text(value: object) -> str:
@@ -91,10 +92,11 @@ def resolve_columns(needed: Sequence[str], header: Sequence[str]) -> tuple[dict[
 
 
 def _closest(absent: Iterable[str], header: Sequence[str]) -> str:
+    spelled = {_key(h): h for h in reversed(header) if h}
     pairs = []
     for name in absent:
-        near = difflib.get_close_matches(name, [h for h in header if h], n=1, cutoff=0.5)
-        pairs.append(f"{name!r} -> {near[0]!r}" if near else f"{name!r} -> none")
+        near = difflib.get_close_matches(_key(name), list(spelled), n=1, cutoff=0.5)
+        pairs.append(f"{name!r} -> {spelled[near[0]]!r}" if near else f"{name!r} -> none")
     return "; ".join(pairs)
 
 
@@ -194,7 +196,7 @@ def read_table(file: Path, needed: Sequence[str], sheet: str = "") -> Table:
     try:
         names = book.sheetnames
         if sheet and sheet not in names:
-            raise ManifestError(f"{file}: no sheet {sheet!r} (sheets: {', '.join(names)})")
+            raise MissingColumns(f"{file}: no sheet {sheet!r} (sheets: {', '.join(names)})", -1, f"no sheet {sheet!r}")
         missing: MissingColumns | None = None
         for name in [sheet] if sheet else names:
             try:
@@ -222,7 +224,7 @@ def find_tables(files: Sequence[Path], needed: Sequence[str], sheet: str = "", s
         try:
             tables.append(read_table(file, needed, sheet))
         except MissingColumns as err:
-            ignored.append(f"{file.name}: lacks the needed columns (e.g. a data dictionary)")
+            ignored.append(f"{file.name}: {err.reason}")
             nearest = nearest if nearest and nearest.found >= err.found else err
     if not tables:
         if nearest is not None:
