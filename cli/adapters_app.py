@@ -7,8 +7,10 @@ import copy
 import typer
 from rich.table import Table
 
+from adapters.methods import DEFAULT_RANK, RANKED
 from cli import train_cmds
-from cli._common import console, new_app, run_app
+from cli._common import new_app, run_app
+from cli.console import console
 from featcache.backbones import get_spec
 from featcache.errors import FeatcacheError
 
@@ -19,7 +21,7 @@ app = new_app("Stage 2: fine-tune backbones end to end (FFT, LoRA, VeRA, BitFit,
 @app.command("methods")
 def methods(
     model: str = typer.Option(..., "--model", help="Backbone name (add -tiny for the tiny random variant)."),
-    rank: int = typer.Option(8, "--rank", min=1, help="LoRA/VeRA rank."),
+    rank: int = typer.Option(DEFAULT_RANK, "--rank", min=1, help=f"{'/'.join(RANKED)} rank."),
 ) -> None:
     """Show what each method trains on MODEL: the modules it targets and its trainable parameters.
 
@@ -46,7 +48,8 @@ def methods(
             notes.append(str(err))
             continue
         with meta:
-            trainable, total = count_parameters(apply_method(copy.deepcopy(base), method.name, r=rank))
+            adapted = apply_method(copy.deepcopy(base), method, rank if method.ranked else None)
+            trainable, total = count_parameters(adapted)
         modules = sum(len(v) for v in match_targets(base.backbone.model, tuple(targets)).values())
         what = " ".join(targets) or {"none": "head only", "all": "everything", "bias": "biases"}[method.trains]
         table.add_row(method.name, what, str(modules) if targets else "-", f"{trainable:,}",

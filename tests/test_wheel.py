@@ -20,11 +20,9 @@ from featcache import datasets
 assert featcache.__file__.startswith(sys.argv[1]), featcache.__file__
 assert str(datasets.data_dir()).startswith(sys.argv[1]), datasets.data_dir()
 print(",".join(datasets.list_datasets()))
-try:
-    from study.study import load_grid
-except ImportError:
-    from featcache.study import load_grid
-grid = load_grid("benchmark", Path.cwd())
+from study.grid import load_grid, shipped_grids
+assert shipped_grids() == ["benchmark", "smoke"], shipped_grids()
+grid = load_grid("benchmark", Path.cwd() / "study.yaml")
 print(len(grid.backbones), len(grid.methods), len(grid.tasks))
 """
 
