@@ -375,9 +375,9 @@ def _own_tasks(file: Path) -> dict[str, TaskSpec]:
     return {key: replace(task, dataset="") for key, task in _parse_spec(file).tasks.items()}
 
 
-def _own_task(manifest: Manifest, key: str) -> tuple[TaskSpec, Path] | None:
+def _own_task(manifest: str | Path, key: str) -> tuple[TaskSpec, Path] | None:
     """The task ``key`` of an own cohort's spec beside ``manifest`` (``<key>.dataset.yaml``), with its file."""
-    file = own_spec_path(manifest.path, key)
+    file = own_spec_path(manifest, key)
     if not file.is_file():
         return None
     tasks = _own_tasks(file)
@@ -408,6 +408,14 @@ def get_task(key: str) -> TaskSpec:
     return spec
 
 
+def resolve_task(key: str, manifest: str | Path | None) -> TaskSpec:
+    """:func:`get_task`, where the task may also be an own cohort's spec beside ``manifest`` (a study names its
+    manifest and tasks; nothing more is needed to know an own task). Registers it for this process."""
+    if _spec_task(key) is None and manifest is not None and (own := _own_task(manifest, key)) is not None:
+        _ADHOC[key] = own[0]
+    return get_task(key)
+
+
 def task_for(manifest: Manifest, key: str, positive: str | None = None) -> TaskSpec:
     """The task ``key`` on ``manifest``, for every command that takes ``--task`` (and ``--positive``).
 
@@ -424,7 +432,7 @@ def task_for(manifest: Manifest, key: str, positive: str | None = None) -> TaskS
             return spec
         raise UsageError(f"task {key} is defined in {get_dataset(spec.dataset).file} with positive class "
                          f"{spec.positive!r}, not {positive!r}; drop --positive, or name a column of your own")
-    if (own := _own_task(manifest, key)) is not None:
+    if (own := _own_task(manifest.path, key)) is not None:
         task, file = own
         if positive is not None and positive != task.positive:
             raise UsageError(f"task {key} is defined in {file} with positive class {task.positive!r}, not "

@@ -10,7 +10,7 @@ from fnmatch import fnmatch
 
 from adapters.methods import METHODS, RANKED, target_modules
 from featcache.backbones import get_spec
-from featcache.datasets import get_task
+from featcache.datasets import get_task, resolve_task
 from featcache.errors import FeatcacheError, UsageError
 from featcache.records import PROBE_METHOD, method_variant
 from study.grid import Grid
@@ -116,6 +116,7 @@ def expand(study: Study, grid: Grid, only: dict[str, str] | None = None) -> tupl
     excluded: list[Excluded] = []
     reasons = {(b, m): method_excluded(b, m) for b in grid.backbones for m in grid.methods}
     for task in study.grid_tasks(grid):
+        resolve_task(task, study.manifest_for(task))  # an own cohort's task is known from its manifest's folder
         levels = list(_levels(grid, task))
         for backbone in grid.backbones:
             for method in grid.methods:

@@ -618,3 +618,21 @@ def test_cli_datasets_and_build(tmp_path, monkeypatch):
     assert result.exit_code != 0 and "missing: --images" in result.output
     result = runner.invoke(app, [*args, "--per-patient", "some"])
     assert result.exit_code != 0
+
+
+def test_own_cohort_in_a_study(tmp_path, monkeypatch):
+    from cli.featcache_app import app
+
+    folder, cohort = _own(tmp_path)
+    build_own(cohort, folder / "manifest.csv")
+    datasets._ADHOC.clear()  # a later process: the study names only the manifest and the task
+    monkeypatch.chdir(folder)
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", "--manifest", "manifest.csv", "--task", "SURV"]).exit_code == 0
+    (folder / "study.yaml").write_text(
+        "manifest: manifest.csv\ntasks: [SURV]\nruns: runs\n"
+        "grid: {backbones: [resnet18-tiny], methods: [probe], regimes: {full: true, shots: []}}\n")
+    ran = runner.invoke(app, ["study", "run"], env={"COLUMNS": "200"})
+    assert ran.exit_code == 0, ran.output
+    records = [json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")]
+    assert len(records) == 5 and {r["task"] for r in records} == {"SURV"}
