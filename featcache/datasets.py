@@ -220,13 +220,8 @@ def _parse_spec(file: Path) -> DatasetSpec:
     return parse_spec(raw, file)
 
 
-def parse_spec(raw: Any, file: Path) -> DatasetSpec:
-    """A dataset spec from its YAML mapping; every fault names ``file`` and the key."""
-    spec = _Reader(raw, file)
-    name, layout = spec.get("name"), spec.get("layout")
-    if layout not in LAYOUTS:
-        raise ManifestError(f"{file}: layout {layout!r} is not one of {list(LAYOUTS)}")
-    md, im, cv_raw = spec.sub("metadata"), spec.sub("images"), spec.sub("cv")
+def _parse_metadata(md: _Reader) -> MetadataSpec:
+    file = md.file
     filters = []
     for i, item in enumerate(md.get("filters", list, [])):
         f = _Reader(item, file, f"metadata.filters[{i}]")
@@ -250,19 +245,32 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
         raise ManifestError(f"{file}: metadata.bbox_columns must name four columns (x0, y0, x1, y1) or none")
     if not metadata.files or bool(metadata.center_column) == bool(metadata.center):
         raise ManifestError(f"{file}: metadata needs files and exactly one of center_column / center")
-    patterns = im.strings("patterns") or ((im.get("pattern", str, ""),) if im.get("pattern", str, "") else ())
-    if layout == "table" and not (metadata.id_column and patterns):
-        raise ManifestError(f"{file}: layout 'table' needs metadata.id_column and images.pattern(s)")
-    images = ImagesSpec(
+    return metadata
+
+
+def _parse_images(im: _Reader) -> ImagesSpec:
+    one = im.get("pattern", str, "")
+    return ImagesSpec(
         dirs=im.strings("dirs") or (".",),
-        patterns=patterns,
+        patterns=im.strings("patterns") or ((one,) if one else ()),
         suffixes=tuple(s.lower() for s in im.strings("suffixes")),
         modalities=im.strings("modalities"),
         views=_choice(im, "views", VIEWS, "frontal"),
         per_patient=_choice(im, "per_patient", PER_PATIENT, "all"),
         per_patient_why=im.get("per_patient_why", str, ""),
     )
-    centers = spec.strings("centers")
+
+
+def parse_spec(raw: Any, file: Path) -> DatasetSpec:
+    """A dataset spec from its YAML mapping; every fault names ``file`` and the key."""
+    spec = _Reader(raw, file)
+    name, layout = spec.get("name"), spec.get("layout")
+    if layout not in LAYOUTS:
+        raise ManifestError(f"{file}: layout {layout!r} is not one of {list(LAYOUTS)}")
+    metadata, images = _parse_metadata(spec.sub("metadata")), _parse_images(spec.sub("images"))
+    if layout == "table" and not (metadata.id_column and images.patterns):
+        raise ManifestError(f"{file}: layout 'table' needs metadata.id_column and images.pattern(s)")
+    centers, cv_raw = spec.strings("centers"), spec.sub("cv")
     scheme = cv_raw.get("scheme")
     if scheme not in CV_SCHEMES:
         raise ManifestError(f"{file}: cv.scheme {scheme!r} is not one of {list(CV_SCHEMES)}")
@@ -270,12 +278,8 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
         raise ManifestError(f"{file}: leave-one-center-out needs metadata.center_column and a centers list")
     k = len(centers) if scheme == "loco" else int(cv_raw.get("k", int, 5))
     tasks_raw = spec.sub("tasks")
-    tasks = {
-        str(key): _parse_task(
-            tasks_raw.sub(str(key)), name, str(key), scheme, k, bool(metadata.center_column)
-        )
-        for key in tasks_raw.raw
-    }
+    tasks = {str(key): _parse_task(tasks_raw.sub(str(key)), name, str(key), scheme, k, bool(metadata.center_column))
+             for key in tasks_raw.raw}
     return DatasetSpec(
         name=name,
         title=spec.get("title"),
@@ -402,8 +406,9 @@ def get_task(key: str) -> TaskSpec:
     if spec is None:
         raise ManifestError(
             f"unknown task {key!r} (dataset spec tasks: {', '.join(list_tasks())}); to use a two-class column "
-            f"{key!r} of your manifest pass --positive VALUE (its positive class), or define the task in a "
-            f"dataset YAML in a folder named by ${ENV_VAR}"
+            f"{key!r} of your manifest pass --positive VALUE (its positive class), build your cohort with "
+            f"`featcache manifest build --table ...`, or define the task in a dataset YAML in a folder named by "
+            f"${ENV_VAR}"
         )
     return spec
 
