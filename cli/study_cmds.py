@@ -27,6 +27,8 @@ def _study() -> Study:
 def init(
     manifest: str | None = typer.Option(None, "--manifest", help="Manifest of the study (relative to here)."),
     task: list[str] = typer.Option([], "--task", help="Task key; repeat for several."),
+    positive: list[str] = typer.Option([], "--positive", help="Positive class of a --task that is a two-class "
+                                       "column of your own manifest (one per --task, in order)."),
     model: str | None = typer.Option(None, "--model", help="Default backbone of single commands."),
     grid: str = typer.Option("smoke", "--grid", help=f"Grid: {', '.join(shipped_grids())}, or a grid file."),
     weights: list[str] = typer.Option([], "--weights", help="BACKBONE=PATH or BACKBONE=random-init; repeat."),
@@ -39,8 +41,19 @@ def init(
         if not sep or not name.strip() or not value.strip():
             raise typer.BadParameter(f"{item!r}: give BACKBONE=PATH or BACKBONE=random-init", param_hint="--weights")
         policy[name.strip()] = value.strip()
+    if positive and len(positive) != len(task):
+        raise typer.BadParameter(f"{len(positive)} --positive for {len(task)} --task; give one per task, in order",
+                                 param_hint="--positive")
+    positives = dict(zip(task, positive, strict=True)) if positive else {}
+    if manifest and Path(manifest).is_file():  # a column or class that is not there: one line now, not later
+        from featcache import datasets
+        from featcache.manifest import load_manifest
+
+        loaded = load_manifest(manifest)
+        for key in task:
+            datasets.task_for(loaded, key, positives.get(key))
     path = write_study(Path.cwd(), manifest=manifest, tasks=tuple(task), model=model, grid=grid, weights=policy,
-                       force=force)
+                       positives=positives, force=force)
     console.print(f"wrote {path}; edit it, then `featcache study plan`", highlight=False)
 
 

@@ -69,6 +69,7 @@ def ensure_splits(study: Study, grid: Grid, tasks: Iterable[str]) -> list[str]:
     """Make the persisted splits of tasks that have none (defaults, and enough draws for the grid)."""
     made = []
     for task in sorted(set(tasks)):
+        study.task_spec(task)  # an own task declared in the study file is known before its splits exist
         manifest = task_manifest(study, task)
         if splits_path(manifest, task).is_file():
             continue
@@ -107,6 +108,8 @@ def _run_stage2(batch: Batch, study: Study, grid: Grid, result: BatchResult) -> 
 def run_batch(batch: Batch, study: Study, grid: Grid) -> BatchResult:
     """Run one batch; the function every executor calls (inline, or pickled into a submitit task)."""
     result = BatchResult(batch.label)
+    for task in sorted({e.task for e in batch.entries}):  # a fresh worker process learns the study's own tasks
+        study.task_spec(task)
     start = time.perf_counter()
     (_run_stage1 if batch.stage == 1 else _run_stage2)(batch, study, grid, result)
     result.seconds = time.perf_counter() - start
