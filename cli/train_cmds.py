@@ -52,6 +52,11 @@ class _EpochLines:
         self.stack.close()
 
 
+def _folds(text: str) -> list[str] | None:
+    """``--fold``: None for all, else the comma-separated fold names."""
+    return None if text.strip() == "all" else [f.strip() for f in text.split(",") if f.strip()]
+
+
 def train(
     method: str = typer.Option(..., "--method", help=f"One of {', '.join(METHODS)}."),
     model: str = typer.Option(..., "--model", help="Backbone (`featcache models`; -tiny for the tiny variant)."),
@@ -132,7 +137,7 @@ def train(
     try:
         report = run_train(manifest, task, model, method=get_method(method), rank=rank, full=shots is None,
                            shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
-                           folds=None if fold == "all" else [f.strip() for f in fold.split(",") if f.strip()], head_lrs=positive_floats(head_lr, "--head-lr"),
+                           folds=_folds(fold), head_lrs=positive_floats(head_lr, "--head-lr"),
                            settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
                            device=device, progress=lines, positive=positive)
     finally:

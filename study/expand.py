@@ -13,10 +13,8 @@ from featcache.backbones import get_spec
 from featcache.datasets import get_task
 from featcache.errors import FeatcacheError, UsageError
 from featcache.records import PROBE_METHOD, method_variant
-from study.grid import Grid
+from study.grid import FIELDS, Grid
 from study.studyfile import Study
-
-FIELDS = ("stage", "backbone", "task", "method", "rank", "regime", "k")
 
 
 @dataclass(frozen=True, order=True)
