@@ -200,7 +200,11 @@ def report(
     loss, patient-level 95 % intervals), box plots, MCC against trainable share, few-shot curves, compute."""
     from study.report import write_report
 
-    made = write_report(results, out)
+    found = find_study()
+    study = load_study(found) if found is not None else None
+    if study is not None and study.runs is not None and Path(results).resolve() != study.runs:
+        study = None  # records of elsewhere: the study's cohort and grid say nothing about them
+    made = write_report(results, out, study)
     for note in made.notes:
         console.print(f"[dim]{note}[/]", highlight=False)
     console.print(f"wrote {made.markdown} ({made.records} records, {len(made.figures)} figures in "
