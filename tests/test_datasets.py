@@ -636,3 +636,8 @@ def test_own_cohort_in_a_study(tmp_path, monkeypatch):
     assert ran.exit_code == 0, ran.output
     records = [json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")]
     assert len(records) == 5 and {r["task"] for r in records} == {"SURV"}
+    reported = runner.invoke(app, ["report"])
+    assert reported.exit_code == 0, reported.output
+    report = (folder / "report" / "report.md").read_text()
+    cohort = report.split("## Cohort", 1)[1].split("\n## ", 1)[0]  # the cohort table read labels through the spec
+    assert "SURV" in cohort and "north" in cohort and "DEATH" in cohort
