@@ -11,6 +11,7 @@ import pytest
 import study.runner as runner
 from featcache.errors import StudyError, UsageError
 from study.expand import Entry, expand, parse_only
+from study.grid import load_grid
 from study.plan import PlanRow, plan
 from study.runner import Batch, BatchResult, ensure_splits, execute, make_batches
 from study.studyfile import STUDY_FILE, load_study
@@ -102,7 +103,7 @@ def test_submitted_jobs_are_waited_for_and_a_failed_one_names_its_log(tiny, tmp_
 
     def fake_executor(kind, folder, settings):
         seen.update(kind=kind, folder=folder)
-        return SimpleNamespace(map_array=lambda fn, tasks, studies, grids: [
+        return SimpleNamespace(map_array=lambda fn, tasks, *per_task: [
             _Job(str(40 + i), folder, outcomes[i]) for i in range(len(tasks))])
 
     monkeypatch.setattr(runner, "submitit_executor", fake_executor)
@@ -115,3 +116,27 @@ def test_submitted_jobs_are_waited_for_and_a_failed_one_names_its_log(tiny, tmp_
     outcomes[1] = None
     results, ids = execute(batches, study, grid, executor="local")  # one task running every batch in turn
     assert ids == ["40"] and [r.label for r in results] == ["batch of 40"]
+
+
+def test_a_failing_entry_is_one_line_and_the_others_still_run(tiny, monkeypatch):
+    study, _ = tiny
+    grid = load_grid({"backbones": ["resnet18-tiny"], "methods": ["bitfit", "lora"], "ranks": [4],
+                      "train_folds": ["fold0"], "head_lrs": [1e-3]}, study.path)
+    entries, _ = expand(study, grid)
+    trained: list[str] = []
+
+    def fake_train(**kwargs):
+        if kwargs["method"] == "lora":
+            raise ValueError("out of memory\nsecond line")
+        trained.append(kwargs["method"])
+        return SimpleNamespace(written=1, existing=0, skipped=[])
+
+    monkeypatch.setattr(runner, "run_train", fake_train)
+    batches = make_batches(plan(study, grid, entries), runs_per_task=2)
+    assert len(batches) == 1
+    results, _ = execute(batches, study, grid)
+    lora = next(e for e in entries if e.method == "lora")
+    assert trained == ["bitfit"] and results[0].written == 1
+    assert results[0].failed == [f"{lora.label}: ValueError: out of memory"]
+    with pytest.raises(ValueError, match="out of memory"):
+        execute(batches, study, grid, keep_going=False)  # `--stop-on-error`: the first failure ends the run
