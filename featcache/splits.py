@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from featcache import datasets
 from featcache.errors import ManifestError, SplitError
@@ -272,6 +271,8 @@ def _kfold(cohort: _Cohort, k: int, seed: int) -> list[tuple[str, np.ndarray, np
             f"cohort allows --k {folds_allowed(per_class, validation=False)}, with a validation part "
             f"{folds_allowed(per_class, validation=True)})"
         )
+    from sklearn.model_selection import StratifiedGroupKFold  # scikit-learn only where folds are made
+
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [
         (f"fold{i}", pool, test)
