@@ -21,29 +21,16 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from adapters.classifier import Classifier
-from adapters.methods import Method, get_method
+from adapters.methods import METHODS, Method, get_method
+from adapters.model import backbone_module, build_classifier, head_module, mutable_names
 from featcache.backbones import get_spec
 from featcache.errors import RecordError, UsageError
 from featcache.fileio import atomic_write
-from featcache.records import RunRecord
+from featcache.records import PROBE_METHOD, RunRecord
 
 HEAD = "head.safetensors"
 WEIGHTS = "weights.safetensors"
 ADAPTER = "adapter_model.safetensors"
-MERGEABLE = ("lora", "ia3", "vera")
-
-
-def head_module(model: Classifier) -> nn.Linear:
-    """The head Linear, in its own attribute or in the backbone's head slot (also under peft's prefixes)."""
-    if model.head is not None:
-        return model.head
-    return _backbone_module(model).get_submodule(model.backbone.spec.head)
-
-
-def _backbone_module(model: Classifier) -> nn.Module:
-    """The backbone's own module, under peft's wrapper where there is one."""
-    inner = model.backbone.model
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -54,13 +41,11 @@ def save_artifacts(model: Classifier, method: Method, folder: Path) -> None:
     """Write the run's trained weights into ``folder`` (see the module doc); the head always."""
     folder.mkdir(parents=True, exist_ok=True)
     _write_tensors(folder / HEAD, head_module(model).state_dict())
-    if method.config is not None:
+    if method.saves == "adapter":
         model.backbone.model.save_pretrained(str(folder))
-    elif method.trains in ("all", "bias"):
-        from adapters.train import mutable_names  # the names training changes, by the trainer's rule
-
+    elif method.saves == "weights":  # the names training changes, by the trainer's rule
         head = {id(t) for t in head_module(model).state_dict(keep_vars=True).values()}
-        module = _backbone_module(model)
+        module = backbone_module(model)
         state = module.state_dict(keep_vars=True)
         changed = set(mutable_names(module))
         _write_tensors(folder / WEIGHTS, {n: t for n, t in state.items() if n in changed and id(t) not in head})
@@ -77,7 +62,7 @@ def read_run(run: str | Path) -> tuple[Path, RunRecord]:
         record = RunRecord.from_dict(json.loads(record_file.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as err:
         raise RecordError(f"{record_file}: not a run record ({err})") from err
-    if record.method == "probe" or not (folder / HEAD).is_file():
+    if record.method == PROBE_METHOD or not (folder / HEAD).is_file():
         raise RecordError(f"{folder}: holds no trained model (a stage-2 run folder has {HEAD}); probe records "
                           "score cached features, not images")
     return folder, record
@@ -88,19 +73,17 @@ def load_model(run: str | Path, weights: str | Path | None = None) -> tuple[Clas
     the path recorded at training, or the same seeded random init), method, and the saved tensors."""
     from peft import PeftModel
 
-    from adapters.train import build_classifier
-
     folder, record = read_run(run)
     spec = get_spec(record.backbone)
     method = get_method(record.method)
     weights = weights if weights is not None else record.provenance.get("weights_path")
     random_init = record.identity == "random-init"
-    model = build_classifier(spec, "lp" if method.config is not None else method.name, None, weights=weights,
+    model = build_classifier(spec, METHODS["lp"] if method.peft else method, None, weights=weights,
                              random_init=random_init)
-    if method.config is not None:  # peft's own loader on the plain backbone module
+    if method.peft:  # peft's own loader on the plain backbone module
         model.backbone.model = PeftModel.from_pretrained(model.backbone.model, str(folder))
     if (folder / WEIGHTS).is_file():
-        _load_strict(_backbone_module(model), load_file(folder / WEIGHTS), folder / WEIGHTS)
+        _load_strict(backbone_module(model), load_file(folder / WEIGHTS), folder / WEIGHTS)
     _load_strict(head_module(model), load_file(folder / HEAD), folder / HEAD)
     return model.eval(), record
 
@@ -124,12 +107,12 @@ def export_merged(run: str | Path, out: str | Path, merge: bool, weights: str | 
         return out
     model, record = load_model(run, weights)
     method = get_method(record.method)
-    if method.name in MERGEABLE:
+    if method.mergeable:
         model.backbone.model = model.backbone.model.merge_and_unload()
-    elif method.config is not None:
+    elif method.peft:
         raise UsageError(f"{record.method} cannot be merged")
     _write_tensors(out / "model.safetensors", model.state_dict())
-    meta = {"backbone": record.backbone, "method": record.method, "merged": method.name in MERGEABLE,
+    meta = {"backbone": record.backbone, "method": record.method, "merged": method.mergeable,
             "weights": record.identity, "task": record.task, "key": record.key,
             "positive_logit": 1, "load": "adapters.artifacts.load_export"}
     atomic_write(out / "export.json", (json.dumps(meta, indent=2) + "\n").encode())
@@ -139,11 +122,9 @@ def export_merged(run: str | Path, out: str | Path, merge: bool, weights: str | 
 def load_export(folder: str | Path) -> Classifier:
     """A merged export as a plain classifier (no peft), in eval mode; it holds every weight, so the backbone
     is built with random weights and then overwritten."""
-    from adapters.train import build_classifier
-
     folder = Path(folder)
     meta = json.loads((folder / "export.json").read_text(encoding="utf-8"))
-    model = build_classifier(get_spec(meta["backbone"]), "lp", None, random_init=True)
+    model = build_classifier(get_spec(meta["backbone"]), METHODS["lp"], None, random_init=True)
     model.load_state_dict(load_file(folder / "model.safetensors"))
     return model.eval()
 
@@ -155,7 +136,7 @@ def predict(run: str | Path, manifest: str | Path, *, weights: str | Path | None
     """Score every image of ``manifest`` with a trained run: one row per image (id, patient, positive-class
     probability, and the label where the manifest has the run's task column)."""
     from adapters.images import load_images
-    from featcache.extract import resolve_device
+    from featcache.device import resolve_device
     from featcache.manifest import load_manifest
 
     model, record = load_model(run, weights)

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from featcache.errors import StoreError
-from featcache.extract import GrayDecoder
-from featcache.imaging import Preprocess, to_model_input
+from featcache.imaging import GrayDecoder, Preprocess, to_model_input
 from featcache.manifest import Manifest
 from featcache.pixels import PIXEL_PREFIX, PixelDataset, pixel_spec
 from featcache.store import Rows, default_store, group_name, list_groups, manifest_rows

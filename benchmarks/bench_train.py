@@ -34,16 +34,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from adapters.images import load_images  # noqa: E402
 from adapters.methods import METHODS  # noqa: E402
-from adapters.train import (  # noqa: E402
-    Run,
-    TrainSettings,
-    _accelerator,
-    _Trainer,
-    build_classifier,
-    class_weights,
-    plan,
-    run_train,
-)
+from adapters.model import build_classifier  # noqa: E402
+from adapters.plan import Run, TrainSettings, plan  # noqa: E402
+from adapters.train import _accelerator, run_train  # noqa: E402
+from adapters.trainer import Trainer, class_weights  # noqa: E402
 from featcache.backbones import get_spec  # noqa: E402
 from featcache.manifest import load_manifest  # noqa: E402
 from featcache.splits import build_splits, save_splits  # noqa: E402
@@ -63,8 +57,8 @@ def cohort(folder: Path, size: int, patients: int = 24) -> Path:
     return manifest
 
 
-def trainer(manifest: Path, model: str, method: str, batch: int) -> _Trainer:
-    """A `_Trainer` whose training part is exactly one batch, so one epoch = one optimiser step."""
+def trainer(manifest: Path, model: str, method: str, batch: int) -> Trainer:
+    """A `Trainer` whose training part is exactly one batch, so one epoch = one optimiser step."""
     real = not model.endswith("-tiny")
     settings = TrainSettings(batch_size=batch, warmup=0, checkpoint_every_s=1e9)
     rank = 8 if method in ("lora", "vera") else None
@@ -76,14 +70,15 @@ def trainer(manifest: Path, model: str, method: str, batch: int) -> _Trainer:
     held = tuple(i for i in ids if i not in train)[:4]
     run = Run("bench", "full", None, None, 1e-3, train, held, held, "bench", {})
     images = load_images(the_plan.manifest, train + held, the_plan.spec.preprocess)
-    return _Trainer(dataclasses.replace(the_plan, runs=(run,)), run, images, Path(tempfile.mkdtemp()),
-                    _accelerator("cpu"), None, real)
+    model_ = build_classifier(the_plan.spec, the_plan.method, rank, random_init=real)
+    return Trainer(dataclasses.replace(the_plan, runs=(run,)), run, model_, images, Path(tempfile.mkdtemp()),
+                   _accelerator("cpu"))
 
 
-def hand_loop(t: _Trainer, model: str, method: str):
+def hand_loop(t: Trainer, model: str, method: str):
     """The same model and batch in the fewest lines of torch + peft: one closure per step."""
     spec = get_spec(model)
-    net = build_classifier(spec, method, 8 if method in ("lora", "vera") else None,
+    net = build_classifier(spec, METHODS[method], 8 if method in ("lora", "vera") else None,
                            random_init=not model.endswith("-tiny"))
     head = {id(p) for p in net.head_parameters()}
     body = [p for p in net.parameters() if p.requires_grad and id(p) not in head]

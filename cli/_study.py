@@ -12,7 +12,8 @@ from typing import Any
 
 import typer
 
-from featcache.study import Study, find_study, load_study
+from cli.console import err_console
+from study.studyfile import Study, find_study, load_study
 
 try:  # typer >= 0.20 vendors click; older typer uses click itself
     from typer._click.globals import get_current_context
@@ -118,6 +119,4 @@ def use_study(ctx: typer.Context) -> None:
     study = load_study(path)
     ctx.default_map = command_defaults(study)
     _annotate(ctx.command, ctx.default_map, study)
-    from cli._common import err_console
-
     err_console.print(f"study: {path}", markup=False, highlight=False, soft_wrap=True)

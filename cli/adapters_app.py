@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from cli import train_cmds
-from cli._common import console, new_app, run_app
+from cli._common import new_app, run_app
+from cli.console import console
 from featcache.backbones import get_spec
 from featcache.errors import FeatcacheError
 
@@ -46,7 +47,8 @@ def methods(
             notes.append(str(err))
             continue
         with meta:
-            trainable, total = count_parameters(apply_method(copy.deepcopy(base), method.name, r=rank))
+            adapted = apply_method(copy.deepcopy(base), method, rank if method.ranked else None)
+            trainable, total = count_parameters(adapted)
         modules = sum(len(v) for v in match_targets(base.backbone.model, tuple(targets)).values())
         what = " ".join(targets) or {"none": "head only", "all": "everything", "bias": "biases"}[method.trains]
         table.add_row(method.name, what, str(modules) if targets else "-", f"{trainable:,}",

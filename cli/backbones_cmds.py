@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cli._common import console
+from cli.console import console
 from featcache.backbones import ALIASES, BACKBONES, locate
 from featcache.backbones.weights import weights_root
 from featcache.errors import WeightsError

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cli._common import check_choice, console
+from cli._common import check_choice
+from cli.console import console
 
 if TYPE_CHECKING:
     from featcache import imaging

@@ -8,7 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli._common import check_choice, console, new_app, plural
+from cli._common import check_choice, new_app
+from cli.console import console, plural
 from featcache import datasets, synth
 from featcache.manifest import ValidationReport, validate
 

@@ -9,7 +9,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from cli._common import check_choice, console, plural, progress
+from cli._common import check_choice
+from cli.console import console, plural, progress
 from featcache import datasets
 from featcache.errors import SplitError
 from featcache.manifest import load_manifest

@@ -11,7 +11,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from cli._common import console, plural
+from cli.console import console, plural
 from featcache import datasets
 from featcache.errors import FeatcacheError
 from featcache.manifest import load_manifest

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from cli._common import check_choice, console, plural, progress, rank0
+from cli._common import check_choice, rank0
+from cli.console import console, plural, progress
+from featcache.backbones import get_spec
 from featcache.store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, ON_ERROR, export_hdf5, feature_spec, list_groups
 
 if TYPE_CHECKING:
@@ -61,14 +63,15 @@ def extract(
     if random_init and weights is not None:
         raise typer.BadParameter("--weights and --random-init exclude each other")
     view_list = [v.strip() for v in views.split(",")] if views else None
-    feature_spec(model, weights=weights, random_init=random_init, views=view_list, dtype=dtype)  # fail fast
+    spec = get_spec(model)  # resolved once: the check below and the extraction use the same spec
+    feature_spec(spec, weights=weights, random_init=random_init, views=view_list, dtype=dtype)  # fail fast
     if random_init and rank0():
         console.print("[yellow]random-init: real architecture with random weights (recorded in the store "
                       "spec)[/]")
     from featcache.extract import extract_features
 
     with progress("embedding", enabled=rank0()) as hook:
-        result = extract_features(manifest, model, store=store, weights=weights, random_init=random_init,
+        result = extract_features(manifest, spec, store=store, weights=weights, random_init=random_init,
                                   views=view_list, dtype=dtype,
                                   batch_size=batch_size, num_workers=workers, on_error=on_error,
                                   device=device, chunk_rows=chunk_rows, retry_skipped=retry_skipped,

@@ -9,9 +9,12 @@ import typer
 from rich import box
 from rich.table import Table
 
-from cli._common import console, new_app
+from cli._common import new_app
+from cli.console import console
 from featcache.errors import StudyError
-from featcache.study import Study, find_study, load_study, shipped_grids, write_study
+from featcache.text import duration
+from study.grid import shipped_grids
+from study.studyfile import Study, find_study, load_study, write_study
 
 
 def _study() -> Study:
@@ -19,12 +22,6 @@ def _study() -> Study:
     if path is None:
         raise StudyError(f"no study.yaml in {Path.cwd()} or above it; write one with `featcache init`")
     return load_study(path)
-
-
-def _hours(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:,.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
 def init(
@@ -54,14 +51,14 @@ def plan_cmd(
 ) -> None:
     """Print the grid's runs per stage and method, what already has a record, and the cost of the rest
     (from the wall times measured in existing records)."""
-    from adapters import sweep
-
+    from study.expand import expand, parse_only
+    from study.plan import estimate, plan
     study = _study()
     grid = study.grid()
-    entries, left_out = sweep.expand(study, grid, sweep.parse_only(only))
+    entries, left_out = expand(study, grid, parse_only(only))
     with console.status("matching the grid against the records"):
-        rows = sweep.plan(study, grid, entries)
-        costs = sweep.estimate(rows, study.runs)
+        rows = plan(study, grid, entries)
+        costs = estimate(rows, study.runs)
     title = f"{study.name} · grid {grid.name} · {len(entries)} entries · records in {study.runs}"
     table = Table(title=title, box=box.SIMPLE_HEAD)
     for name in ("stage", "method", "entries", "runs", "recorded", "missing", "est. time"):
@@ -77,13 +74,13 @@ def plan_cmd(
         totals[stage] += known
         if any(s is None for s in seconds):
             unmeasured[stage].append(method)
-        time = ("≥ " + _hours(known) if known else "unknown") if method in unmeasured[stage] else _hours(known)
+        time = ("≥ " + duration(known) if known else "unknown") if method in unmeasured[stage] else duration(known)
         table.add_row(str(stage), method, str(len(members)), f"{sum(r.planned for r in members):,}",
                       f"{sum(r.recorded for r in members):,}", f"{sum(r.missing for r in members):,}", time)
     console.print(table)
     for stage in sorted({r.entry.stage for r in rows}):
         mine = [r for r in rows if r.entry.stage == stage]
-        cost = f"about {_hours(totals[stage])} by the run times measured in the records"
+        cost = f"about {duration(totals[stage])} by the run times measured in the records"
         if unmeasured[stage]:
             cost += f", plus {', '.join(unmeasured[stage])} (no run measured yet)"
         console.print(f"stage {stage}: {sum(r.planned for r in mine):,} runs, {sum(r.recorded for r in mine):,} "
@@ -129,16 +126,17 @@ def run_cmd(
 ) -> None:
     """Run what the grid lacks: per backbone, extract once then every probe; then every training entry. Runs
     already recorded are skipped, so a killed study restarted runs only the missing keys."""
-    from adapters import sweep
-
+    from study.expand import expand, parse_only
+    from study.plan import plan
+    from study.runner import ensure_splits, execute, make_batches
     study = _study()
     grid = study.grid()
-    entries, left_out = sweep.expand(study, grid, sweep.parse_only(only))
-    for line in sweep.ensure_splits(study, grid, {e.task for e in entries}):
+    entries, left_out = expand(study, grid, parse_only(only))
+    for line in ensure_splits(study, grid, {e.task for e in entries}):
         console.print(line, highlight=False)
     with console.status("matching the grid against the records"):
-        rows = sweep.plan(study, grid, entries)
-    batches = sweep.make_batches(rows, int(study.executor.get("runs_per_task", 1)))
+        rows = plan(study, grid, entries)
+    batches = make_batches(rows, int(study.executor.get("runs_per_task", 1)))
     done = sum(r.planned for r in rows if r.exact and r.missing == 0)
     console.print(f"{len(entries)} entries ({len(left_out)} excluded); {len(batches)} batches to run, "
                   f"{done:,} runs already recorded", highlight=False)
@@ -150,7 +148,7 @@ def run_cmd(
         console.print(f"    wrote {result.written}, {result.existing} already recorded, "
                       f"{len(result.skipped)} levels skipped, {result.seconds:.1f} s", highlight=False)
 
-    results, jobs = sweep.execute(batches, study, grid, executor=executor, wait=wait, progress=progress)
+    results, jobs = execute(batches, study, grid, executor=executor, wait=wait, progress=progress)
     if jobs:
         console.print(f"submitted {len(jobs)} {executor} jobs ({', '.join(jobs[:5])}{' ...' if len(jobs) > 5 else ''});"
                       f" logs in {study.root / 'jobs'}", highlight=False)
@@ -169,7 +167,7 @@ def report(
 ) -> None:
     """Write a Markdown report with PNG figures from the records alone: tables (head LR chosen on validation
     loss, patient-level 95 % intervals), box plots, MCC against trainable share, few-shot curves, compute."""
-    from featcache.report import write_report
+    from study.report import write_report
 
     made = write_report(results, out)
     for note in made.notes:

@@ -12,12 +12,13 @@ import typer
 from rich import box
 from rich.table import Table
 
-from cli._common import console, progress, rank0
+from adapters.methods import HEAD_LRS, METHODS, get_method
+from cli._common import rank0
+from cli.console import console, progress
 from cli.probe_cmds import _mean_std, _shots, positive_floats
 from featcache.fileio import atomic_write
 
-METHOD_NAMES = ("lp", "fft", "lora", "vera", "bitfit", "ia3")
-
+_HEAD_LRS = ",".join(f"{lr:.0e}".replace("e-0", "e-") for lr in HEAD_LRS)  # 1e-2,1e-3,1e-4
 
 class _EpochLines:
     """Per-epoch progress of each run through the shared `progress` helper (a bar on a terminal; off a terminal
@@ -49,7 +50,7 @@ class _EpochLines:
 
 
 def train(
-    method: str = typer.Option(..., "--method", help=f"One of {', '.join(METHOD_NAMES)}."),
+    method: str = typer.Option(..., "--method", help=f"One of {', '.join(METHODS)}."),
     model: str = typer.Option(..., "--model", help="Backbone (`featcache models`; -tiny for the tiny variant)."),
     task: str = typer.Option(..., "--task", help="Task key, a label column of the manifest (e.g. AFC)."),
     manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest; its splits must exist."),
@@ -61,7 +62,7 @@ def train(
     shots: str | None = typer.Option(None, "--shots", help="Few-shot k per class, e.g. 16 or 2,4,8."),
     draws: int | None = typer.Option(None, "--draws", min=1, help="Draws per few-shot level (default 10)."),
     per_center: bool = typer.Option(False, "--per-center", help="Use the k-per-class-per-center draws."),
-    head_lr: str = typer.Option("1e-2,1e-3,1e-4", "--head-lr", help="Head LR grid; each value is a run."),
+    head_lr: str = typer.Option(_HEAD_LRS, "--head-lr", help="Head LR grid; each value is a run."),
     backbone_lr: float | None = typer.Option(None, "--backbone-lr",
                                              help="Backbone/adapter LR (default: FFT 1e-5, PEFT 1e-4)."),
     max_epochs: int = typer.Option(1000, "--max-epochs", min=1, help="Epoch limit."),
@@ -104,8 +105,8 @@ def train(
     Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes).
     `featcache results` picks the head LR by mean validation loss.
     """
-    if method not in METHOD_NAMES:
-        raise typer.BadParameter(f"{method!r}: choose from {', '.join(METHOD_NAMES)}", param_hint="--method")
+    if method not in METHODS:
+        raise typer.BadParameter(f"{method!r}: choose from {', '.join(METHODS)}", param_hint="--method")
     if full and (shots is not None or draws is not None or per_center):
         raise typer.BadParameter("--full excludes --shots, --draws and --per-center", param_hint="--full")
     if random_init and weights is not None:
@@ -113,7 +114,8 @@ def train(
     from featcache.backbones import get_spec, weights_identity
 
     weights_identity(get_spec(model), weights, random_init)  # missing weights: one line, before torch loads
-    from adapters.train import TrainSettings, run_train
+    from adapters.plan import TrainSettings
+    from adapters.train import run_train
 
     settings = TrainSettings(max_epochs=max_epochs, patience=patience, warmup=warmup,
                              plateau_patience=plateau_patience, batch_size=batch_size, accumulate=accumulate,
@@ -123,7 +125,7 @@ def train(
         console.print("[yellow]random-init: real architecture with random weights (recorded in each run)[/]")
     lines = _EpochLines(quiet)
     try:
-        report = run_train(manifest, task, model, method=method, rank=rank, full=shots is None,
+        report = run_train(manifest, task, model, method=get_method(method), rank=rank, full=shots is None,
                            shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
                            folds=None if fold == "all" else [fold], head_lrs=positive_floats(head_lr, "--head-lr"),
                            settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,

@@ -32,9 +32,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featcache.backbones import BackboneSpec, build_backbone, get_spec
-from featcache.errors import ImageError, UsageError
+from featcache.device import precision_for, resolve_device
+from featcache.errors import ImageError
 from featcache.fileio import write_errors
-from featcache.imaging import Preprocess, load_gray, quantize, to_model_input
+from featcache.imaging import GrayDecoder, Preprocess, to_model_input
 from featcache.integrity import repair, verify
 from featcache.locks import GroupLocks
 from featcache.manifest import Manifest, load_manifest
@@ -97,7 +98,7 @@ def extract_features(manifest: Manifest | str | Path, model: str | BackboneSpec,
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     bspec = get_spec(model) if isinstance(model, str) else model
     dev = resolve_device(device)
-    precision = "bf16-autocast" if dev.type == "cuda" else "float32"
+    precision = precision_for(dev)
     spec = feature_spec(bspec, weights=weights, random_init=random_init, views=views, dtype=dtype,
                         precision=precision)
     pre = bspec.preprocess
@@ -134,47 +135,6 @@ def feature_step(backbone: torch.nn.Module, pre: Preprocess, views: Sequence[str
         return {v: out[v].float().to(dtype) for v in views}
 
     return step
-
-
-class GrayDecoder:
-    """Picklable decode step for DataLoader workers: file -> cropped, normalised, resized gray, as float in
-    [0, 1] or, for the pixel cache, ``quantized`` to uint8."""
-
-    def __init__(self, size: int, intensity: str, quantized: bool = False):
-        self.size, self.intensity, self.quantized = size, intensity, quantized
-
-    def __call__(self, path: Path, bbox: tuple[int, int, int, int] | None) -> torch.Tensor:
-        gray = load_gray(path, self.size, bbox, self.intensity)
-        return quantize(gray) if self.quantized else gray
-
-
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> this rank's GPU when there is one (``LOCAL_RANK`` under torchrun), else the CPU.
-
-    A named device is checked here, before any store or model is touched, so ``--device cuda`` on a machine
-    without one (or ``--device tpu``) is one line, not a torch traceback halfway through a run."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        dev = None
-    if dev is None or dev.type not in DEVICE_TYPES:
-        raise UsageError(f"device {device!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UsageError(f"device {device!r}: this machine has no CUDA GPU torch can use; use --device cpu")
-        if dev.index is not None and dev.index >= count:
-            raise UsageError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device {device!r}: Apple MPS is not available on this machine; use --device cpu")
-    return dev
 
 
 # --------------------------------------------------------------------------------------------- row pipeline

@@ -358,3 +358,15 @@ def to_model_input(gray: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 def load_image(path: str | Path, pre: Preprocess, bbox: BBox | None = None) -> torch.Tensor:
     """Image file -> model-ready ``(C, size, size)`` float tensor, preprocessed as ``pre`` says."""
     return to_model_input(load_gray(path, pre.size, bbox, pre.intensity), pre)
+
+
+class GrayDecoder:
+    """Picklable decode step for DataLoader workers: file -> cropped, normalised, resized gray, as float in
+    [0, 1] or, for the pixel cache, ``quantized`` to uint8."""
+
+    def __init__(self, size: int, intensity: str, quantized: bool = False):
+        self.size, self.intensity, self.quantized = size, intensity, quantized
+
+    def __call__(self, path: Path, bbox: tuple[int, int, int, int] | None) -> torch.Tensor:
+        gray = load_gray(path, self.size, bbox, self.intensity)
+        return quantize(gray) if self.quantized else gray

@@ -21,8 +21,8 @@ from torch.utils.data import Dataset
 import featcache
 from featcache.backbones import BackboneSpec, get_spec
 from featcache.errors import StoreError
-from featcache.extract import ExtractResult, GrayDecoder, Progress, RowJob, run_rows
-from featcache.imaging import Preprocess, to_model_input
+from featcache.extract import ExtractResult, Progress, RowJob, run_rows
+from featcache.imaging import GrayDecoder, Preprocess, to_model_input
 from featcache.integrity import row_digests
 from featcache.manifest import Manifest, load_manifest
 from featcache.store import (

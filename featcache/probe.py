@@ -39,11 +39,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from featcache.device import resolve_device
 from featcache.errors import FeatcacheError, SplitError, StoreError
-from featcache.extract import resolve_device
 from featcache.manifest import Manifest, load_manifest
 from featcache.metrics import binary_metrics, evaluate
-from featcache.records import RunRecord, drawn_patients, read_record, record_path, run_key, write_record
+from featcache.records import PROBE_METHOD, RunRecord, drawn_patients, read_record, record_path, run_key, write_record
 from featcache.solver import LogisticFit, fit_indexed, fit_sklearn
 from featcache.splits import SHOTS, Splits, load_splits, support_digest
 from featcache.store import default_store, find_feature_group, load_features
@@ -52,7 +52,6 @@ C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))
 INNER_FOLDS = 4
 SELECT = ("mcc", "average_precision")
 SOLVERS = ("torch", "sklearn")
-METHOD = "probe"  # logistic regression on cached features; never "lp", the end-to-end trained head of stage 2
 TIE = 1e-9  # metric values this close are a tie (exact ties of MCC at 0.5 are the common case)
 THRESHOLD_RULES = {
     True: f"cross-fit: {INNER_FOLDS}-fold patient-grouped out-of-fold scores on train+val at the chosen C",
@@ -368,7 +367,7 @@ class _Job:
     def pending(self, fold: str, regime: str, shots: int | None, draw: int | None) -> bool:
         """Whether a run still has to be fitted; a recorded one is read back into the report instead. Under
         ``plan_only`` every run's key is noted and nothing is fitted or read."""
-        key = run_key(task=self.task, backbone=self.data.backbone, method=METHOD, fold=fold,
+        key = run_key(task=self.task, backbone=self.data.backbone, method=PROBE_METHOD, fold=fold,
                       seed=self.splits.seed, options=self.options.defining(self.view, regime), regime=regime,
                       shots=shots, draw=draw, splits_digest=self.digest, identity=self.data.identity)
         self.report.planned.append((regime, shots, key))
@@ -391,7 +390,7 @@ class _Job:
         dim = self.data.X.shape[1]
         backbone = backbone_parameters(self.data.backbone)
         record = RunRecord(
-            task=self.task, backbone=self.data.backbone, method=METHOD, fold=fold, seed=self.splits.seed,
+            task=self.task, backbone=self.data.backbone, method=PROBE_METHOD, fold=fold, seed=self.splits.seed,
             options=self.options.defining(self.view, regime), regime=regime, shots=shots, draw=draw,
             splits_digest=self.digest, identity=self.data.identity, test_ids=self.data.ids[test].tolist(),
             test_labels=y_test.tolist(), test_scores=fitted.scores.tolist(),

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -61,7 +62,7 @@ _METRIC_ORDER = _IMAGE_METRICS + tuple(f"patient_{m}" for m in _IMAGE_METRICS) +
 # and whether it sat at an edge of the grid. Stage 2's head LR and best epoch are opt_head_lr, train_best_epoch.
 SELECTION = {"C": "selected_C", "C_rule": "C_rule", "C_edge": "C_at_grid_edge"}
 GROUP_BY = ("task", "backbone", "method", "options", "regime", "shots", "support_from")
-PROBE_METHOD = "probe"  # featcache.probe.METHOD (not imported: the probe imports this module)
+PROBE_METHOD = "probe"  # the cached logistic probe of stage 1; never "lp", the end-to-end trained head of stage 2
 
 
 @lru_cache(maxsize=1)
@@ -138,6 +139,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def method_variant(method: str, rank: int | None) -> str:
+    """``lora-r8`` for a ranked run, the method name otherwise: how summaries, plans and figures name it."""
+    return method if rank is None else f"{method}-r{rank}"
+
+
 @dataclass
 class RunRecord:
     """Everything one run produced and what it ran on. Per-image test scores make re-scoring possible."""
@@ -206,6 +212,12 @@ class RunRecord:
             splits_digest=self.splits_digest,
             identity=self.identity,
         )
+
+    @property
+    def variant(self) -> str:
+        """The method with its rank where it has one (``lora-r8``); the cached probe stays ``probe``."""
+        rank = self.options.get("rank")
+        return method_variant(self.method, None if rank in (None, "") else int(rank))
 
     @property
     def key(self) -> str:
@@ -494,20 +506,24 @@ def drawn_patients(patients: np.ndarray, labels: np.ndarray) -> dict[str, int]:
             for side, value in (("positive", 1), ("negative", 0))}
 
 
-def pooled_interval(records: list[RunRecord], n_boot: int = 1000, seed: int = 0) -> dict[str, Any] | None:
-    """MCC at 0.5 and PR-AUC of the test predictions pooled over runs whose test sets are disjoint (the folds
-    of one cross-validation: every image scored once), each with a 95 % bootstrap interval over patients.
-    None where test sets overlap (few-shot draws share their fold's test set) or patients were not recorded."""
+def pooled_interval(records: list[RunRecord], n_boot: int = 1000, seed: int = 0,
+                    threshold: Callable[[RunRecord], float] | None = None) -> dict[str, Any] | None:
+    """MCC and PR-AUC of the test predictions pooled over runs whose test sets are disjoint (the folds of one
+    cross-validation: every image scored once), each with a 95 % bootstrap interval over patients. MCC calls
+    each image at ``threshold(its run)`` (default 0.5). None where test sets overlap (few-shot draws share
+    their fold's test set) or patients were not recorded."""
     ids = [i for r in records for i in r.test_ids]
     if not ids or len(set(ids)) != len(ids) or not all(r.test_patients for r in records):
         return None
     y = np.array([v for r in records for v in r.test_labels])
-    s = np.array([v for r in records for v in r.test_scores])
+    s = np.array([v for r in records for v in r.test_scores], dtype=np.float64)
+    cut = threshold or (lambda _record: 0.5)
+    calls = np.concatenate([np.asarray(r.test_scores) >= cut(r) for r in records]).astype(np.float64)
     patients = np.array([p for r in records for p in r.test_patients])
     out: dict[str, Any] = {"n": len(ids), "patients": len(set(patients.tolist()))}
-    for name in ("mcc", "average_precision"):
-        out[name] = binary_metrics(y, s)[name]
-        out[f"{name}_ci"] = tuple(bootstrap_ci(y, s, patients, name, n_boot=n_boot, seed=seed)[:2])
+    for name, scores in (("mcc", calls), ("average_precision", s)):
+        out[name] = binary_metrics(y, scores)[name]
+        out[f"{name}_ci"] = tuple(bootstrap_ci(y, scores, patients, name, n_boot=n_boot, seed=seed)[:2])
     return out
 
 

@@ -8,9 +8,10 @@ import pytest
 from rich.table import Table
 from typer.testing import CliRunner
 
-import cli._common as common
-from cli._common import make_console, plain_output, progress, run_app
+import cli.console as common
+from cli._common import run_app
 from cli.adapters_app import app as adapters_app
+from cli.console import make_console, plain_output, progress
 from cli.featcache_app import app as featcache_app
 from featcache.backbones import BACKBONES
 
@@ -202,7 +203,8 @@ def test_adapters_methods_needs_no_weights(tmp_path, monkeypatch):
     tiny = CliRunner().invoke(adapters_app, ["methods", "--model", "dinov2-s-tiny", "--rank", "4"])
     base = Classifier(build_backbone("dinov2-s-tiny"))
     for method in ("lora", "vera", "bitfit", "ia3", "lp"):
-        trainable, _ = count_parameters(apply_method(copy.deepcopy(base), method, r=4))
+        adapted = apply_method(copy.deepcopy(base), method, 4 if method in ("lora", "vera") else None)
+        trainable, _ = count_parameters(adapted)
         row = next(line for line in tiny.output.splitlines() if line.startswith(f"│ {method} "))
         assert f"{trainable:,}" in row, (method, row)
 

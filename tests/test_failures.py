@@ -111,11 +111,12 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     script = textwrap.dedent(f"""
         import time
         import featcache.extract as fx
-        decode = fx.GrayDecoder.__call__
+        import featcache.imaging as fi
+        decode = fi.GrayDecoder.__call__
         def slow(self, path, bbox):
             time.sleep(120)  # a worker busy with a huge image when its parent dies
             return decode(self, path, bbox)
-        fx.GrayDecoder.__call__ = slow
+        fi.GrayDecoder.__call__ = slow
         fx.extract_features({str(manifest)!r}, "{MODEL}", num_workers=2, batch_size=1)
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.DEVNULL,

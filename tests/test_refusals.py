@@ -6,8 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from featcache.device import resolve_device
 from featcache.errors import UsageError
-from featcache.extract import resolve_device
 
 
 def test_named_devices_are_checked(monkeypatch):
@@ -44,5 +44,5 @@ def test_rank_below_one_is_refused():
     from featcache.backbones import build_backbone
 
     classifier = Classifier(build_backbone("resnet18-tiny"))
-    with pytest.raises(UsageError, match="rank must be >= 1"):
-        apply_method(classifier, "lora", r=0)
+    with pytest.raises(UsageError, match="rank must be at least 1"):
+        apply_method(classifier, "lora", 0)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import featcache.report as report_module
+import study.report as report_module
 from cli.featcache_app import app as featcache_app
 from featcache.errors import RecordError
 from featcache.records import RunRecord, write_record
-from featcache.report import write_report
+from study.report import write_report
 
 PRETRAINED = "hf:timm/resnet18@abc/model.safetensors"
 

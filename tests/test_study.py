@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from adapters import sweep
 from cli.adapters_app import app as adapters_app
 from cli.featcache_app import app as featcache_app
 from featcache.backbones import ALIASES, get_spec
 from featcache.datasets import get_task
 from featcache.errors import StudyError, WeightsError
-from featcache.study import STUDY_FILE, find_study, load_grid, load_study
 from featcache.synth import make_cohort
+from study.expand import expand, expected_runs, parse_only
+from study.grid import load_grid
+from study.plan import plan, train_arguments
+from study.runner import ensure_splits, execute, make_batches, submitit_executor
+from study.studyfile import STUDY_FILE, find_study, load_study
 
 CNNS = ("resnet18", "resnet50", "densenet121", "medclip-resnet")
 
@@ -123,7 +126,7 @@ def _levels(task: str, shots: int, center_shots: int) -> int:
 def test_benchmark_grid_expansion_counts_and_exclusions(tmp_path):
     study = load_study(_study_file(tmp_path, "grid: benchmark\n"))
     grid = study.grid()
-    entries, excluded = sweep.expand(study, grid)
+    entries, excluded = expand(study, grid)
     tasks = grid.tasks
     assert set(tasks) == {"AFC", "AFC_death", "CAR", "CoCross", "NY", "NY_icu"} and len(grid.backbones) == 11
     variants = 1 + 1 + 1 + 3 + 3 + 1 + 1  # probe, lp, fft, lora r4/8/16, vera r4/8/16, bitfit, ia3
@@ -143,24 +146,24 @@ def test_benchmark_grid_expansion_counts_and_exclusions(tmp_path):
     assert len(entries) == runnable_pairs * sum(levels.values())
     per_task_probe = {t: get_task(t).k * (1 + 5 * 100 + (4 * 100 if get_task(t).has_centers else 0)) for t in tasks}
     per_task_train = {t: 3 * get_task(t).k * (1 + 5 * 5 + (4 * 5 if get_task(t).has_centers else 0)) for t in tasks}
-    stage1 = sum(sweep.expected_runs(e, grid) for e in entries if e.stage == 1)
-    stage2 = sum(sweep.expected_runs(e, grid) for e in entries if e.stage == 2)
+    stage1 = sum(expected_runs(e, grid) for e in entries if e.stage == 1)
+    stage2 = sum(expected_runs(e, grid) for e in entries if e.stage == 2)
     assert stage1 == 11 * sum(per_task_probe.values()) == 229_152
     assert stage2 == (runnable_pairs - 11) * sum(per_task_train.values()) == 315_168
 
 
 def test_only_filters_by_field_globs(tmp_path):
     study = load_study(_study_file(tmp_path, "grid: benchmark\n"))
-    entries, _ = sweep.expand(study, study.grid(), sweep.parse_only("backbone=dinov2-*,method=lora|probe,"
+    entries, _ = expand(study, study.grid(), parse_only("backbone=dinov2-*,method=lora|probe,"
                                                                      "regime=full,task=CAR"))
     assert {(e.backbone, e.variant) for e in entries} == {(b, m) for b in ("dinov2-s", "dinov2-b", "dinov2-l")
                                                           for m in ("probe", "lora-r4", "lora-r8", "lora-r16")}
     with pytest.raises(Exception, match="FIELD=PATTERN"):
-        sweep.parse_only("colour=red")
+        parse_only("colour=red")
 
 
 def test_smoke_grid_is_shipped_and_small(tmp_path):
-    grid = load_grid("smoke", tmp_path)
+    grid = load_grid("smoke", tmp_path / STUDY_FILE)
     assert grid.backbones == ("resnet18-tiny", "dinov2-s-tiny") and grid.train_folds == ("fold0",)
 
 
@@ -191,8 +194,8 @@ def _fresh(cohort: Path, tmp_path: Path) -> tuple:
     shutil.copytree(cohort / "cohort", tmp_path / "cohort")
     study = load_study(_study_file(tmp_path, _STUDY))
     grid = study.grid()
-    entries, _ = sweep.expand(study, grid)
-    sweep.ensure_splits(study, grid, {"SYN"})
+    entries, _ = expand(study, grid)
+    ensure_splits(study, grid, {"SYN"})
     return study, grid, entries
 
 
@@ -202,9 +205,9 @@ def _keys(folder: Path) -> dict[str, int]:
 
 def test_killed_study_restarted_runs_only_missing_keys(cohort, tmp_path, monkeypatch):
     study, grid, entries = _fresh(cohort, tmp_path)
-    import featcache.probe
+    import study.runner as runner_module
 
-    real, calls = featcache.probe.run_probe, []
+    real, calls = runner_module.run_probe, []
 
     def dies_on_second_level(*args, **kwargs):
         if not kwargs.get("plan_only"):
@@ -213,29 +216,29 @@ def test_killed_study_restarted_runs_only_missing_keys(cohort, tmp_path, monkeyp
                 raise KeyboardInterrupt  # the kill, after one regime was recorded
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(featcache.probe, "run_probe", dies_on_second_level)
+    monkeypatch.setattr(runner_module, "run_probe", dies_on_second_level)
     with pytest.raises(KeyboardInterrupt):
-        sweep.execute(sweep.make_batches(sweep.plan(study, grid, entries)), study, grid)
-    monkeypatch.setattr(featcache.probe, "run_probe", real)
+        execute(make_batches(plan(study, grid, entries)), study, grid)
+    monkeypatch.setattr(runner_module, "run_probe", real)
     before = _keys(study.runs)
-    rows = sweep.plan(study, grid, entries)
+    rows = plan(study, grid, entries)
     assert all(r.exact for r in rows) and 0 < sum(r.recorded for r in rows) == len(before)
     missing = sum(r.missing for r in rows)
     assert missing > 0
-    results, _ = sweep.execute(sweep.make_batches(rows), study, grid)
+    results, _ = execute(make_batches(rows), study, grid)
     after = _keys(study.runs)
     assert sum(r.written for r in results) == missing == len(after) - len(before)
     assert all(after[k] == t for k, t in before.items())  # recorded runs untouched
-    assert all(r.missing == 0 for r in sweep.plan(study, grid, entries))
-    assert sweep.make_batches(sweep.plan(study, grid, entries)) == []
+    assert all(r.missing == 0 for r in plan(study, grid, entries))
+    assert make_batches(plan(study, grid, entries)) == []
 
 
 def test_submitit_local_executor_runs_the_same_batches(cohort, tmp_path):
     study, grid, entries = _fresh(cohort, tmp_path)
     entries = [e for e in entries if e.regime == "full"]  # keep it short: a subprocess imports torch
-    rows = sweep.plan(study, grid, entries)
-    results, jobs = sweep.execute(sweep.make_batches(rows), study, grid, executor="local")
-    after = sweep.plan(study, grid, entries)
+    rows = plan(study, grid, entries)
+    results, jobs = execute(make_batches(rows), study, grid, executor="local")
+    after = plan(study, grid, entries)
     assert len(jobs) == 1 and results[0].written == sum(r.planned for r in after) > 0
     assert all(r.exact and r.missing == 0 for r in after)
     record = json.loads(next(study.runs.glob("*.json")).read_text())
@@ -247,12 +250,12 @@ def test_slurm_executor_takes_resources_from_the_study(tmp_path, monkeypatch):
     settings = {"partition": "gpu", "time_min": 30, "gpus_per_node": 1, "cpus_per_task": 8, "array_parallelism": 4}
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(StudyError, match="--executor slurm: .*srun"):
-        sweep.submitit_executor("slurm", tmp_path, settings)
+        submitit_executor("slurm", tmp_path, settings)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "srun").write_text("#!/bin/sh\n")
     (tmp_path / "bin" / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    params = sweep.submitit_executor("slurm", tmp_path, settings)._executor.parameters
+    params = submitit_executor("slurm", tmp_path, settings)._executor.parameters
     assert params["partition"] == "gpu" and params["time"] == 30 and params["gpus_per_node"] == 1
     assert params["cpus_per_task"] == 8 and params["array_parallelism"] == 4
 
@@ -313,15 +316,15 @@ def test_study_run_trains_stage_two_entries_by_their_keys(cohort, tmp_path):
     study, _, _ = _fresh(cohort, tmp_path)
     grid = load_grid({"backbones": ["resnet18-tiny"], "methods": ["bitfit", "lora"], "ranks": [4],
                       "train_folds": ["fold0"], "head_lrs": [1e-3], "train": {"max_epochs": 1, "warmup": 0}},
-                     tmp_path)
-    entries, excluded = sweep.expand(study, grid)
+                     tmp_path / STUDY_FILE)
+    entries, excluded = expand(study, grid)
     assert [e.variant for e in entries] == ["bitfit", "lora-r4"] and not excluded
-    rows = sweep.plan(study, grid, entries)
+    rows = plan(study, grid, entries)
     assert all(r.exact and (r.planned, r.recorded) == (1, 0) for r in rows)
-    results, _ = sweep.execute(sweep.make_batches(rows), study, grid)
+    results, _ = execute(make_batches(rows), study, grid)
     assert [r.written for r in results] == [1, 1]
-    from adapters.train import planned_keys
+    from adapters.plan import planned_keys
 
-    keys = {k for e in entries for k in planned_keys(**sweep.train_arguments(study, grid, e))}
+    keys = {k for e in entries for k in planned_keys(**train_arguments(study, grid, e))}
     assert keys == {p.stem for p in study.runs.glob("*.json")}
-    assert all(r.missing == 0 for r in sweep.plan(study, grid, entries))
+    assert all(r.missing == 0 for r in plan(study, grid, entries))

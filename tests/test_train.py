@@ -22,7 +22,9 @@ from adapters.artifacts import export_merged, load_export, load_model, predict
 from adapters.classifier import Classifier
 from adapters.images import load_images
 from adapters.methods import METHODS, apply_method
-from adapters.train import CHECKPOINT, TrainSettings, planned_keys, run_train
+from adapters.plan import TrainSettings, planned_keys
+from adapters.train import run_train
+from adapters.trainer import CHECKPOINT
 from cli.adapters_app import app as adapters_app
 from cli.featcache_app import app as featcache_app
 from featcache.backbones import build_backbone, count_parameters, get_spec

@@ -72,7 +72,7 @@ def spec_for(repo: str) -> BackboneSpec:
     if isinstance(pre, str):
         pcfg = json.loads(open(pre).read())
         mean, std = tuple(pcfg.get("image_mean", mean)), tuple(pcfg.get("image_std", std))
-    from .registry import CLIP_PEFT, HF_VIT_PEFT, HUB_FILES, SWIN_PEFT
+    from .constants import CLIP_PEFT, HF_VIT_PEFT, HUB_FILES, SWIN_PEFT
 
     return BackboneSpec(
         name=f"hf:{repo}", source="hf", arch=model_type, family=family, views={"cls": dim, "mean": dim},

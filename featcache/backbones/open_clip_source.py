@@ -12,7 +12,7 @@ from torch import nn
 from featcache.errors import WeightsError
 
 from ._loading import load_into, strip_prefix
-from .registry import OPEN_CLIP_FILES, TIMM_VIT_PEFT
+from .constants import OPEN_CLIP_FILES, TIMM_VIT_PEFT
 from .spec import CLIP_MEAN, CLIP_STD, BackboneSpec, PeftTargets, WeightsSource
 from .timm_source import featcache_tiny_vit  # noqa: F401  (registers the tiny trunk with timm)
 

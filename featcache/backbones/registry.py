@@ -5,6 +5,17 @@ Names are the benchmark's (Ruffini et al. 2025). Any other model works by id: `t
 
 from __future__ import annotations
 
+from .constants import (
+    CLIP_PEFT,
+    DENSENET_PEFT,
+    HF_VIT_PEFT,
+    HUB_FILES,
+    MEDCLIP_URL,
+    OPEN_CLIP_FILES,
+    RESNET_PEFT,
+    SWIN_PEFT,
+    TIMM_VIT_PEFT,
+)
 from .spec import (
     CLIP_MEAN,
     CLIP_STD,
@@ -15,24 +26,6 @@ from .spec import (
     TinyVariant,
     WeightsSource,
 )
-
-HUB_FILES = ("model.safetensors", "pytorch_model.bin")
-OPEN_CLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
-MEDCLIP_URL = "https://storage.googleapis.com/pytrial/{}-pretrained.zip"
-
-# CNN methods adapt the 3x3/1x1 `conv1` of every block; IA3 scales the input of the classifier slot.
-RESNET_PEFT = PeftTargets(conv=("conv1",), feedforward=("fc",))
-DENSENET_PEFT = PeftTargets(conv=("conv1",), feedforward=("classifier",))
-# transformers 5 names (DINOv2, CLIP, Swin): q_proj/k_proj/v_proj/o_proj attention, mlp.fc1/fc2.
-HF_VIT_PEFT = PeftTargets(attention=("q_proj", "k_proj", "v_proj"), mlp=("fc1", "fc2"),
-                           feedforward=("fc1", "fc2"), same_shape=("q_proj", "k_proj", "v_proj"))
-# CLIP towers: LoRA/VeRA on q, k, v only; IA3 also scales the MLP (the benchmark's configs).
-CLIP_PEFT = PeftTargets(attention=("q_proj", "k_proj", "v_proj"), feedforward=("fc1", "fc2"),
-                        same_shape=("q_proj", "k_proj", "v_proj"))
-SWIN_PEFT = PeftTargets(attention=("q_proj", "k_proj", "v_proj", "o_proj"), mlp=("fc1", "fc2"),
-                         feedforward=("fc1", "fc2"), same_shape=("q_proj", "k_proj", "v_proj"))
-TIMM_VIT_PEFT = PeftTargets(attention=("qkv",), mlp=("fc1", "fc2"), feedforward=("fc1", "fc2"),
-                             same_shape=("qkv",))
 
 # zero_init_last=False: timm zero-inits each block's last norm, which leaves a random tiny net near-constant.
 _TINY_RESNET = {"layers": (1, 1, 1, 1), "channels": (4, 8, 8, 16), "stem_width": 4, "zero_init_last": False}

@@ -39,7 +39,7 @@ def spec_for(name: str) -> BackboneSpec:
         from featcache.errors import WeightsError
 
         raise WeightsError(f"timm:{name}: unknown timm model ({err})") from None
-    from .registry import HUB_FILES, TIMM_VIT_PEFT
+    from .constants import HUB_FILES, TIMM_VIT_PEFT
 
     vit = hasattr(probe, "num_prefix_tokens")
     dim = probe.num_features

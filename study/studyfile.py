@@ -5,8 +5,7 @@ takes the file named by ``FEATCACHE_STUDY``; ``FEATCACHE_STUDY=none`` turns disc
 are relative to its folder. Flags always win over the file. The weights of a backbone come from the file only
 where it says so per backbone: a path, or ``random-init`` written out; nothing is chosen silently.
 
-The grid (backbones x methods x tasks x regimes x folds x head LRs) is data here; expanding it into runs needs
-to know which methods apply to which backbone, which is stage 2's knowledge, so it lives in `adapters.sweep`.
+The grid a study names is read by `study.grid`; its expansion into runs is `study.expand`.
 """
 
 from __future__ import annotations
@@ -17,129 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from featcache.backbones import canonical_name
 from featcache.backbones.weights import RANDOM_INIT
 from featcache.errors import StudyError
 from featcache.fileio import atomic_write
+from study.grid import Grid, load_grid, read_yaml, shipped_grids, tuple_of, unknown_keys
 
 STUDY_FILE = "study.yaml"
 ENV_VAR = "FEATCACHE_STUDY"
-GRID_DIR = Path(__file__).resolve().parent.parent / "data_manifests" / "grids"  # beside the dataset specs
-STAGE1_METHODS = ("probe",)
-STAGE2_METHODS = ("lp", "fft", "lora", "vera", "bitfit", "ia3")
-RANKED = ("lora", "vera")
-HEAD_LRS = (1e-2, 1e-3, 1e-4)
 _EXECUTOR_KEYS = ("partition", "time_min", "gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism",
                   "runs_per_task", "account", "qos", "constraint")
-
-
-# ---------------------------------------------------------------------------------------------------- the grid
-
-
-@dataclass(frozen=True)
-class Exclusion:
-    """Grid entries left out on purpose: fields to match (fnmatch patterns) and why."""
-
-    match: dict[str, str]
-    reason: str
-
-
-@dataclass(frozen=True)
-class Grid:
-    """What a study runs. ``draws`` bounds few-shot draws of cached probes, ``train_draws`` those of trained
-    methods (each draw of each level is a training run). Probes always run every fold (they cost seconds);
-    ``train_folds`` is ``all`` (None) or the fold names trained end to end."""
-
-    name: str
-    backbones: tuple[str, ...]
-    methods: tuple[str, ...]
-    tasks: tuple[str, ...] = ()  # empty: the study's tasks
-    ranks: tuple[int, ...] = (4, 8, 16)
-    full: bool = True
-    shots: tuple[int, ...] = ()
-    center_shots: tuple[int, ...] = ()
-    draws: int = 100
-    train_draws: int = 5
-    train_folds: tuple[str, ...] | None = None  # None: every fold of the splits
-    head_lrs: tuple[float, ...] = HEAD_LRS
-    view: str = "cls"
-    train: dict[str, Any] = field(default_factory=dict)  # adapters.train.TrainSettings fields
-    exclude: tuple[Exclusion, ...] = ()
-    file: Path | None = None
-
-
-def _tuple(value: Any, kind: type, where: str, file: Path) -> tuple:
-    items = value if isinstance(value, list) else [value]
-    try:
-        return tuple(kind(v) for v in items)
-    except (TypeError, ValueError):
-        raise StudyError(f"{file}: {where}: expected a list of {kind.__name__}, got {value!r}") from None
-
-
-def parse_grid(raw: Mapping[str, Any], file: Path) -> Grid:
-    """A grid from its YAML mapping; unknown keys, methods or backbones are refused with the file and key."""
-    from featcache.backbones import get_spec
-
-    known = {"name", "backbones", "methods", "tasks", "ranks", "regimes", "draws", "train_draws", "train_folds",
-             "head_lrs", "view", "train", "exclude"}
-    _unknown(raw, known, file, "grid")
-    for key in ("backbones", "methods"):
-        if not raw.get(key):
-            raise StudyError(f"{file}: grid.{key}: give at least one")
-    backbones = tuple(canonical_name(b) for b in _tuple(raw["backbones"], str, "grid.backbones", file))
-    for name in backbones:
-        try:
-            get_spec(name)
-        except StudyError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the registry's one-line refusal, with the file in front
-            raise StudyError(f"{file}: grid.backbones: {err}") from None
-    methods = _tuple(raw["methods"], str, "grid.methods", file)
-    unknown = [m for m in methods if m not in STAGE1_METHODS + STAGE2_METHODS]
-    if unknown:
-        raise StudyError(f"{file}: grid.methods: unknown {unknown}; choose from "
-                         f"{', '.join(STAGE1_METHODS + STAGE2_METHODS)}")
-    regimes = raw.get("regimes") or {}
-    _unknown(regimes, {"full", "shots", "center_shots"}, file, "grid.regimes")
-    folds = raw.get("train_folds", "all")
-    exclude = tuple(_exclusion(item, file) for item in raw.get("exclude") or [])
-    return Grid(
-        name=str(raw.get("name", file.stem)), backbones=backbones, methods=methods,
-        tasks=_tuple(raw.get("tasks", []), str, "grid.tasks", file),
-        ranks=_tuple(raw.get("ranks", [4, 8, 16]), int, "grid.ranks", file),
-        full=bool(regimes.get("full", True)),
-        shots=_tuple(regimes.get("shots", []), int, "grid.regimes.shots", file),
-        center_shots=_tuple(regimes.get("center_shots", []), int, "grid.regimes.center_shots", file),
-        draws=int(raw.get("draws", 100)), train_draws=int(raw.get("train_draws", 5)),
-        train_folds=None if folds == "all" else _tuple(folds, str, "grid.train_folds", file),
-        head_lrs=_tuple(raw.get("head_lrs", list(HEAD_LRS)), float, "grid.head_lrs", file),
-        view=str(raw.get("view", "cls")), train=dict(raw.get("train") or {}), exclude=exclude, file=file,
-    )
-
-
-def _exclusion(item: Any, file: Path) -> Exclusion:
-    if not isinstance(item, dict) or not item.get("reason"):
-        raise StudyError(f"{file}: grid.exclude: each entry is a mapping of fields to match plus a 'reason'")
-    match = {k: str(v) for k, v in item.items() if k != "reason"}
-    _unknown(match, {"backbone", "method", "task", "regime", "rank"}, file, "grid.exclude")
-    return Exclusion(match, str(item["reason"]))
-
-
-def load_grid(ref: str | Path | Mapping[str, Any], base: Path) -> Grid:
-    """A grid named by a study: a shipped name (``benchmark``, ``smoke``), a YAML path relative to the study
-    folder, or the mapping itself."""
-    if isinstance(ref, Mapping):
-        return parse_grid(ref, base / STUDY_FILE)
-    shipped = GRID_DIR / f"{ref}.yaml"
-    path = shipped if shipped.is_file() and not (base / str(ref)).is_file() else base / str(ref)
-    raw = _read_yaml(path, "grid file")
-    return parse_grid(raw, path)
-
-
-def shipped_grids() -> list[str]:
-    return sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
 
 
 # --------------------------------------------------------------------------------------------------- the study
@@ -185,7 +71,7 @@ class Study:
     def grid(self) -> Grid:
         if self.grid_ref is None:
             raise StudyError(f"{self.path}: no grid; add `grid: smoke` (or benchmark, or a grid file)")
-        return load_grid(self.grid_ref, self.root)
+        return load_grid(self.grid_ref, self.path)
 
     def grid_tasks(self, grid: Grid) -> tuple[str, ...]:
         tasks = grid.tasks or self.tasks
@@ -198,30 +84,6 @@ _STUDY_KEYS = {"name", "manifest", "manifests", "tasks", "model", "features", "p
                "weights", "grid", "executor", "defaults"}
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise StudyError(f"{path}: cannot read {what} ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise StudyError(f"{path}: not valid YAML{where}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise StudyError(f"{path}: a {what} is a YAML mapping, found {type(raw).__name__}")
-    return raw
-
-
-def _unknown(raw: Mapping[str, Any], known: set[str], file: Path, where: str) -> None:
-    if not isinstance(raw, Mapping):
-        raise StudyError(f"{file}: {where}: expected a mapping, got {raw!r}")
-    extra = sorted(set(map(str, raw)) - known)
-    if extra:
-        raise StudyError(f"{file}: {where}: unknown key(s) {extra}; known: {', '.join(sorted(known))}")
-
-
 def _mapping(raw: Mapping[str, Any], key: str, file: Path, prefix: str = "") -> dict[str, Any]:
     value = raw.get(key) or {}
     if not isinstance(value, Mapping):
@@ -232,8 +94,8 @@ def _mapping(raw: Mapping[str, Any], key: str, file: Path, prefix: str = "") -> 
 def load_study(path: str | Path) -> Study:
     """Parse a study file; a wrong key or value is one line naming the file and key."""
     path = Path(path).resolve()
-    raw = _read_yaml(path, "study file")
-    _unknown(raw, _STUDY_KEYS, path, "study")
+    raw = read_yaml(path, "study file")
+    unknown_keys(raw, _STUDY_KEYS, path, "study")
     root = path.parent
 
     def where(value: Any) -> Path | None:
@@ -243,7 +105,7 @@ def load_study(path: str | Path) -> Study:
     policy = {canonical_name(str(name)): (RANDOM_INIT if str(value) == RANDOM_INIT else str(where(value)))
               for name, value in weights.items() if value not in (None, "")}
     executor = _mapping(raw, "executor", path)
-    _unknown(executor, set(_EXECUTOR_KEYS), path, "executor")
+    unknown_keys(executor, set(_EXECUTOR_KEYS), path, "executor")
     defaults = _mapping(raw, "defaults", path)
     for command in defaults:
         _mapping(defaults, command, path, "defaults.")
@@ -252,7 +114,7 @@ def load_study(path: str | Path) -> Study:
     return Study(
         path=path, name=str(raw.get("name", root.name)), manifest=where(raw.get("manifest")),
         manifests={str(t): where(m) for t, m in manifests.items()},
-        tasks=_tuple(tasks, str, "tasks", path) if tasks else tuple(manifests),
+        tasks=tuple_of(tasks, str, "tasks", path) if tasks else tuple(manifests),
         model=canonical_name(str(raw["model"])) if raw.get("model") else None,
         features=where(raw.get("features")), pixels=where(raw.get("pixels")),
         runs=where(raw.get("runs", "runs")), report=where(raw.get("report", "report")),

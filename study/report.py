@@ -22,13 +22,21 @@ from typing import Any
 
 import numpy as np
 
+from adapters.methods import method_order
 from featcache.backbones.weights import RANDOM_INIT, TINY_RANDOM
 from featcache.errors import RecordError
 from featcache.fileio import atomic_write
-from featcache.metrics import bootstrap_ci
-from featcache.records import RunRecord, load_records, select_head_lr, summarize_records
+from featcache.records import (
+    PROBE_METHOD,
+    RunRecord,
+    load_records,
+    options_label,
+    pooled_interval,
+    select_head_lr,
+    summarize_records,
+)
+from featcache.text import duration
 
-STAGE1 = ("probe",)
 RANDOM_MARK = "random weights"
 FIGURE_DPI = 150
 _MARKERS = "osD^vP*Xh<>p"
@@ -38,12 +46,6 @@ def is_random(record: RunRecord) -> bool:
     """Whether a run's backbone had random weights (random-init, or a tiny test variant)."""
     return record.provenance.get("weights") in (RANDOM_INIT, TINY_RANDOM) or record.identity in (RANDOM_INIT,
                                                                                                    TINY_RANDOM)
-
-
-def variant(record: RunRecord) -> str:
-    """Method name with its rank where it has one: ``lora-r8``; the cached probe stays ``probe``."""
-    rank = record.options.get("rank")
-    return record.method if rank in (None, "") else f"{record.method}-r{rank}"
 
 
 def threshold(record: RunRecord) -> float:
@@ -61,9 +63,8 @@ def mcc(record: RunRecord) -> float:
 
 
 def _order(methods: Iterable[str]) -> list[str]:
-    """Methods in the benchmark's order: probe, LP, FFT, LoRA, VeRA, BitFit, IA3, then anything else."""
-    rank = {m: i for i, m in enumerate(("probe", "lp", "fft", "lora", "vera", "bitfit", "ia3"))}
-    return sorted(set(methods), key=lambda v: (rank.get(v.split("-r")[0], 99), v))
+    """Method variants in the table's order (the cached probe, then `adapters.methods.METHODS`), then others."""
+    return sorted(set(methods), key=lambda v: (-1 if v == PROBE_METHOD else method_order(v), v))
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -76,12 +77,6 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
-
-
-def _seconds(value: float) -> str:
-    if value >= 3600:
-        return f"{value / 3600:.2f} h"
-    return f"{value / 60:.1f} min" if value >= 120 else f"{value:.2f} s"
 
 
 @dataclass
@@ -97,20 +92,6 @@ class Report:
 # ---------------------------------------------------------------------------------------------------- tables
 
 
-def pooled_ci(records: list[RunRecord], n_boot: int = 1000, seed: int = 0) -> dict[str, tuple] | None:
-    """95 % patient-level bootstrap intervals of MCC and PR-AUC over the folds' pooled test predictions, each
-    image predicted at its own run's threshold (as `mcc`). None where test sets overlap or lack patients."""
-    ids = [i for r in records for i in r.test_ids]
-    if not ids or len(set(ids)) != len(ids) or not all(r.test_patients for r in records):
-        return None
-    y = np.array([v for r in records for v in r.test_labels])
-    s = np.array([v for r in records for v in r.test_scores], dtype=np.float64)
-    calls = np.concatenate([np.asarray(r.test_scores) >= threshold(r) for r in records]).astype(np.float64)
-    patients = np.array([p for r in records for p in r.test_patients])
-    return {"mcc": tuple(bootstrap_ci(y, calls, patients, "mcc", n_boot=n_boot, seed=seed)[:2]),
-            "ap": tuple(bootstrap_ci(y, s, patients, "average_precision", n_boot=n_boot, seed=seed)[:2])}
-
-
 def full_table(records: list[RunRecord]) -> list[dict[str, Any]]:
     """One row per task x backbone x method variant (full data, head LR already chosen): fold mean ± std of
     MCC and PR-AUC, and the pooled patient-level 95 % intervals."""
@@ -122,20 +103,18 @@ def full_table(records: list[RunRecord]) -> list[dict[str, Any]]:
         values = np.array([mcc(r) for r in members])
         finite = values[np.isfinite(values)]
         rows.append({
-            "task": row["task"], "backbone": row["backbone"], "method": variant(members[0]),
+            "task": row["task"], "backbone": row["backbone"], "method": members[0].variant,
             "runs": row["runs"], "random": any(is_random(r) for r in members),
             "mcc_mean": float(finite.mean()) if finite.size else math.nan,
             "mcc_std": float(finite.std(ddof=1)) if finite.size > 1 else math.nan,
             "ap_mean": row["average_precision"].mean, "ap_std": row["average_precision"].std,
-            "pooled": pooled_ci(members),
+            "pooled": pooled_interval(members, threshold=threshold),
             "head_lr": members[0].options.get("head_lr"),
         })
     return rows
 
 
 def _options_match(record: RunRecord, label: str) -> bool:
-    from featcache.records import options_label
-
     return options_label(record.options) == label
 
 
@@ -145,12 +124,12 @@ def compute_table(records: list[RunRecord]) -> tuple[list[list[str]], list[list[
     by_stage: dict[str, list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.wall_time_s is not None:
-            by_stage["1 (cached probe)" if r.method in STAGE1 else "2 (trained end to end)"].append(r)
+            by_stage["1 (cached probe)" if r.method == PROBE_METHOD else "2 (trained end to end)"].append(r)
     stages = []
     for name, members in sorted(by_stage.items()):
         total = sum(r.wall_time_s for r in members)
-        stages.append([name, str(len(members)), str(sum(map(is_random, members))), _seconds(total),
-                       _seconds(total / len(members))])
+        stages.append([name, str(len(members)), str(sum(map(is_random, members))), duration(total),
+                       duration(total / len(members))])
     pairs: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.regime == "full" and r.method in ("probe", "lp") and r.wall_time_s is not None:
@@ -160,7 +139,7 @@ def compute_table(records: list[RunRecord]) -> tuple[list[list[str]], list[list[
         if runs["probe"] and runs["lp"]:
             probe, lp = (float(np.mean([r.wall_time_s for r in runs[m]])) for m in ("probe", "lp"))
             name = _backbone(backbone, runs["probe"] + runs["lp"])
-            ratios.append([task, name, _seconds(probe), _seconds(lp), f"{lp / probe:,.0f}×" if probe > 0 else "–"])
+            ratios.append([task, name, duration(probe), duration(lp), f"{lp / probe:,.0f}×" if probe > 0 else "–"])
     return stages, ratios
 
 
@@ -197,8 +176,8 @@ def _save(fig: Any, path: Path) -> Path:
 def box_figure(task: str, records: list[RunRecord], path: Path) -> Path:
     """MCC of each method across backbones and folds, full data."""
     plt = _pyplot()
-    methods = _order(variant(r) for r in records)
-    data = [[v for r in records if variant(r) == m and math.isfinite(v := mcc(r))] for m in methods]
+    methods = _order(r.variant for r in records)
+    data = [[v for r in records if r.variant == m and math.isfinite(v := mcc(r))] for m in methods]
     fig, ax = plt.subplots(figsize=(max(4.5, 0.75 * len(methods) + 2), 3.8))
     ax.boxplot(data, showmeans=True)
     ax.set_xticks(range(1, len(methods) + 1), methods, rotation=30 if len(methods) > 6 else 0)
@@ -219,15 +198,15 @@ def share_points(records: list[RunRecord]) -> tuple[list[tuple[str, str, float, 
     """(method, backbone, trainable share, mean MCC) per backbone x method. The cached probe trains D + 1
     parameters beside a frozen backbone, whose size its records carry; records that counted the probe alone take
     the backbone's total from a trained run of it, or are left out (with a note) where there is none."""
-    totals = {r.backbone: r.total_params for r in records if r.method not in STAGE1 and r.total_params}
+    totals = {r.backbone: r.total_params for r in records if r.method != PROBE_METHOD and r.total_params}
     groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for r in records:
-        groups[variant(r), r.backbone].append(r)
+        groups[r.variant, r.backbone].append(r)
     points, missing = [], []
     for (method, backbone), members in sorted(groups.items()):
         first = members[0]
         total = first.total_params
-        if method in STAGE1 and (not total or total <= (first.trainable_params or 0)):  # older probe records
+        if method == PROBE_METHOD and (not total or total <= (first.trainable_params or 0)):  # older probe records
             total = totals.get(backbone)  # counted the probe alone: take the backbone's size from a trained run
         if not total or not first.trainable_params:
             missing.append(f"{method} on {backbone}")
@@ -287,12 +266,12 @@ def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.3 * rows), squeeze=False, sharey=True)
-    methods = _order(variant(r) for r in records)
+    methods = _order(r.variant for r in records)
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for ax, (name, members) in zip(axes.flat, panels, strict=False):
         for method in methods:
             for regime, (style, suffix) in _REGIME_STYLE.items():
-                stats = _quartiles([r for r in members if variant(r) == method and r.regime == regime])
+                stats = _quartiles([r for r in members if r.variant == method and r.regime == regime])
                 if not stats:
                     continue
                 k, q1, med, q3 = (np.array(c) for c in zip(*stats, strict=True))
@@ -379,7 +358,8 @@ def _full_section(task: str, records: list[RunRecord], figures: Path, report: Re
     table = []
     for r in rows:
         pooled = r["pooled"]
-        ci = tuple(f"{pooled[m][0]:.3f} – {pooled[m][1]:.3f}" for m in ("mcc", "ap")) if pooled else ("–", "–")
+        ci = tuple(f"{pooled[m][0]:.3f} – {pooled[m][1]:.3f}" for m in ("mcc_ci", "average_precision_ci")) \
+            if pooled else ("–", "–")
         lr = "–" if r["head_lr"] is None else f"{float(r['head_lr']):g}"
         name = f"{r['backbone']} *({RANDOM_MARK})*" if r["random"] else r["backbone"]
         table.append([name, r["method"], lr, r["runs"], _fmt(r["mcc_mean"], r["mcc_std"]),

@@ -1,0 +1,82 @@
+"""Building the classifier a run trains, and which of its modules and tensors training changes.
+
+One rule decides both what runs in eval mode and what a checkpoint holds: modules whose parameters are all
+frozen run in eval mode (a frozen backbone's batch-norm statistics and dropout stay fixed: LP and LoRA on a CNN
+do not drift its statistics); the trainable parameters and the buffers of modules in train mode are mutable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapters.classifier import Classifier
+from adapters.methods import Method, apply_method
+from featcache.backbones import BackboneSpec, build_backbone
+from featcache.errors import UsageError
+
+
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules with parameters or buffers, none of them trainable: they run in eval mode (see module doc)."""
+    found = []
+    for module in model.modules():
+        params = list(module.parameters())
+        if (params or list(module.buffers())) and not any(p.requires_grad for p in params):
+            found.append(module)
+    return found
+
+
+def set_train_mode(model: nn.Module, frozen: list[nn.Module] | None = None) -> None:
+    """Train mode, except the frozen modules (found once per run by the trainer, else here)."""
+    model.train()
+    for module in frozen_modules(model) if frozen is None else frozen:
+        module.eval()
+
+
+def mutable_names(model: nn.Module) -> list[str]:
+    """State-dict names that training can change: trainable parameters and the buffers of modules in train
+    mode (batch-norm statistics). Checkpoints and the best-epoch copy hold only these."""
+    set_train_mode(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for prefix, module in model.named_modules():
+        if module.training:
+            names += [f"{prefix}.{n}" if prefix else n for n, _ in module.named_buffers(recurse=False)]
+    saved = set(model.state_dict())  # non-persistent buffers (position ids) are not state
+    return sorted(n for n in set(names) if n in saved)
+
+
+def _enable_grad_ckpt(model: nn.Module, spec: BackboneSpec) -> None:
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    elif hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    else:
+        raise UsageError(f"--grad-ckpt: {spec.name} has no gradient checkpointing")
+
+
+def build_classifier(spec: BackboneSpec, method: Method, rank: int | None, *, weights: str | Path | None = None,
+                     random_init: bool = False, seed: int = 42, grad_ckpt: bool = False) -> Classifier:
+    """Backbone + two-logit head, adapted by ``method``; the head and adapters are initialised from ``seed``
+    (the backbone's random weights, where it has them, are the same as stage 1's)."""
+    backbone = build_backbone(spec, weights=weights, random_init=random_init)
+    if grad_ckpt:
+        _enable_grad_ckpt(backbone.model, spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = Classifier(backbone, n_out=2)
+        return apply_method(classifier, method, rank)
+
+
+def head_module(model: Classifier) -> nn.Linear:
+    """The head Linear, in its own attribute or in the backbone's head slot (also under peft's prefixes)."""
+    if model.head is not None:
+        return model.head
+    return backbone_module(model).get_submodule(model.backbone.spec.head)
+
+
+def backbone_module(model: Classifier) -> nn.Module:
+    """The backbone's own module, under peft's wrapper where there is one."""
+    inner = model.backbone.model
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner

@@ -1,0 +1,264 @@
+"""One training run: its optimiser, schedule, batches, early stop, checkpoint and record (see `adapters.train`
+for the protocol). The model comes built (`adapters.model`); the request loop that makes runs is `adapters.train`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch import nn
+
+from adapters.classifier import Classifier
+from adapters.images import Images
+from adapters.model import frozen_modules, mutable_names, set_train_mode
+from adapters.plan import Run, TrainPlan
+from featcache.backbones import count_parameters
+from featcache.errors import SplitError
+from featcache.fileio import atomic_write
+from featcache.metrics import evaluate
+from featcache.records import RunRecord
+
+CHECKPOINT = "checkpoint.pt"
+
+TrainProgress = Callable[[str, int, int, str], None]  # (run label, epochs done, max epochs, status line)
+
+
+def class_weights(y: torch.Tensor) -> torch.Tensor:
+    """``n / (2 n_c)`` per class from the training labels."""
+    counts = torch.bincount(y, minlength=2).double()
+    if (counts == 0).any():
+        raise SplitError("a training set holds one class only; class-weighted training needs both")
+    return (len(y) / (2 * counts)).float()
+
+
+def batches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A random order of ``n`` rows in batches of ``size``; a trailing batch of one joins the previous."""
+    order = torch.randperm(n, generator=generator)
+    parts = list(order.split(size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2] = torch.cat([parts[-2], parts.pop()])
+    return parts
+
+
+@dataclass
+class _State:
+    """Everything a checkpoint restores, besides the model, optimiser and scheduler."""
+
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    best: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Trainer:
+    """One run: the model, its optimiser and scheduler, its data, and its checkpoint."""
+
+    def __init__(self, plan: TrainPlan, run: Run, model: Classifier, images: Images, folder: Path,
+                 accelerator: Accelerator):
+        self.plan, self.run, self.images, self.acc, self.folder = plan, run, images, accelerator, folder
+        settings = plan.settings
+        self.trainable, self.total = count_parameters(model)
+        self.names = mutable_names(model)
+        optimizer, self.base_lrs = _adam(model, run.head_lr, settings.backbone_lr_for(plan.method))
+        self.ddp, self.optimizer = accelerator.prepare(_placed(model, plan.spec.family, accelerator), optimizer)
+        self.frozen = frozen_modules(self.ddp)
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer.optimizer, factor=settings.plateau_factor, patience=settings.plateau_patience,
+            min_lr=settings.min_lr)
+        parts = (("train", run.train), ("val", run.val), ("test", run.test))
+        self.y = {part: torch.tensor([plan.labels[i] for i in ids], dtype=torch.long) for part, ids in parts}
+        self.rows = {part: images.rows(ids) for part, ids in parts}
+        self.weight = class_weights(self.y["train"]).to(accelerator.device)
+        self.state = _State()
+
+    # ---- checkpoints
+
+    def _mutable(self) -> dict[str, torch.Tensor]:
+        full = self.acc.unwrap_model(self.ddp).state_dict()
+        return {n: full[n].detach().clone() for n in self.names}
+
+    def _load_mutable(self, state: dict[str, torch.Tensor]) -> None:
+        self.acc.unwrap_model(self.ddp).load_state_dict(state, strict=False)
+
+    def save_checkpoint(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        buffer = io.BytesIO()
+        torch.save({"model": self._mutable(), "optimizer": self.optimizer.state_dict(),
+                    "plateau": self.plateau.state_dict(), "state": asdict(self.state),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, buffer)
+        atomic_write(self.folder / CHECKPOINT, buffer.getvalue())
+
+    def resume(self) -> bool:
+        path = self.folder / CHECKPOINT
+        if not path.is_file():
+            return False
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self._load_mutable(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.plateau.load_state_dict(saved["plateau"])
+        self.state = _State(**saved["state"])
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        return True
+
+    # ---- passes
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, total_weight: torch.Tensor) -> torch.Tensor:
+        return (F.cross_entropy(logits.float(), y, reduction="none") * self.weight[y]).sum() / total_weight
+
+    def train_epoch(self, epoch: int) -> float:
+        settings, acc = self.plan.settings, self.acc
+        set_train_mode(self.ddp, self.frozen)
+        if epoch < settings.warmup:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = base * (epoch + 1) / settings.warmup
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+        rows, y = self.rows["train"], self.y["train"].to(acc.device)
+        size = settings.batch_size_for(self.plan.task) * settings.accumulate
+        total = 0.0
+        for batch in batches(len(rows), size, generator):
+            total_weight = self.weight[y[batch]].sum()
+            micro = [m for m in batch.tensor_split(settings.accumulate) if len(m)]
+            for i, part in enumerate(micro):
+                mine = part[acc.process_index:: acc.num_processes]
+                last = i == len(micro) - 1
+                with acc.no_sync(self.ddp) if not last else nullcontext():
+                    x = self.images.batch(rows[mine], self.plan.spec.preprocess, acc.device)
+                    if self.plan.settings.augment:
+                        x = _augment(x, generator)
+                    with acc.autocast():
+                        loss = self._loss(self.ddp(x), y[mine], total_weight) * acc.num_processes
+                    acc.backward(loss)
+                total += float(loss.detach()) / acc.num_processes
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if acc.num_processes > 1:
+            total = float(acc.reduce(torch.tensor(total, device=acc.device), reduction="sum"))
+        return total / max(1, math.ceil(len(rows) / size))
+
+    @torch.no_grad()
+    def scores(self, part: str) -> tuple[np.ndarray, float]:
+        """Positive-class probabilities of a part and its class-weighted loss (same on every rank)."""
+        self.ddp.eval()
+        model = self.acc.unwrap_model(self.ddp)
+        rows, y = self.rows[part], self.y[part].to(self.acc.device)
+        size = self.plan.settings.batch_size_for(self.plan.task)
+        logits = []
+        for batch in rows.split(size):
+            with self.acc.autocast():
+                logits.append(model(self.images.batch(batch, self.plan.spec.preprocess, self.acc.device)).float())
+        out = torch.cat(logits)
+        loss = float(self._loss(out, y, self.weight[y].sum()))
+        return out.softmax(1)[:, 1].cpu().double().numpy(), loss
+
+    def fit(self, progress: TrainProgress | None) -> None:
+        settings, state = self.plan.settings, self.state
+        last_save = time.monotonic()
+        while state.epoch < settings.max_epochs and state.bad_epochs < settings.patience:
+            started = time.perf_counter()
+            train_loss = self.train_epoch(state.epoch)
+            val_loss = self.scores("val")[1]
+            val_loss = broadcast_object_list([val_loss])[0] if self.acc.num_processes > 1 else val_loss
+            state.train_loss.append(train_loss)
+            state.val_loss.append(val_loss)
+            state.lr.append(self.optimizer.param_groups[0]["lr"])
+            if val_loss < state.best_loss:
+                state.best_loss, state.best_epoch, state.bad_epochs = val_loss, state.epoch, 0
+                state.best = self._mutable()
+            else:
+                state.bad_epochs += 1
+            if state.epoch + 1 >= settings.warmup:
+                self.plateau.step(val_loss)
+            state.epoch += 1
+            state.elapsed_s += time.perf_counter() - started
+            if time.monotonic() - last_save >= settings.checkpoint_every_s:
+                self.save_checkpoint()
+                last_save = time.monotonic()
+            if progress is not None:
+                progress(self.run.label, state.epoch, settings.max_epochs,
+                         f"train {train_loss:.4f} · val {val_loss:.4f} · best {state.best_loss:.4f} "
+                         f"@ {state.best_epoch + 1}")
+        if progress is not None:
+            why = "early stop" if state.bad_epochs >= settings.patience else "epoch limit"
+            progress(self.run.label, state.epoch, settings.max_epochs,
+                     f"done ({why}): best val {state.best_loss:.4f} at epoch {state.best_epoch + 1}")
+        self._load_mutable(state.best)
+
+    def record(self, plan: TrainPlan, weights: str | Path | None) -> RunRecord:
+        s_val, _ = self.scores("val")
+        s_test, _ = self.scores("test")
+        state, run = self.state, self.run
+        test = list(run.test)
+        return RunRecord(
+            task=plan.task, backbone=plan.spec.name, method=plan.method.name, fold=run.fold,
+            seed=plan.settings.seed, options=run.options, regime=run.regime, shots=run.shots, draw=run.draw,
+            splits_digest=plan.splits.digest(), identity=plan.identity, test_ids=test,
+            test_labels=self.y["test"].tolist(), test_scores=s_test.tolist(),
+            test_patients=plan.manifest.patients(test),
+            metrics=evaluate(self.y["test"].numpy(), s_test, self.y["val"].numpy(), s_val,
+                             patients=plan.manifest.patients(test)),
+            wall_time_s=state.elapsed_s, trainable_params=self.trainable, total_params=self.total,
+            training={"best_epoch": state.best_epoch + 1, "val_loss": state.best_loss,
+                      "epochs_run": state.epoch,
+                      "stopped": "early" if state.bad_epochs >= plan.settings.patience else "max-epochs",
+                      "curves": {"train_loss": state.train_loss, "val_loss": state.val_loss, "lr": state.lr}},
+            provenance={"weights": plan.identity, "weights_path": None if weights is None else str(weights),
+                        "images": self.images.source, "n_train": len(run.train), "n_val": len(run.val),
+                        "trainable_share": self.trainable / self.total, "processes": self.acc.num_processes,
+                        "device": self.acc.device.type, "threshold": "validation scores of the tested model",
+                        **({"drawn_patients": run.drawn} if run.drawn else {})},
+        )
+
+
+def _adam(model: Classifier, head_lr: float, backbone_lr: float | None) -> tuple[torch.optim.Adam, list[float]]:
+    """Adam over the head (at ``head_lr``) and every other trainable tensor (at ``backbone_lr``), and the
+    groups' base LRs (the warm-up scales them)."""
+    head_ids = {id(p) for p in model.head_parameters()}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{"params": model.head_parameters(), "lr": head_lr}]
+    if body:
+        groups.append({"params": body, "lr": backbone_lr})
+    return torch.optim.Adam(groups), [g["lr"] for g in groups]
+
+
+def _placed(model: Classifier, family: str, accelerator: Accelerator) -> nn.Module:
+    """CNNs on a GPU: channels-last, and batch statistics over the global batch under DDP (as one process)."""
+    if accelerator.device.type == "cuda" and family == "cnn":
+        model = model.to(memory_format=torch.channels_last)
+        if accelerator.num_processes > 1:
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Horizontal flips and small affine jitter (±10°, ±5 % shift, 0.9-1.1 scale), drawn from the run's
+    seeded generator so augmented runs stay reproducible and resumable."""
+    n = x.shape[0]
+    angle = (torch.rand(n, generator=generator) - 0.5) * (2 * math.pi / 18)
+    scale = 0.9 + 0.2 * torch.rand(n, generator=generator)
+    shift = (torch.rand(n, 2, generator=generator) - 0.5) * 0.1
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1).to(x)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)

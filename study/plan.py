@@ -1,0 +1,150 @@
+"""A study's entries against its records: the runs each entry plans (exact keys where splits and features
+exist, else the expected count and why), how many are recorded, and what the rest will cost from measured wall
+times. The arguments each entry passes to the stages are built here, once, for planning and running alike."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.plan import TrainSettings, planned_keys
+from featcache.errors import FeatcacheError, StudyError
+from featcache.probe import run_probe
+from featcache.records import load_records
+from study.expand import Entry, expected_runs
+from study.grid import Grid
+from study.studyfile import Study
+
+
+def task_manifest(study: Study, task: str) -> Path:
+    path = study.manifest_for(task)
+    if path is None:
+        raise StudyError(f"{study.path}: no manifest for task {task}; set `manifest:` or `manifests: {{{task}: ...}}`")
+    return path
+
+
+def weights_kwargs(study: Study, backbone: str) -> dict[str, Any]:
+    path, random_init = study.weights_for(backbone)
+    return {"weights": path, "random_init": random_init}
+
+
+def probe_arguments(study: Study, grid: Grid, backbone: str, task: str, regime: str,
+                    shots: Sequence[int]) -> dict[str, Any]:
+    """Keyword arguments of `featcache.probe.run_probe` for some levels of one regime."""
+    return dict(manifest=task_manifest(study, task), task=task, model=backbone, store=study.features,
+                full=regime == "full", shots=tuple(shots), draws=None if regime == "full" else grid.draws,
+                per_center=regime == "fewshot-center", view=grid.view, out=study.runs,
+                **weights_kwargs(study, backbone))
+
+
+def train_arguments(study: Study, grid: Grid, entry: Entry) -> dict[str, Any]:
+    """Keyword arguments of `adapters.train.run_train` (and `planned_keys`) for one entry."""
+    pixels = study.pixels if study.pixels is not None and study.pixels.exists() else None
+    return dict(manifest=task_manifest(study, entry.task), task=entry.task, model=entry.backbone, method=entry.method,
+                rank=entry.rank, full=entry.shots is None, shots=(entry.shots,) if entry.shots else (),
+                draws=None if entry.shots is None else grid.train_draws,
+                per_center=entry.regime == "fewshot-center", folds=grid.train_folds, head_lrs=grid.head_lrs,
+                settings=TrainSettings(**grid.train), pixels=pixels, out=study.runs,
+                device=study.device or "auto", **weights_kwargs(study, entry.backbone))
+
+
+@dataclass
+class PlanRow:
+    """An entry against the records: its runs, how many are recorded, and whether keys were exact."""
+
+    entry: Entry
+    planned: int
+    recorded: int
+    exact: bool
+    note: str = ""
+
+    @property
+    def missing(self) -> int:
+        return self.planned - self.recorded
+
+
+def _probe_keys(study: Study, grid: Grid, entries: list[Entry]) -> dict[Entry, list[str]]:
+    """Exact run keys of stage-1 entries whose splits and features exist (one plan call per regime)."""
+    groups: dict[tuple[str, str, str], list[Entry]] = defaultdict(list)
+    for entry in entries:
+        groups[entry.backbone, entry.task, entry.regime].append(entry)
+    keys: dict[Entry, list[str]] = {}
+    for (backbone, task, regime), members in groups.items():
+        shots = [e.shots for e in members if e.shots is not None]
+        report = run_probe(**probe_arguments(study, grid, backbone, task, regime, shots), plan_only=True)
+        for entry in members:
+            keys[entry] = [key for r, k, key in report.planned if (r, k) == (regime, entry.shots)]
+    return keys
+
+
+def plan(study: Study, grid: Grid, entries: list[Entry]) -> list[PlanRow]:
+    """Each entry's planned and recorded runs: exact keys where splits (and, for probes, features) exist,
+    else the expected count with the reason it is not exact."""
+    recorded = {p.stem for p in study.runs.glob("[!.]*.json")} if study.runs and study.runs.is_dir() else set()
+    rows: list[PlanRow] = []
+    by_source: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+    for entry in entries:
+        by_source[entry.backbone, entry.task].append(entry)
+    for members in by_source.values():
+        probes = [e for e in members if e.stage == 1]
+        try:
+            exact = _probe_keys(study, grid, probes) if probes else {}
+            note = ""
+        except FeatcacheError as err:
+            exact, note = {}, _short(err)
+        for entry in members:
+            keys, why = exact.get(entry), note
+            if entry.stage == 2:
+                keys, why = _train_keys(study, grid, entry)
+            if keys is None:
+                rows.append(PlanRow(entry, expected_runs(entry, grid), 0, False, why))
+            else:
+                rows.append(PlanRow(entry, len(keys), sum(k in recorded for k in keys), True))
+    return sorted(rows, key=lambda r: (r.entry.stage, r.entry))
+
+
+def _train_keys(study: Study, grid: Grid, entry: Entry) -> tuple[list[str] | None, str]:
+    try:
+        return list(planned_keys(**train_arguments(study, grid, entry))), ""
+    except FeatcacheError as err:
+        return None, _short(err)
+
+
+def _short(err: Exception) -> str:
+    text = str(err)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float | None
+    basis: str  # how the per-run time was found
+
+
+def estimate(rows: list[PlanRow], records_folder: Path | None) -> dict[Entry, Estimate]:
+    """Cost of each entry's missing runs from measured wall times in existing records: the mean per backbone x
+    method where there is one, else per method; None where nothing comparable was measured. Probe times are
+    their share of a batched solve; extraction is not in records and not in the estimate."""
+    per: dict[tuple[str, str], list[float]] = defaultdict(list)
+    per_method: dict[str, list[float]] = defaultdict(list)
+    if records_folder is not None and records_folder.is_dir():
+        for record in load_records(records_folder):
+            if record.wall_time_s is None or not math.isfinite(record.wall_time_s):
+                continue
+            per[record.backbone, record.variant].append(record.wall_time_s)
+            per_method[record.variant].append(record.wall_time_s)
+    out: dict[Entry, Estimate] = {}
+    for row in rows:
+        entry = row.entry
+        if times := per.get((entry.backbone, entry.variant)):
+            out[entry] = Estimate(row.missing * sum(times) / len(times), f"{len(times)} runs of {entry.variant} on "
+                                                                         f"{entry.backbone}")
+        elif times := per_method.get(entry.variant):
+            out[entry] = Estimate(row.missing * sum(times) / len(times), f"{len(times)} runs of {entry.variant}")
+        else:
+            out[entry] = Estimate(0.0 if row.missing == 0 else None, "no measured run")
+    return out
