@@ -6,7 +6,9 @@ What it shows and how it chooses, stated again at the top of every report:
   patient-level bootstrap interval of the folds' pooled test predictions (MCC at each run's threshold, AP);
 - gradient-trained runs: per group, the head LR with the lowest mean validation loss
   (`records.select_head_lr`); test data never chooses;
-- few-shot: MCC at 0.5 against k, median and interquartile range over backbones, folds and draws;
+- few-shot: MCC at the validation threshold (as the tables) against k, median and interquartile range over
+  backbones, folds and draws; runs of the old few-shot rule (support sets from train + val) are left out of the
+  figure and counted in a line, never pooled with the current rule's;
 - runs made with random weights are marked in every table and figure title.
 """
 
@@ -35,6 +37,7 @@ from featcache.records import (
     select_head_lr,
     summarize_records,
 )
+from featcache.splits import SUPPORT_FROM
 from featcache.text import duration
 
 RANDOM_MARK = "random weights"
@@ -48,18 +51,29 @@ def is_random(record: RunRecord) -> bool:
                                                                                                    TINY_RANDOM)
 
 
+def _val_threshold(record: RunRecord) -> float | None:
+    value = record.metrics.get("val_threshold")
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
 def threshold(record: RunRecord) -> float:
-    """The threshold behind `mcc`: the validation-chosen one for full-data runs that have it, else 0.5."""
-    value = record.metrics.get("val_threshold") if record.regime == "full" else None
-    return 0.5 if value is None or not math.isfinite(float(value)) else float(value)
+    """The threshold behind `mcc`: the validation-chosen one where the run has it (full data and few-shot of
+    both stages), else 0.5 (few-shot probes of earlier versions had no validation part)."""
+    value = _val_threshold(record)
+    return 0.5 if value is None else value
 
 
 def mcc(record: RunRecord) -> float:
-    """MCC at the validation threshold for full-data runs that have one, else at 0.5."""
-    value = record.metrics.get("mcc_val_thr") if record.regime == "full" else None
+    """MCC at the validation threshold where the run has one, else at 0.5 (see `threshold`)."""
+    value = record.metrics.get("mcc_val_thr") if _val_threshold(record) is not None else None
     if value is None or not math.isfinite(float(value)):
         value = record.metrics.get("mcc")
     return math.nan if value is None else float(value)
+
+
+def at_half(records: Iterable[RunRecord]) -> int:
+    """How many runs have no validation threshold, so `mcc` is at 0.5 for them."""
+    return sum(_val_threshold(r) is None for r in records)
 
 
 def _order(methods: Iterable[str]) -> list[str]:
@@ -257,8 +271,10 @@ def _quartiles(records: list[RunRecord]) -> list[tuple[int, float, float, float]
 
 
 def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
-    """MCC at 0.5 against k per method (dashed: k per class per center): median line and interquartile band
-    (and bar) over draws and folds; the first panel pools every backbone, the others show one each."""
+    """MCC at the validation threshold (`mcc`, as the tables) against k per method (dashed: k per class per
+    center): median line and interquartile band (and bar) over draws and folds; the first panel pools every
+    backbone, the others show one each. Runs without a validation threshold are at 0.5, and the title says how
+    many."""
     plt = _pyplot()
     backbones = sorted({r.backbone for r in records})
     panels = [("all backbones", records)] + ([(b, [r for r in records if r.backbone == b]) for b in backbones]
@@ -287,11 +303,12 @@ def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
         ax.set_xlabel("k (images per class)")
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
-        ax.set_ylabel("MCC at 0.5")
+        ax.set_ylabel("MCC at the validation threshold")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(_title(f"{task}: few-shot MCC against k, median and interquartile range over folds and draws",
-                        records))
+    half = at_half(records)
+    fig.suptitle(_title(f"{task}: few-shot MCC (validation threshold) against k, median and interquartile range "
+                        f"over folds and draws" + (f"; {half} runs without one at 0.5" if half else ""), records))
     labels: dict[str, Any] = {}  # every method and regime drawn in any panel, once
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -328,7 +345,8 @@ def write_report(results: str | Path, out: str | Path) -> Report:
                f"*{RANDOM_MARK}* and their figure titles say so. They test the pipeline, not the models.", ""]
     md += ["How to read it: metrics are image-level, as the benchmark reported them (records also hold "
            "patient-level ones: `featcache results`). MCC is at the threshold chosen on held-out scores of the "
-           "tested model (full data; 0.5 where a run had none, and in few-shot); AP is average precision, the "
+           "tested model, in tables and figures, full data and few-shot (0.5 only where a run had none); AP is "
+           "average precision, the "
            "benchmark's PR-AUC. Gradient-trained runs keep, per task x backbone x method x regime, the head LR "
            "with the lowest mean validation loss; test data never chooses.", ""]
     if choices:
@@ -341,7 +359,11 @@ def write_report(results: str | Path, out: str | Path) -> Report:
         mine = [r for r in full if r.task == task]
         if mine:
             md += _full_section(task, mine, figures, report)
-        shots = [r for r in few if r.task == task]
+        shots = [r for r in few if r.task == task and r.support_from == SUPPORT_FROM]
+        if old := sum(r.task == task and r.support_from != SUPPORT_FROM for r in few):
+            md += [f"{old} few-shot runs of {task} were made under the old rule (support sets drawn from train + "
+                   "validation patients) and are left out: remake the splits (`featcache splits`) and rerun "
+                   "them.", ""]
         if shots:
             path = fewshot_figure(task, shots, figures / f"{task}_fewshot.png")
             report.figures.append(path)
