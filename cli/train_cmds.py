@@ -12,7 +12,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from adapters.methods import HEAD_LRS, METHODS, get_method
+from adapters.methods import DEFAULT_RANK, HEAD_LRS, METHODS, RANKED, RANKS, get_method
 from cli._common import rank0
 from cli.console import console, progress
 from cli.probe_cmds import _mean_std, _shots, positive_floats
@@ -56,7 +56,8 @@ def train(
     manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest; its splits must exist."),
     positive: str | None = typer.Option(None, "--positive", help="Positive class of a two-class column of your "
                                                                  "own (as for `featcache splits`)."),
-    rank: int | None = typer.Option(None, "--rank", help="LoRA/VeRA rank (default 8; benchmark: 4, 8, 16)."),
+    rank: int | None = typer.Option(None, "--rank", help=f"{'/'.join(RANKED)} rank (default {DEFAULT_RANK}; "
+                                                         f"benchmark: {', '.join(map(str, RANKS))})."),
     fold: str = typer.Option("all", "--fold", help="Fold name (fold0, center-A, ...) or all."),
     full: bool = typer.Option(False, "--full", help="Full data (the default when --shots is not given)."),
     shots: str | None = typer.Option(None, "--shots", help="Few-shot k per class, e.g. 16 or 2,4,8."),
