@@ -51,6 +51,8 @@ from featcache.store import default_store, find_feature_group, load_features
 C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))
 INNER_FOLDS = 4
 SELECT = ("mcc", "average_precision")
+SELECT_ALIASES = {"pr_auc": "average_precision", "pr-auc": "average_precision", "ap": "average_precision"}  # the
+# benchmark's name for average precision is PR-AUC
 SOLVERS = ("torch", "sklearn")
 TIE = 1e-9  # metric values this close are a tie (exact ties of MCC at 0.5 are the common case)
 THRESHOLD_RULES = {
