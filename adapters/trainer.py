@@ -93,8 +93,8 @@ def batch_norm_note(model: nn.Module, accumulate: int, processes: int, synced: b
         parts.append(f"{processes} processes without synchronised batch norm (CPU/gloo: statistics per process)")
     if not parts:
         return None
-    return ("batch norm trains in this run, so " + " and ".join(parts) + " give slightly different numbers "
-            "than one process without accumulation")
+    return ("batch norm trains in this run, so its numbers differ slightly from one process without "
+            "accumulation: " + "; ".join(parts))
 
 
 @dataclass

@@ -237,8 +237,8 @@ def test_accumulation_is_exact_unless_batch_norm_trains_and_then_says_so(cohort,
     np.testing.assert_allclose(runs["bitfit", 2].test_scores, runs["bitfit", 1].test_scores, atol=1e-5)
     assert "batch_norm" not in runs["bitfit", 2].provenance
     assert not np.allclose(runs["fft", 2].test_scores, runs["fft", 1].test_scores, atol=1e-7)
-    assert said == ["fft on resnet18-tiny: batch norm trains in this run, so --accumulate 2 (statistics per "
-                    "micro-batch) give slightly different numbers than one process without accumulation"]
+    assert said == ["fft on resnet18-tiny: batch norm trains in this run, so its numbers differ slightly from one "
+                    "process without accumulation: --accumulate 2 (statistics per micro-batch)"]
     assert runs["fft", 2].provenance["batch_norm"] == said[0].split(": ", 1)[1]
     model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
     assert batch_norm_note(model, 1, 2, synced=True) is None and batch_norm_note(model, 1, 1, False) is None
