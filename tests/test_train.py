@@ -197,7 +197,9 @@ def test_a_fold_whose_validation_part_cannot_validate_is_not_trained(tmp_path):
     assert report.skipped == ["fold1 k=1: fold1's validation part holds 1 positive patient(s), fewer than the 2 "
                               "of each class a validation threshold needs"]
     edited = json.loads(path.read_text())
-    ids, codes = load_manifest(manifest).labels(TASK)
+    from featcache.datasets import get_task
+
+    ids, codes = load_manifest(manifest).labels(get_task(TASK))
     label = dict(zip(ids, codes.tolist(), strict=True))
     one_each = {label[i]: i for i in reversed(edited["folds"][1]["train"])}  # a k=1 draw from fold1's train
     edited["folds"][1]["fewshot"] = {"1": [sorted(one_each.values())]}  # beside a part that cannot validate
