@@ -45,6 +45,10 @@ class _EpochLines:
             if console.is_terminal:  # the bar disappears; the plain log already has this line
                 console.print(f"{label}: {status}", highlight=False, markup=False)
 
+    def inputs(self, done: int, total: int) -> None:
+        """Images decoded (or, on the features path, embedded) before training: a bar of their own."""
+        self("preparing inputs", done, total, "done" if done >= total else "")
+
     def close(self) -> None:
         self.stack.close()
 
@@ -88,6 +92,11 @@ def train(
     random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
     pixels: Path | None = typer.Option(None, "--pixels", help="Pixel cache (default: pixels.zarr beside the "
                                                               "manifest when it holds this input size)."),
+    inputs: str = typer.Option("auto", "--from", help="lp only: features (the head on exact stored features, "
+                                                      "same numbers) or images (through the backbone every "
+                                                      "epoch); auto: features unless --augment."),
+    features: Path | None = typer.Option(None, "--features", help="Feature store of --from features (default: "
+                                                                  "features.zarr beside the manifest)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder of run records (one JSON + folder per run)."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch progress."),
@@ -102,6 +111,7 @@ def train(
     - MCC threshold from the same model's validation scores;
     - few-shot: trains on the support set; validation = the fold's validation part less the support patients;
     - frozen modules stay in eval mode; no augmentation; seed 42.
+    lp without --augment trains every run's head at once on exact stored features (--from).
     Recorded runs in --out are read back; an interrupted run resumes from its last checkpoint.
     Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes).
     `featcache results` picks the head LR by mean validation loss.
@@ -130,7 +140,8 @@ def train(
                            shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
                            folds=None if fold == "all" else [fold], head_lrs=positive_floats(head_lr, "--head-lr"),
                            settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
-                           device=device, progress=lines, positive=positive)
+                           device=device, progress=lines, load_progress=lines.inputs, positive=positive,
+                           inputs=inputs, features=features)
     finally:
         lines.close()
     if not rank0():
