@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from featcache.datasets import get_task
 from featcache.device import resolve_device
 from featcache.errors import FeatcacheError, SplitError, StoreError
 from featcache.manifest import Manifest, load_manifest
@@ -51,6 +52,8 @@ FIXED_C = 1.0
 INNER_FOLDS = 4
 INNER_CV_MIN = 8
 SELECT = ("mcc", "average_precision")
+SELECT_ALIASES = {"pr_auc": "average_precision", "pr-auc": "average_precision", "ap": "average_precision"}  # the
+# benchmark's name for average precision is PR-AUC
 SOLVERS = ("torch", "sklearn")
 TIE = 1e-9  # metric values this close are a tie (exact ties of MCC at 0.5 are the common case)
 THRESHOLD_RULES = {
@@ -334,7 +337,7 @@ def load_task_data(manifest: Manifest, task: str, splits: Splits, store: str | P
     here, by name, before any probe runs. ``selectors`` (weights, random_init, dtype, precision) pick among
     several groups of one backbone, as in ``store.find_feature_group``.
     """
-    ids, y = manifest.labels(task)
+    ids, y = manifest.labels(get_task(task))
     group = find_feature_group(store, model, view, image_ids=manifest.ids, **selectors)
     found, X = load_features(store, model, manifest, view, group=group)
     position = {i: r for r, i in enumerate(found.tolist())}
