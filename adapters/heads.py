@@ -168,22 +168,24 @@ class StackedAdam:
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.steps = np.zeros(len(self.params[0]), dtype=np.int64)
+        self.corrections: list[tuple[float, float]] = [(math.nan, math.nan)]  # bias corrections by step
 
     @torch.no_grad()
-    def step(self, runs: torch.Tensor, grads: Sequence[torch.Tensor], lrs: Sequence[float]) -> None:
+    def step(self, runs: torch.Tensor, grads: Sequence[torch.Tensor], lrs: np.ndarray) -> None:
         """One step of the runs ``runs`` (indices), with their gradients ``(len(runs), ...)`` and LRs."""
         beta1, beta2 = self.betas
         picked = runs.cpu().numpy()
         self.steps[picked] += 1
-        step_size, bc2_sqrt = [], []
-        for lr, step in zip(lrs, self.steps[picked].tolist(), strict=True):
-            step = float(step)  # torch keeps the step as a float tensor and reads it back as a float
-            step_size.append(-(lr / (1 - beta1**step)))
-            bc2_sqrt.append((1 - beta2**step) ** 0.5)
+        steps = self.steps[picked]
+        while len(self.corrections) <= steps.max():  # Python floats, as torch computes them per tensor
+            step = float(len(self.corrections))
+            self.corrections.append((1 - beta1**step, (1 - beta2**step) ** 0.5))
+        table = np.asarray(self.corrections)[steps]
+        step_size = -(np.asarray(lrs, dtype=np.float64) / table[:, 0])
         for param, m, v, grad in zip(self.params, self.exp_avg, self.exp_avg_sq, grads, strict=True):
             shape = (-1,) + (1,) * (param.dim() - 1)
-            size = torch.tensor(step_size, dtype=param.dtype, device=param.device).view(shape)
-            root = torch.tensor(bc2_sqrt, dtype=param.dtype, device=param.device).view(shape)
+            size = torch.from_numpy(step_size).to(param.dtype).to(param.device).view(shape)
+            root = torch.from_numpy(table[:, 1]).to(param.dtype).to(param.device).view(shape)
             m_r = m[runs].lerp_(grad, 1 - beta1)
             v_r = v[runs].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (v_r.sqrt() / root).add_(self.eps)
@@ -281,22 +283,25 @@ class HeadsProgram:
         if epoch < settings.warmup:
             for i in active:
                 self.holders[i].param_groups[0]["lr"] = self.base[i] * (epoch + 1) / settings.warmup
-        steps: list[list[tuple[int, torch.Tensor]]] = defaultdict(list)  # batch index -> (run, its rows)
+        blocks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)  # batch index -> runs
         live = set(active)
         for n, members in self.by_size.items():
-            runs = [m for m in members if m in live]
-            if not runs:
+            keep = [k for k, m in enumerate(members) if m in live]
+            if not keep:
                 continue
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
-            stacked = self.train_rows[n][[members.index(m) for m in runs]]
+            runs = torch.tensor([members[k] for k in keep], dtype=torch.long, device=self.device)
+            stacked = self.train_rows[n][keep]
             for j, part in enumerate(batches(n, self.size, generator)):
-                for k, run in enumerate(runs):
-                    steps[j].append((run, stacked[k, part.to(self.device)]))
-        total = dict.fromkeys(active, 0.0)
-        for j in sorted(steps):
-            runs = torch.tensor([r for r, _ in steps[j]], dtype=torch.long, device=self.device)
-            index, mask = _padded([rows for _, rows in steps[j]])
-            index, mask = index.to(self.device), mask.to(self.device)
+                blocks[j].append((runs, stacked[:, part.to(self.device)]))
+        lrs = np.array([self._lr(i) if i in live else math.nan for i in range(len(self.runs))])
+        total = torch.zeros(len(self.runs), dtype=torch.float64)
+        for j in sorted(blocks):
+            width = max(rows.shape[1] for _, rows in blocks[j])
+            runs = torch.cat([r for r, _ in blocks[j]])
+            index = torch.cat([F.pad(rows, (0, width - rows.shape[1])) for _, rows in blocks[j]])
+            mask = torch.cat([(torch.arange(width, device=self.device) < rows.shape[1]).expand(len(rows), width)
+                              for _, rows in blocks[j]])
             y = self.labels[index]
             weights = self.class_weight[runs].gather(1, y) * mask
             w = self.weight[runs].requires_grad_(True)
@@ -304,10 +309,9 @@ class HeadsProgram:
             logits = torch.baddbmm(b.unsqueeze(1), self.x[index], w.transpose(1, 2))
             losses = _losses(logits, y, weights)
             losses.sum().backward()
-            self.adam.step(runs, [w.grad, b.grad], [self._lr(int(r)) for r in runs.tolist()])
-            for run, value in zip(runs.tolist(), losses.detach().cpu().tolist(), strict=True):
-                total[run] += value
-        return [total[i] / max(1, math.ceil(len(self.data.train[i]) / self.size)) for i in active]
+            self.adam.step(runs, [w.grad, b.grad], lrs[runs.cpu().numpy()])
+            total.index_add_(0, runs.cpu(), losses.detach().cpu().double())  # += float(loss), as the image path
+        return [float(total[i]) / max(1, math.ceil(len(self.data.train[i]) / self.size)) for i in active]
 
     @torch.no_grad()
     def _val_losses(self, active: list[int]) -> list[float]:

@@ -123,7 +123,7 @@ def test_stacked_adam_is_torch_adam_bit_for_bit():
             w.grad, b.grad = g_w[r].clone(), g_b[r].clone()
             adam.step()
         index = torch.tensor(runs)
-        stacked.step(index, [g_w[index], g_b[index]], [lrs[r] for r in runs])
+        stacked.step(index, [g_w[index], g_b[index]], np.array([lrs[r] for r in runs]))
     for r, (w, b, _) in enumerate(own):
         assert torch.equal(w.detach(), weight[r]) and torch.equal(b.detach(), bias[r])
 
