@@ -47,7 +47,8 @@ def batches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]
     order = torch.randperm(n, generator=generator)
     parts = list(order.split(size))
     if len(parts) > 1 and len(parts[-1]) == 1:
-        parts[-2] = torch.cat([parts[-2], parts.pop()])
+        last = parts.pop()
+        parts[-1] = torch.cat([parts[-1], last])
     return parts
 
 

@@ -15,6 +15,7 @@ from adapters.artifacts import predict
 from adapters.heads import HEAD_VIEW, StackedAdam
 from adapters.plan import TrainSettings
 from adapters.train import run_train
+from adapters.trainer import batches
 from cli.adapters_app import app as adapters_app
 from featcache.errors import UsageError
 from featcache.extract import extract_features
@@ -142,3 +143,10 @@ def test_refusals_are_one_line(cohort, tmp_path):
     assert result.exit_code != 0 and isinstance(result.exception, UsageError)  # printed in one line by run_app
     assert str(result.exception).startswith("--from features: augmentation") and "\n" not in str(result.exception)
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_a_trailing_batch_of_one_joins_the_previous():
+    """n = size + 1 (two batches before the merge) used to fail on the image path too."""
+    parts = batches(33, 32, torch.Generator().manual_seed(0))
+    assert [len(p) for p in parts] == [33] and sorted(torch.cat(parts).tolist()) == list(range(33))
+    assert [len(p) for p in batches(65, 32, torch.Generator().manual_seed(0))] == [32, 33]
