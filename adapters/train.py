@@ -39,6 +39,7 @@ The request is planned by `adapters.plan`, each run's model is built by `adapter
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,15 +96,23 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str | Meth
               random_init: bool = False, pixels: str | Path | None = None, out: str | Path = "runs",
               device: str = "auto", progress: TrainProgress | None = None,
               load_progress: Callable[[int, int], None] | None = None, positive: str | None = None,
-              note: Callable[[str], None] | None = None) -> TrainReport:
+              note: Callable[[str], None] | None = None, inputs: str = "auto",
+              features: str | Path | None = None) -> TrainReport:
     """Train ``model`` adapted by ``method`` on ``task``: every fold (``full``) or fold x draw of each shot
     level, for each head LR; one record per run in ``out`` (artefacts in ``out/<key>/``). Recorded runs are
     read back, not retrained; an interrupted run resumes from its last checkpoint. ``note`` gets, once per
     distinct text, why a run's numbers depend on accumulation or processes (`adapters.trainer.batch_norm_note`).
-    See the module doc."""
+    See the module doc.
+
+    ``inputs`` (``--from``): ``auto`` trains LP without augmentation on exact stored features (the feature
+    store ``features``, default beside the manifest; `adapters.heads`), ``features`` insists on it,
+    ``images`` always trains through the backbone."""
     the_plan = plan(manifest, task, model, method=method, rank=rank, full=full, shots=shots, draws=draws,
                     per_center=per_center, folds=folds, head_lrs=head_lrs, settings=settings, weights=weights,
                     random_init=random_init, device=device, positive=positive)
+    from adapters.heads import train_heads, use_features  # heads imports this module
+
+    on_features = use_features(the_plan, inputs, int(os.environ.get("WORLD_SIZE", "1")))
     out = Path(out)
     report = TrainReport(skipped=list(the_plan.skipped))
     todo = []
@@ -116,6 +125,11 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str | Meth
         else:
             todo.append(run)
     if not todo:
+        return report
+    if on_features:
+        report.records += train_heads(the_plan, todo, out, weights=weights, random_init=random_init,
+                                      store=features, device=device, progress=progress, load_progress=load_progress)
+        report.written = len(todo)
         return report
     ids = sorted({i for run in todo for i in run.train + run.val + run.test})
     images = load_images(the_plan.manifest, ids, the_plan.spec.preprocess, pixels, progress=load_progress)

@@ -48,7 +48,8 @@ def batches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]
     order = torch.randperm(n, generator=generator)
     parts = list(order.split(size))
     if len(parts) > 1 and len(parts[-1]) == 1:
-        parts[-2] = torch.cat([parts[-2], parts.pop()])
+        last = parts.pop()
+        parts[-1] = torch.cat([parts[-1], last])
     return parts
 
 
@@ -247,30 +248,40 @@ class Trainer:
     def record(self, plan: TrainPlan, weights: str | Path | None) -> RunRecord:
         s_val, _ = self.scores("val")
         s_test, _ = self.scores("test")
-        state, run = self.state, self.run
-        test = list(run.test)
-        return RunRecord(
-            task=plan.task, backbone=plan.spec.name, method=plan.method.name, fold=run.fold,
-            seed=plan.settings.seed, options=run.options, regime=run.regime, shots=run.shots, draw=run.draw,
-            splits_digest=plan.splits.digest(), identity=plan.identity, test_ids=test,
-            test_labels=self.y["test"].tolist(), test_scores=s_test.tolist(),
-            test_patients=plan.manifest.patients(test),
-            metrics=evaluate(self.y["test"].numpy(), s_test, self.y["val"].numpy(), s_val,
-                             patients=plan.manifest.patients(test)),
-            wall_time_s=state.elapsed_s, trainable_params=self.trainable, total_params=self.total,
-            support_from=None if run.regime == "full" else plan.splits.support_from,
-            training={"best_epoch": state.best_epoch + 1, "val_loss": state.best_loss,
-                      "epochs_run": state.epoch,
-                      "stopped": "early" if state.bad_epochs >= plan.settings.patience else "max-epochs",
-                      "curves": {"train_loss": state.train_loss, "val_loss": state.val_loss, "lr": state.lr}},
-            provenance={"weights": plan.identity, "weights_path": None if weights is None else str(weights),
-                        "images": self.images.source, "n_train": len(run.train), "n_val": len(run.val),
-                        "trainable_share": self.trainable / self.total, "processes": self.acc.num_processes,
-                        "device": self.acc.device.type, "threshold": "validation scores of the tested model",
-                        **({"drawn_patients": run.drawn} if run.drawn else {}),
-                        **({"support": support_digest(run.train)} if run.regime != "full" else {}),
-                        **({"batch_norm": self.note} if self.note else {})},
-        )
+        return run_record(plan, self.run, self.state, s_val, s_test, trainable=self.trainable, total=self.total,
+                          weights=weights, processes=self.acc.num_processes, device=self.acc.device.type,
+                          inputs={"trained_on": "images", "images": self.images.source,
+                                  **({"batch_norm": self.note} if self.note else {})})
+
+
+def run_record(plan: TrainPlan, run: Run, state: _State, s_val: np.ndarray, s_test: np.ndarray, *,
+               trainable: int, total: int, weights: str | Path | None, processes: int, device: str,
+               inputs: dict) -> RunRecord:
+    """A finished run's record, whichever path trained it (``inputs``: what it was trained on, for the
+    provenance): scores of its best epoch, the threshold from its validation scores, its curves."""
+    test = list(run.test)
+    y_test = np.array([plan.labels[i] for i in test])
+    y_val = np.array([plan.labels[i] for i in run.val])
+    patients = plan.manifest.patients(test)
+    return RunRecord(
+        task=plan.task, backbone=plan.spec.name, method=plan.method.name, fold=run.fold,
+        seed=plan.settings.seed, options=run.options, regime=run.regime, shots=run.shots, draw=run.draw,
+        splits_digest=plan.splits.digest(), identity=plan.identity, test_ids=test,
+        test_labels=y_test.tolist(), test_scores=s_test.tolist(), test_patients=patients,
+        metrics=evaluate(y_test, s_test, y_val, s_val, patients=patients),
+        wall_time_s=state.elapsed_s, trainable_params=trainable, total_params=total,
+        support_from=None if run.regime == "full" else plan.splits.support_from,
+        training={"best_epoch": state.best_epoch + 1, "val_loss": state.best_loss,
+                  "epochs_run": state.epoch,
+                  "stopped": "early" if state.bad_epochs >= plan.settings.patience else "max-epochs",
+                  "curves": {"train_loss": state.train_loss, "val_loss": state.val_loss, "lr": state.lr}},
+        provenance={"weights": plan.identity, "weights_path": None if weights is None else str(weights),
+                    **inputs, "n_train": len(run.train), "n_val": len(run.val),
+                    "trainable_share": trainable / total, "processes": processes,
+                    "device": device, "threshold": "validation scores of the tested model",
+                    **({"drawn_patients": run.drawn} if run.drawn else {}),
+                    **({"support": support_digest(run.train)} if run.regime != "full" else {})},
+    )
 
 
 def _adam(model: Classifier, head_lr: float, backbone_lr: float | None) -> tuple[torch.optim.Adam, list[float]]:

@@ -48,6 +48,10 @@ class _EpochLines:
             if console.is_terminal:  # the bar disappears; the plain log already has this line
                 console.print(f"{label}: {status}", highlight=False, markup=False)
 
+    def inputs(self, done: int, total: int) -> None:
+        """Images decoded (or, on the features path, embedded) before training: a bar of their own."""
+        self("preparing inputs", done, total, "done" if done >= total else "")
+
     def close(self) -> None:
         self.stack.close()
 
@@ -100,6 +104,11 @@ def train(
     random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
     pixels: Path | None = typer.Option(None, "--pixels", help="Pixel cache (default: pixels.zarr beside the "
                                                               "manifest when it holds this input size)."),
+    inputs: str = typer.Option("auto", "--from", help="lp only: features (the head on exact stored features, "
+                                                      "same numbers) or images (through the backbone every "
+                                                      "epoch); auto: features unless --augment."),
+    features: Path | None = typer.Option(None, "--features", help="Feature store of --from features (default: "
+                                                                  "features.zarr beside the manifest)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder of run records (one JSON + folder per run)."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch progress."),
@@ -116,6 +125,7 @@ def train(
     - few-shot: trains on the support set (from the fold's train part); validates on the fold's whole
       validation part; folds whose validation part cannot validate are skipped;
     - frozen modules and BitFit's batch norm stay in eval mode; no augmentation; seed 42.
+    lp without --augment trains every run's head at once on exact stored features (--from).
     Recorded runs in --out are read back; an interrupted run resumes from its last checkpoint.
     Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes); equal to one
     process except where batch norm trains (fft on a CNN) without CUDA's synchronised batch norm.
@@ -147,7 +157,8 @@ def train(
                            shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
                            folds=_folds(fold), head_lrs=positive_floats(head_lr, "--head-lr"),
                            settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
-                           device=device, progress=lines, positive=positive,
+                           device=device, progress=lines, load_progress=lines.inputs, positive=positive,
+                           inputs=inputs, features=features,
                            note=lambda line: console.print(f"[yellow]note[/] {line}", highlight=False)
                            if rank0() else None)
     finally:

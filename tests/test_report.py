@@ -78,7 +78,7 @@ def test_report_tables_hold_the_known_numbers(records, tmp_path, monkeypatch):
     assert "| lora-r8 |" in _row(text, "resnet18", "lora-r8")
     assert "random weights" in _row(text, "dinov2-s *(random weights)*", "probe")
     assert "AFC resnet18 lp full: head LR 0.001 by mean validation loss" in text
-    assert _row(text, "AFC", "resnet18").endswith("| 100× |")  # LP 50 s against the probe's 0.5 s per run
+    assert _row(text, "AFC", "resnet18").endswith("| 100× | – |")  # LP 50 s against the probe's 0.5 s per run
     assert "| 1 (cached probe) | 23 | 2 |" in text and "| 2 (trained end to end) | 6 | 0 |" in text
     assert len(made.figures) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in made.figures)
     for figure in made.figures:
@@ -108,3 +108,17 @@ def test_report_command_and_refusals(records, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecordError, match="no run records"):
         write_report(tmp_path / "empty", tmp_path / "r2")
+
+
+def test_compute_table_shows_both_lp_paths():
+    """LP records trained on images and on stored features are counted apart, each against the probe."""
+    made = [_record("resnet18", "probe", f, 0.2, 0.6, wall=0.5) for f in (0, 1)]
+    made += [_record("resnet18", "lp", f, 0.5, 0.7, wall=50.0) for f in (0, 1)]
+    for f in (0, 1):
+        record = _record("resnet18", "lp", f, 0.5, 0.7, wall=0.05)
+        record.provenance["trained_on"] = "features"
+        made.append(record)
+    stages, ratios = report_module.compute_table(made)
+    assert [row[:2] for row in stages] == [["1 (cached probe)", "2"], ["2 (LP on stored features)", "2"],
+                                           ["2 (trained end to end)", "2"]]
+    assert ratios == [["AFC", "resnet18", "0.50 s", "50.00 s", "0.05 s", "100×", "0.1×"]]
