@@ -6,18 +6,26 @@ Protocol defaults (the benchmark's, Ruffini et al. 2025; each is in every record
 - Class-weighted cross-entropy over two logits, weights ``n / (2 n_c)`` from the run's training images; the
   validation loss uses the same weights, so it is the objective measured on held-out images.
 - Adam; head LR from the grid {1e-2, 1e-3, 1e-4} (one run and record each), backbone/adapter LR 1e-5 for FFT
-  and 1e-4 for the PEFT methods. Linear warm-up over the first 50 epochs, then LR x0.1 after 25 epochs without a
-  lower validation loss (floor 1e-8); early stop after 100 epochs without one; at most 1000 epochs. The weights
-  of the epoch with the lowest validation loss are the ones scored on the test part, and the MCC threshold is
-  chosen on that same model's validation scores.
-- Few-shot: the model trains on the support set of the fold and draw; validation (early stopping, LR plateau,
-  threshold, head-LR selection) is the fold's validation part less the support set's patients. The benchmark
-  subsampled only the training data; no test image is ever seen before the final scoring.
+  and 1e-4 for the PEFT methods (IA3's vector on a CNN's head input is an adapter tensor: adapter LR). Linear
+  warm-up over the first 50 epochs; early stop after 100 consecutive epochs without a strictly lower validation
+  loss; at most 1000 epochs; LR x0.1 (floor 1e-8) by PyTorch's ``ReduceLROnPlateau`` from the last warm-up epoch
+  on: on the 26th consecutive epoch whose loss is not below its best x (1 - 1e-4) (`adapters.trainer.observe`
+  states both rules exactly). The weights of the epoch with the lowest validation loss are the ones scored on
+  the test part, and the MCC threshold is chosen on that same model's validation scores.
+- Few-shot: the model trains on the support set of the fold and draw, drawn from the fold's train part; every
+  draw validates (early stopping, LR plateau, threshold, head-LR selection) on the fold's whole validation part,
+  as full data does. The benchmark subsampled only the training data; no test image is ever seen before the
+  final scoring. A fold whose validation part cannot validate has its levels skipped (`featcache.splits`).
 - Modules whose parameters are all frozen run in eval mode (batch-norm statistics and dropout of a frozen
-  backbone stay fixed: LP and LoRA on a CNN do not drift its statistics); the rest trains in train mode.
+  backbone stay fixed: LP and LoRA on a CNN do not drift its statistics), and so does batch norm whose scale is
+  frozen (BitFit trains its bias on fixed statistics); the rest trains in train mode.
 - A batch is ``batch_size * accumulate`` images; its loss is the class-weighted mean over the whole batch, summed
   exactly over micro-batches and ranks (DDP), so accumulation and ``torchrun`` change nothing but memory and
-  speed. A trailing batch of one image joins the previous one (batch norm needs two).
+  speed — except where batch norm trains (FFT on a CNN): each micro-batch, and on CPU each process, normalises
+  with its own statistics (synchronised batch norm joins processes on CUDA only); such a run says so in one
+  line and in its record (``provenance.batch_norm``). Dropout masks (LoRA, VeRA) are drawn per process, so
+  several processes give a run of equal standing, not equal numbers. A trailing batch of one image joins the
+  previous one (batch norm needs two).
 - Each epoch visits the training images in the order ``randperm(seed, epoch)``, so a resumed run sees the same
   batches; checkpoints hold the mutable weights, optimiser, scheduler, early-stopping state and RNG.
 
@@ -31,6 +39,7 @@ The request is planned by `adapters.plan`, each run's model is built by `adapter
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,14 +95,24 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str | Meth
               settings: TrainSettings | None = None, weights: str | Path | None = None,
               random_init: bool = False, pixels: str | Path | None = None, out: str | Path = "runs",
               device: str = "auto", progress: TrainProgress | None = None,
-              load_progress: Callable[[int, int], None] | None = None, positive: str | None = None
-              ) -> TrainReport:
+              load_progress: Callable[[int, int], None] | None = None, positive: str | None = None,
+              note: Callable[[str], None] | None = None, inputs: str = "auto",
+              features: str | Path | None = None) -> TrainReport:
     """Train ``model`` adapted by ``method`` on ``task``: every fold (``full``) or fold x draw of each shot
     level, for each head LR; one record per run in ``out`` (artefacts in ``out/<key>/``). Recorded runs are
-    read back, not retrained; an interrupted run resumes from its last checkpoint. See the module doc."""
+    read back, not retrained; an interrupted run resumes from its last checkpoint. ``note`` gets, once per
+    distinct text, why a run's numbers depend on accumulation or processes (`adapters.trainer.batch_norm_note`).
+    See the module doc.
+
+    ``inputs`` (``--from``): ``auto`` trains LP without augmentation on exact stored features (the feature
+    store ``features``, default beside the manifest; `adapters.heads`), ``features`` insists on it,
+    ``images`` always trains through the backbone."""
     the_plan = plan(manifest, task, model, method=method, rank=rank, full=full, shots=shots, draws=draws,
                     per_center=per_center, folds=folds, head_lrs=head_lrs, settings=settings, weights=weights,
                     random_init=random_init, device=device, positive=positive)
+    from adapters.heads import train_heads, use_features  # heads imports this module
+
+    on_features = use_features(the_plan, inputs, int(os.environ.get("WORLD_SIZE", "1")))
     out = Path(out)
     report = TrainReport(skipped=list(the_plan.skipped))
     todo = []
@@ -107,11 +126,24 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str | Meth
             todo.append(run)
     if not todo:
         return report
+    if on_features:
+        report.records += train_heads(the_plan, todo, out, weights=weights, random_init=random_init,
+                                      store=features, device=device, progress=progress, load_progress=load_progress)
+        report.written = len(todo)
+        return report
     ids = sorted({i for run in todo for i in run.train + run.val + run.test})
     images = load_images(the_plan.manifest, ids, the_plan.spec.preprocess, pixels, progress=load_progress)
     accelerator = _accelerator(device)
+    said: set[str] = set()
+
+    def once(line: str) -> None:
+        if note is not None and line not in said:
+            said.add(line)
+            note(line)
+
     for run in todo:
-        report.records.append(_train_run(the_plan, run, images, out, accelerator, weights, random_init, progress))
+        report.records.append(_train_run(the_plan, run, images, out, accelerator, weights, random_init, progress,
+                                         once))
         report.written += 1
     return report
 
@@ -122,7 +154,8 @@ def _accelerator(device: str) -> Accelerator:
 
 
 def _train_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator: Accelerator,
-               weights: str | Path | None, random_init: bool, progress: TrainProgress | None) -> RunRecord:
+               weights: str | Path | None, random_init: bool, progress: TrainProgress | None,
+               note: Callable[[str], None]) -> RunRecord:
     folder = out / run.key
     if accelerator.is_main_process:
         _check_folder(folder, run, plan)
@@ -132,6 +165,8 @@ def _train_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator
     model = build_classifier(plan.spec, plan.method, plan.rank, weights=weights, random_init=random_init,
                              seed=settings.seed, grad_ckpt=settings.grad_ckpt)
     trainer = Trainer(plan, run, model, images, folder, accelerator)
+    if trainer.note:
+        note(f"{plan.method.name} on {plan.spec.name}: {trainer.note}")
     trainer.resume()
     trainer.fit(progress)
     record = trainer.record(plan, weights)

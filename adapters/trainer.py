@@ -23,12 +23,13 @@ from torch import nn
 from adapters.classifier import Classifier
 from adapters.images import Images
 from adapters.model import frozen_modules, mutable_names, set_train_mode
-from adapters.plan import Run, TrainPlan
+from adapters.plan import Run, TrainPlan, TrainSettings
 from featcache.backbones import count_parameters
 from featcache.errors import SplitError
 from featcache.fileio import atomic_write
 from featcache.metrics import evaluate
 from featcache.records import RunRecord
+from featcache.splits import support_digest
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -48,8 +49,55 @@ def batches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]
     order = torch.randperm(n, generator=generator)
     parts = list(order.split(size))
     if len(parts) > 1 and len(parts[-1]) == 1:
-        parts[-2] = torch.cat([parts[-2], parts.pop()])
+        last = parts.pop()
+        parts[-1] = torch.cat([parts[-1], last])
     return parts
+
+
+def make_plateau(optimizer: torch.optim.Optimizer,
+                 settings: TrainSettings) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """PyTorch's ``ReduceLROnPlateau`` with its defaults, as the benchmark's code used it (see `observe`)."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=settings.plateau_factor,
+                                                      patience=settings.plateau_patience, min_lr=settings.min_lr)
+
+
+def observe(state: _State, plateau: torch.optim.lr_scheduler.ReduceLROnPlateau, val_loss: float,
+            settings: TrainSettings) -> bool:
+    """Book one epoch's validation loss; True when it is the new best (the caller keeps those weights).
+
+    Two definitions of "better", each the benchmark's library's, on purpose:
+    - best epoch and early stop: a strictly lower validation loss than every epoch before, warm-up included;
+      the run stops after ``patience`` consecutive epochs without one (on the ``patience``-th);
+    - LR plateau (PyTorch ``ReduceLROnPlateau``, mode min, relative threshold 1e-4): stepped from the last
+      warm-up epoch on, a loss is better only below ``best * (1 - 1e-4)`` of its own best (kept since then);
+      the LR is cut (x ``plateau_factor``, floor ``min_lr``) on the ``plateau_patience + 1``-th consecutive
+      epoch that is not, and its count restarts after a cut. A loss 0.005 % below the best thus resets early
+      stopping but not the plateau count.
+    """
+    improved = val_loss < state.best_loss
+    if improved:
+        state.best_loss, state.best_epoch, state.bad_epochs = val_loss, state.epoch, 0
+    else:
+        state.bad_epochs += 1
+    if state.epoch + 1 >= settings.warmup:
+        plateau.step(val_loss)
+    state.epoch += 1
+    return improved
+
+
+def batch_norm_note(model: nn.Module, accumulate: int, processes: int, synced: bool) -> str | None:
+    """Why accumulation or several processes change a run's numbers, or None where they do not: a batch-norm
+    module in train mode (FFT on a CNN) normalises each micro-batch, and each process's share of a batch, with
+    that part's own statistics, unless processes share them (synchronised batch norm, CUDA only)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        return None
+    parts = [f"--accumulate {accumulate} (statistics per micro-batch)"] if accumulate > 1 else []
+    if processes > 1 and not synced:
+        parts.append(f"{processes} processes without synchronised batch norm (CPU/gloo: statistics per process)")
+    if not parts:
+        return None
+    return ("batch norm trains in this run, so its numbers differ slightly from one process without "
+            "accumulation: " + "; ".join(parts))
 
 
 @dataclass
@@ -79,9 +127,10 @@ class Trainer:
         optimizer, self.base_lrs = _adam(model, run.head_lr, settings.backbone_lr_for(plan.method))
         self.ddp, self.optimizer = accelerator.prepare(_placed(model, plan.spec.family, accelerator), optimizer)
         self.frozen = frozen_modules(self.ddp)
-        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer.optimizer, factor=settings.plateau_factor, patience=settings.plateau_patience,
-            min_lr=settings.min_lr)
+        self.plateau = make_plateau(self.optimizer.optimizer, settings)
+        set_train_mode(self.ddp, self.frozen)
+        synced = any(isinstance(m, nn.SyncBatchNorm) for m in self.ddp.modules())
+        self.note = batch_norm_note(self.ddp, settings.accumulate, accelerator.num_processes, synced)
         parts = (("train", run.train), ("val", run.val), ("test", run.test))
         self.y = {part: torch.tensor([plan.labels[i] for i in ids], dtype=torch.long) for part, ids in parts}
         self.rows = {part: images.rows(ids) for part, ids in parts}
@@ -182,14 +231,8 @@ class Trainer:
             state.train_loss.append(train_loss)
             state.val_loss.append(val_loss)
             state.lr.append(self.optimizer.param_groups[0]["lr"])
-            if val_loss < state.best_loss:
-                state.best_loss, state.best_epoch, state.bad_epochs = val_loss, state.epoch, 0
+            if observe(state, self.plateau, val_loss, settings):
                 state.best = self._mutable()
-            else:
-                state.bad_epochs += 1
-            if state.epoch + 1 >= settings.warmup:
-                self.plateau.step(val_loss)
-            state.epoch += 1
             state.elapsed_s += time.perf_counter() - started
             if time.monotonic() - last_save >= settings.checkpoint_every_s:
                 self.save_checkpoint()
@@ -207,27 +250,40 @@ class Trainer:
     def record(self, plan: TrainPlan, weights: str | Path | None) -> RunRecord:
         s_val, _ = self.scores("val")
         s_test, _ = self.scores("test")
-        state, run = self.state, self.run
-        test = list(run.test)
-        return RunRecord(
-            task=plan.task, backbone=plan.spec.name, method=plan.method.name, fold=run.fold,
-            seed=plan.settings.seed, options=run.options, regime=run.regime, shots=run.shots, draw=run.draw,
-            splits_digest=plan.splits.digest(), identity=plan.identity, test_ids=test,
-            test_labels=self.y["test"].tolist(), test_scores=s_test.tolist(),
-            test_patients=plan.manifest.patients(test),
-            metrics=evaluate(self.y["test"].numpy(), s_test, self.y["val"].numpy(), s_val,
-                             patients=plan.manifest.patients(test)),
-            wall_time_s=state.elapsed_s, trainable_params=self.trainable, total_params=self.total,
-            training={"best_epoch": state.best_epoch + 1, "val_loss": state.best_loss,
-                      "epochs_run": state.epoch,
-                      "stopped": "early" if state.bad_epochs >= plan.settings.patience else "max-epochs",
-                      "curves": {"train_loss": state.train_loss, "val_loss": state.val_loss, "lr": state.lr}},
-            provenance={"weights": plan.identity, "weights_path": None if weights is None else str(weights),
-                        "images": self.images.source, "n_train": len(run.train), "n_val": len(run.val),
-                        "trainable_share": self.trainable / self.total, "processes": self.acc.num_processes,
-                        "device": self.acc.device.type, "threshold": "validation scores of the tested model",
-                        **({"drawn_patients": run.drawn} if run.drawn else {})},
-        )
+        return run_record(plan, self.run, self.state, s_val, s_test, trainable=self.trainable, total=self.total,
+                          weights=weights, processes=self.acc.num_processes, device=self.acc.device.type,
+                          inputs={"trained_on": "images", "images": self.images.source,
+                                  **({"batch_norm": self.note} if self.note else {})})
+
+
+def run_record(plan: TrainPlan, run: Run, state: _State, s_val: np.ndarray, s_test: np.ndarray, *,
+               trainable: int, total: int, weights: str | Path | None, processes: int, device: str,
+               inputs: dict) -> RunRecord:
+    """A finished run's record, whichever path trained it (``inputs``: what it was trained on, for the
+    provenance): scores of its best epoch, the threshold from its validation scores, its curves."""
+    test = list(run.test)
+    y_test = np.array([plan.labels[i] for i in test])
+    y_val = np.array([plan.labels[i] for i in run.val])
+    patients = plan.manifest.patients(test)
+    return RunRecord(
+        task=plan.task, backbone=plan.spec.name, method=plan.method.name, fold=run.fold,
+        seed=plan.settings.seed, options=run.options, regime=run.regime, shots=run.shots, draw=run.draw,
+        splits_digest=plan.splits.digest(), identity=plan.identity, test_ids=test,
+        test_labels=y_test.tolist(), test_scores=s_test.tolist(), test_patients=patients,
+        metrics=evaluate(y_test, s_test, y_val, s_val, patients=patients),
+        wall_time_s=state.elapsed_s, trainable_params=trainable, total_params=total,
+        support_from=None if run.regime == "full" else plan.splits.support_from,
+        training={"best_epoch": state.best_epoch + 1, "val_loss": state.best_loss,
+                  "epochs_run": state.epoch,
+                  "stopped": "early" if state.bad_epochs >= plan.settings.patience else "max-epochs",
+                  "curves": {"train_loss": state.train_loss, "val_loss": state.val_loss, "lr": state.lr}},
+        provenance={"weights": plan.identity, "weights_path": None if weights is None else str(weights),
+                    **inputs, "n_train": len(run.train), "n_val": len(run.val),
+                    "trainable_share": trainable / total, "processes": processes,
+                    "device": device, "threshold": "validation scores of the tested model",
+                    **({"drawn_patients": run.drawn} if run.drawn else {}),
+                    **({"support": support_digest(run.train)} if run.regime != "full" else {})},
+    )
 
 
 def _adam(model: Classifier, head_lr: float, backbone_lr: float | None) -> tuple[torch.optim.Adam, list[float]]:

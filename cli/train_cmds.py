@@ -49,6 +49,10 @@ class _EpochLines:
             if console.is_terminal:  # the bar disappears; the plain log already has this line
                 console.print(f"{label}: {status}", highlight=False, markup=False)
 
+    def inputs(self, done: int, total: int) -> None:
+        """Images decoded (or, on the features path, embedded) before training: a bar of their own."""
+        self("preparing inputs", done, total, "done" if done >= total else "")
+
     def close(self) -> None:
         self.stack.close()
 
@@ -76,17 +80,21 @@ def train(
     backbone_lr: float | None = typer.Option(None, "--backbone-lr",
                                              help="Backbone/adapter LR (default: FFT 1e-5, PEFT 1e-4)."),
     max_epochs: int = typer.Option(1000, "--max-epochs", min=1, help="Epoch limit."),
-    patience: int = typer.Option(100, "--patience", min=1, help="Early stop after this many epochs "
-                                                                "without a lower validation loss."),
+    patience: int = typer.Option(100, "--patience", min=1, help="Early stop after this many consecutive "
+                                                                "epochs without a strictly lower validation "
+                                                                "loss (warm-up counts)."),
     warmup: int = typer.Option(50, "--warmup", min=0, help="Linear LR warm-up epochs."),
     plateau_patience: int = typer.Option(25, "--plateau-patience", min=1,
-                                         help="LR x0.1 after this many epochs without improvement (floor 1e-8)."),
+                                         help="PyTorch ReduceLROnPlateau after warm-up: LR x0.1 (floor 1e-8) on "
+                                              "the (N+1)-th consecutive epoch whose loss is not below its best "
+                                              "x (1 - 1e-4); the count restarts after a cut."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
                                           help="Images per step (default per task: 128 AFC/NY, 64 CoCross, "
                                                "32 CAR and others)."),
     accumulate: int = typer.Option(1, "--accumulate", min=1,
-                                   help="Split each batch into this many micro-batches (same result, less "
-                                        "memory)."),
+                                   help="Split each batch into this many micro-batches: same result, less "
+                                        "memory, except where batch norm trains (fft on a CNN: statistics per "
+                                        "micro-batch; said in one line)."),
     seed: int = typer.Option(42, "--seed", help="Seed of head/adapter init, dropout and batch order."),
     augment: bool = typer.Option(False, "--augment", help="Random flips and small affine jitter (off: the "
                                                           "benchmark's setting)."),
@@ -97,6 +105,11 @@ def train(
     random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
     pixels: Path | None = typer.Option(None, "--pixels", help="Pixel cache (default: pixels.zarr beside the "
                                                               "manifest when it holds this input size)."),
+    inputs: str = typer.Option("auto", "--from", help="lp only: features (the head on exact stored features, "
+                                                      "same numbers) or images (through the backbone every "
+                                                      "epoch); auto: features unless --augment."),
+    features: Path | None = typer.Option(None, "--features", help="Feature store of --from features (default: "
+                                                                  "features.zarr beside the manifest)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder of run records (one JSON + folder per run)."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch progress."),
@@ -106,13 +119,17 @@ def train(
     Defaults, one per line (the benchmark's):
     - class-weighted cross-entropy; Adam; head LR grid 1e-2,1e-3,1e-4, one run each;
     - backbone LR 1e-5 (fft) or 1e-4 (lora, vera, bitfit, ia3); lp trains the head only;
-    - up to 1000 epochs; 50 warm-up epochs; LR x0.1 on a 25-epoch plateau (floor 1e-8);
-    - early stop after 100 epochs without a lower validation loss; the best epoch's weights are tested;
+    - up to 1000 epochs; 50 warm-up epochs; LR x0.1 (floor 1e-8) on the 26th epoch without a loss below the
+      plateau's best x (1 - 1e-4), counted after warm-up (PyTorch ReduceLROnPlateau);
+    - early stop after 100 epochs without a strictly lower validation loss; the best epoch's weights are tested;
     - MCC threshold from the same model's validation scores;
-    - few-shot: trains on the support set; validation = the fold's validation part less the support patients;
-    - frozen modules stay in eval mode; no augmentation; seed 42.
+    - few-shot: trains on the support set (from the fold's train part); validates on the fold's whole
+      validation part; folds whose validation part cannot validate are skipped;
+    - frozen modules and BitFit's batch norm stay in eval mode; no augmentation; seed 42.
+    lp without --augment trains every run's head at once on exact stored features (--from).
     Recorded runs in --out are read back; an interrupted run resumes from its last checkpoint.
-    Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes).
+    Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes); equal to one
+    process except where batch norm trains (fft on a CNN) without CUDA's synchronised batch norm.
     `featcache results` picks the head LR by mean validation loss.
     """
     if method not in METHODS:
@@ -141,7 +158,10 @@ def train(
                            shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
                            folds=_folds(fold), head_lrs=positive_floats(head_lr, "--head-lr"),
                            settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
-                           device=device, progress=lines, positive=positive)
+                           device=device, progress=lines, load_progress=lines.inputs, positive=positive,
+                           inputs=inputs, features=features,
+                           note=lambda line: console.print(f"[yellow]note[/] {line}", highlight=False)
+                           if rank0() else None)
     finally:
         lines.close()
     if not rank0():

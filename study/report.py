@@ -6,7 +6,9 @@ What it shows and how it chooses, stated again at the top of every report:
   patient-level bootstrap interval of the folds' pooled test predictions (MCC at each run's threshold, AP);
 - gradient-trained runs: per group, the head LR with the lowest mean validation loss
   (`records.select_head_lr`); test data never chooses;
-- few-shot: MCC at 0.5 against k, median and interquartile range over backbones, folds and draws;
+- few-shot: MCC at the validation threshold (as the tables) against k, median and interquartile range over
+  backbones, folds and draws; runs of the old few-shot rule (support sets from train + val) are left out of the
+  figure and counted in a line, never pooled with the current rule's;
 - runs made with random weights are marked in every table and figure title.
 """
 
@@ -36,6 +38,7 @@ from featcache.records import (
     select_head_lr,
     summarize_records,
 )
+from featcache.splits import SUPPORT_FROM
 from featcache.text import duration, plural
 from study.studyfile import Study
 
@@ -50,18 +53,29 @@ def is_random(record: RunRecord) -> bool:
                                                                                                    TINY_RANDOM)
 
 
+def _val_threshold(record: RunRecord) -> float | None:
+    value = record.metrics.get("val_threshold")
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
 def threshold(record: RunRecord) -> float:
-    """The threshold behind `mcc`: the validation-chosen one for full-data runs that have it, else 0.5."""
-    value = record.metrics.get("val_threshold") if record.regime == "full" else None
-    return 0.5 if value is None or not math.isfinite(float(value)) else float(value)
+    """The threshold behind `mcc`: the validation-chosen one where the run has it (full data and few-shot of
+    both stages), else 0.5 (few-shot probes of earlier versions had no validation part)."""
+    value = _val_threshold(record)
+    return 0.5 if value is None else value
 
 
 def mcc(record: RunRecord) -> float:
-    """MCC at the validation threshold for full-data runs that have one, else at 0.5."""
-    value = record.metrics.get("mcc_val_thr") if record.regime == "full" else None
+    """MCC at the validation threshold where the run has one, else at 0.5 (see `threshold`)."""
+    value = record.metrics.get("mcc_val_thr") if _val_threshold(record) is not None else None
     if value is None or not math.isfinite(float(value)):
         value = record.metrics.get("mcc")
     return math.nan if value is None else float(value)
+
+
+def at_half(records: Iterable[RunRecord]) -> int:
+    """How many runs have no validation threshold, so `mcc` is at 0.5 for them."""
+    return sum(_val_threshold(r) is None for r in records)
 
 
 def _order(methods: Iterable[str]) -> list[str]:
@@ -138,13 +152,20 @@ def _options_match(record: RunRecord, label: str) -> bool:
     return options_label(record.options) == label
 
 
+def lp_path(record: RunRecord) -> str:
+    """Which path trained a stage-2 run: ``features`` (LP on exact stored features) or ``images``."""
+    return str(record.provenance.get("trained_on", "images"))
+
+
 def compute_table(records: list[RunRecord]) -> tuple[list[list[str]], list[list[str]]]:
-    """Wall time by stage (runs, of them with random weights, total, mean per run), and per task x backbone
-    the cost ratio of the end-to-end LP to the cached probe where both ran (same regime: full data)."""
+    """Wall time by stage (runs, of them with random weights, total, mean per run; stage 2 split by what it
+    trained on), and per task x backbone the cost of the LP on images and on stored features against the
+    cached probe, where the probe and either LP ran (same regime: full data)."""
     by_stage: dict[str, list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.wall_time_s is not None:
-            by_stage["1 (cached probe)" if r.method == PROBE_METHOD else "2 (trained end to end)"].append(r)
+            by_stage["1 (cached probe)" if r.method == PROBE_METHOD else
+                     "2 (LP on stored features)" if lp_path(r) == "features" else "2 (trained end to end)"].append(r)
     stages = []
     for name, members in sorted(by_stage.items()):
         total = sum(r.wall_time_s or 0.0 for r in members)  # members all have one
@@ -153,14 +174,23 @@ def compute_table(records: list[RunRecord]) -> tuple[list[list[str]], list[list[
     pairs: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.regime == "full" and r.method in ("probe", "lp") and r.wall_time_s is not None:
-            pairs[r.task, r.backbone][r.method].append(r)
+            pairs[r.task, r.backbone]["probe" if r.method == "probe" else lp_path(r)].append(r)
     ratios = []
     for (task, backbone), runs in sorted(pairs.items()):
-        if runs["probe"] and runs["lp"]:
-            probe, lp = (float(np.mean([r.wall_time_s for r in runs[m]])) for m in ("probe", "lp"))
-            name = _backbone(backbone, runs["probe"] + runs["lp"])
-            ratios.append([task, name, duration(probe), duration(lp), f"{lp / probe:,.0f}×" if probe > 0 else "–"])
+        if runs["probe"] and (runs["images"] or runs["features"]):
+            mean = {m: float(np.mean([r.wall_time_s for r in runs[m]])) if runs[m] else None
+                    for m in ("images", "features")}
+            probe = float(np.mean([r.wall_time_s for r in runs["probe"]]))
+            name = _backbone(backbone, [r for m in runs.values() for r in m])
+            ratios.append([task, name, duration(probe),
+                           *(duration(v) if (v := mean[m]) is not None else "–" for m in ("images", "features")),
+                           *(_ratio(v / probe) if (v := mean[m]) is not None and probe > 0 else "–"
+                             for m in ("images", "features"))])
     return stages, ratios
+
+
+def _ratio(value: float) -> str:
+    return f"{value:,.0f}×" if value >= 10 else f"{value:.2g}×"
 
 
 def _backbone(name: str, records: Iterable[RunRecord]) -> str:
@@ -304,8 +334,10 @@ def fewshot_table(records: list[RunRecord]) -> list[list[Any]]:
 
 
 def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
-    """MCC at 0.5 against k per method (dashed: k per class per center): median line and interquartile band
-    (and bar) over draws and folds; the first panel pools every backbone, the others show one each."""
+    """MCC at the validation threshold (`mcc`, as the tables) against k per method (dashed: k per class per
+    center): median line and interquartile band (and bar) over draws and folds; the first panel pools every
+    backbone, the others show one each. Runs without a validation threshold are at 0.5, and the title says how
+    many."""
     plt = _pyplot()
     backbones = sorted({r.backbone for r in records})
     each = [(b, [r for r in records if r.backbone == b]) for b in backbones]
@@ -335,11 +367,12 @@ def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
         ax.set_xlabel("k (images per class)")
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
-        ax.set_ylabel("MCC at 0.5")
+        ax.set_ylabel("MCC at the validation threshold")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(_title(f"{task}: few-shot MCC against k, median and interquartile range over folds and draws",
-                        records))
+    half = at_half(records)
+    fig.suptitle(_title(f"{task}: few-shot MCC (validation threshold) against k, median and interquartile range "
+                        f"over folds and draws" + (f"; {half} runs without one at 0.5" if half else ""), records))
     labels: dict[str, Any] = {}  # every method and regime drawn in any panel, once
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -383,10 +416,11 @@ def write_report(results: str | Path, out: str | Path, study: Study | None = Non
         md += _cohort_section(study, sorted({r.task for r in everything}))
     md += ["How to read it: metrics are image-level, as the benchmark reported them (records also hold "
            "patient-level ones: `featcache results`). MCC is at the threshold chosen on held-out scores of the "
-           "tested model (full data; 0.5 where a run had none, and in few-shot); AP is average precision, the "
-           f"benchmark's PR-AUC. {NA}: a statistic that cannot be computed (a spread of one run; MCC where every "
-           "test image was called one class). Gradient-trained runs keep, per task x backbone x method x regime, "
-           "the head LR with the lowest mean validation loss; test data never chooses.", ""]
+           "tested model, in tables and figures, full data and few-shot (0.5 only where a run had none); AP is "
+           f"average precision, the benchmark's PR-AUC. {NA}: a statistic that cannot be computed (a spread of one "
+           "run; MCC where every test image was called one class). Gradient-trained runs keep, per task x "
+           "backbone x method x regime, the head LR with the lowest mean validation loss; test data never "
+           "chooses.", ""]
     if choices:
         md += ["<details><summary>Head-LR choices (by mean validation loss)</summary>", ""]
         md += [f"- {line}" for line in choices] + ["", "</details>", ""]
@@ -397,7 +431,11 @@ def write_report(results: str | Path, out: str | Path, study: Study | None = Non
         mine = [r for r in full if r.task == task]
         if mine:
             md += _full_section(task, mine, figures, report)
-        shots = [r for r in few if r.task == task]
+        shots = [r for r in few if r.task == task and r.support_from == SUPPORT_FROM]
+        if old := sum(r.task == task and r.support_from != SUPPORT_FROM for r in few):
+            md += [f"{old} few-shot runs of {task} were made under the old rule (support sets drawn from train + "
+                   "validation patients) and are left out: remake the splits (`featcache splits`) and rerun "
+                   "them.", ""]
         if shots:
             md += _fewshot_section(task, shots, figures, report)
     md += _compute_section(everything)
@@ -523,10 +561,12 @@ def _fewshot_section(task: str, records: list[RunRecord], figures: Path, report:
     path = fewshot_figure(task, records, figures / f"{task}_fewshot.png")
     report.figures.append(path)
     lines = ["### Few-shot", "",
-             *_table(("backbone", "method", "regime", "k", "runs", "MCC at 0.5, median (IQR)",
+             *_table(("backbone", "method", "regime", "k", "runs", "MCC, median (IQR)",
                       "AP, median (IQR)"), fewshot_table(records)), "",
              "Runs: folds x draws of the level (the head LR chosen on validation loss); median and interquartile "
-             "range over them.", "", f"![{task} few-shot]({path.relative_to(report.markdown.parent)})", ""]
+             "range over them. MCC at the validation threshold, as in the full-data table and the figure"
+             + (f" ({half} runs without one: at 0.5)" if (half := at_half(records)) else "") + ".", "",
+             f"![{task} few-shot]({path.relative_to(report.markdown.parent)})", ""]
     if len({r.backbone for r in records}) > 1 and not equal_runs(records):
         note = (f"{task}: the backbones have unequal numbers of few-shot runs, so no curve pools them; each "
                 "backbone has its own panel.")
@@ -576,6 +616,9 @@ def _compute_section(records: list[RunRecord]) -> list[str]:
              "Cached-probe times are each run's share of a batched solve on stored features; extracting the "
              "features (once per backbone) is not in the records and not in these numbers.", ""]
     if ratios:
-        lines += ["Cost of the end-to-end LP against the cached probe (full data, mean per run):", "",
-                  *_table(("task", "backbone", "cached probe", "end-to-end LP", "LP / probe"), ratios), ""]
+        lines += ["Cost of the benchmark's LP against the cached probe (full data, mean per run), through the "
+                  "backbone every epoch (images) and on exact stored features (features: same numbers, each "
+                  "run's share of one batched program, the extraction included):", "",
+                  *_table(("task", "backbone", "cached probe", "LP, images", "LP, features", "images / probe",
+                           "features / probe"), ratios), ""]
     return lines
