@@ -59,7 +59,8 @@ def synth_cohort(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynthCoho
         return Path(to) / manifest.name
 
     yield get
-    changed = [str(m.parent) for m, before in pristine.items() if _snapshot(m.parent) != before]
+    changed = {str(m.parent): sorted(set(now.items()) ^ set(before.items()))[:3]
+               for m, before in pristine.items() if (now := _snapshot(m.parent)) != before}
     assert not changed, f"a test wrote into shared synthetic cohorts {changed}; pass to=tmp_path for a copy"
 
 

@@ -36,10 +36,13 @@ def test_a_linear_probe_changes_the_head_only_and_keeps_batch_norm_fixed():
     assert all(m in frozen_modules(model) for m in norms)
 
 
-def test_bitfit_changes_biases_and_the_statistics_of_the_modules_it_trains():
-    names = mutable_names(_build(CNN, "bitfit"))
-    assert any(n.endswith("bn1.bias") for n in names) and any(n.endswith("bn1.running_mean") for n in names)
+def test_bitfit_changes_biases_and_keeps_batch_norm_beside_its_frozen_scale_fixed():
+    model = _build(CNN, "bitfit")
+    names = mutable_names(model)
+    assert any(n.endswith("bn1.bias") for n in names) and not any(n.endswith(STATISTICS) for n in names)
     assert not [n for n in names if n.endswith("weight") and "fc" not in n]  # no conv or norm weight
+    set_train_mode(model)
+    assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 def test_lora_wraps_the_backbone_and_the_head_is_found_under_peft():

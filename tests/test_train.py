@@ -43,9 +43,10 @@ FAMILIES = ("resnet18-tiny", "dinov2-s-tiny", "clip-l-tiny", "medclip-vit-tiny",
 
 
 @pytest.fixture(scope="module")
-def cohort(synth_cohort) -> Path:
-    """24 patients at 40 px, splits with 2 draws per level (shared: read-only)."""
-    return synth_cohort(patients=24, positive_rate=0.4, size=40, seed=3, draws=2, shots=(2, 4, 16))
+def cohort(synth_cohort, tmp_path_factory) -> Path:
+    """24 patients at 40 px, splits with 2 draws per level (this module's copy: LP runs cache features beside it)."""
+    return synth_cohort(patients=24, positive_rate=0.4, size=40, seed=3, draws=2, shots=(2, 4, 16),
+                        to=tmp_path_factory.mktemp("cohort"))
 
 
 def _train(cohort: Path, out: Path, model: str = "dinov2-s-tiny", method: str = "lora", **kwargs):
