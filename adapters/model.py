@@ -14,7 +14,7 @@ from torch import nn
 
 from adapters.classifier import Classifier
 from adapters.methods import Method, apply_method
-from featcache.backbones import BackboneSpec, build_backbone
+from featcache.backbones import BackboneSpec, build_backbone, count_parameters
 from featcache.errors import UsageError
 
 
@@ -67,6 +67,16 @@ def build_classifier(spec: BackboneSpec, method: Method, rank: int | None, *, we
         torch.manual_seed(seed)
         classifier = Classifier(backbone, n_out=2)
         return apply_method(classifier, method, rank)
+
+
+def counted_parameters(model: Classifier) -> tuple[int, int]:
+    """(trainable, total) parameters with the head counted as ONE logit, ``D + 1``: a two-logit softmax head has
+    one logit's freedom (only the logits' difference matters) and the stage-1 probe is one logit, so LP on
+    features, LP end to end and every method's head count alike in `adapters methods`, records and figures."""
+    trainable, total = count_parameters(model)
+    head = head_module(model)
+    extra = (head.out_features - 1) * (head.in_features + 1)
+    return trainable - extra, total - extra
 
 
 def head_module(model: Classifier) -> nn.Linear:

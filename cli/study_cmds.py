@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 
 from cli._common import new_app
-from cli.console import console
+from cli.console import console, plural
 from featcache.errors import StudyError
 from featcache.text import duration
 from study.grid import shipped_grids
@@ -146,7 +146,9 @@ def run_cmd(
             console.print(f"[{i + 1}/{n}] {batch.label}", markup=False, highlight=False)
             return
         console.print(f"    wrote {result.written}, {result.existing} already recorded, "
-                      f"{len(result.skipped)} levels skipped, {result.seconds:.1f} s", highlight=False)
+                      f"{plural(len(result.skipped), 'level')} skipped, {result.seconds:.1f} s", highlight=False)
+        for note in result.notes:
+            console.print(f"    {note}", markup=False, highlight=False)
 
     results, jobs = execute(batches, study, grid, executor=executor, wait=wait, progress=progress)
     if jobs:
@@ -157,7 +159,7 @@ def run_cmd(
             console.print(f"[yellow]skipped[/] {line}", highlight=False)
     if results:
         written = sum(r.written for r in results)
-        console.print(f"wrote {written:,} run records to {study.runs}; `featcache report` summarises them",
+        console.print(f"wrote {plural(written, 'run record')} to {study.runs}; `featcache report` summarises them",
                       highlight=False)
 
 

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from adapters.methods import DEFAULT_RANK, HEAD_LRS, METHODS, RANKED, RANKS, get_method
 from cli._common import rank0
-from cli.console import console, progress
+from cli.console import console, plural, progress
 from cli.probe_cmds import _mean_std, _shots, positive_floats
 from featcache.fileio import atomic_write
 
@@ -22,8 +22,9 @@ _HEAD_LRS = ",".join(f"{lr:.0e}".replace("e-0", "e-") for lr in HEAD_LRS)  # 1e-
 
 class _EpochLines:
     """Per-epoch progress of each run through the shared `progress` helper (a bar on a terminal; off a terminal
-    a plain line at most every few seconds): one bar per run, epochs done of the epoch limit, with the train and
-    validation loss and the best epoch as status. Quiet under ``--quiet`` and on ranks other than 0."""
+    a plain line at most every few seconds): the run's name on a line of its own, then epochs done of the epoch
+    limit with the validation loss and the best epoch, so each line fits 80 columns. Quiet under ``--quiet`` and
+    on ranks other than 0."""
 
     def __init__(self, quiet: bool):
         self.enabled = not quiet and rank0()
@@ -36,14 +37,15 @@ class _EpochLines:
             return
         if label != self.label:
             self.stack.close()
-            self.update = self.stack.enter_context(progress(label, total))
+            console.print(f"{label}:", highlight=False, markup=False)
+            self.update = self.stack.enter_context(progress("  epoch", total, unit="epoch"))
             self.label = label
         self.update(done, total, status=status)
         if status.startswith("done"):
             self.stack.close()
             self.label = None
             if console.is_terminal:  # the bar disappears; the plain log already has this line
-                console.print(f"{label}: {status}", highlight=False, markup=False)
+                console.print(f"  {status}", highlight=False, markup=False)
 
     def close(self) -> None:
         self.stack.close()
@@ -137,8 +139,10 @@ def train(
         return
     for line in report.skipped:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
+    for line in report.notes:
+        console.print(f"[yellow]note[/] {line}", highlight=False)
     console.print(_table(report.records, f"{task} · {model} · {method}"))
-    console.print(f"wrote {report.written} run records ({report.existing} already there) to {out}",
+    console.print(f"wrote {plural(report.written, 'run record')} ({report.existing} already there) to {out}",
                   highlight=False)
 
 
@@ -146,8 +150,8 @@ def _table(records, title: str) -> Table:
     """Mean ± std over folds (and draws) per level and head LR, with the validation loss that selects it."""
     from featcache.metrics import summarize
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, caption="MCC at the validation threshold; "
-                  "select the head LR by validation loss (`featcache results`), never by test scores")
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption="MCC at the validation threshold; pick the head LR\n"
+                  "by validation loss (`featcache results`), never by test scores")
     for name in ("regime", "k", "head LR", "runs", "val loss", "MCC", "AP", "best epoch", "trainable %"):
         table.add_column(name, justify="left" if name == "regime" else "right")
     groups: dict[tuple, list] = {}
@@ -159,7 +163,7 @@ def _table(records, title: str) -> Table:
                       _mean_std(summarize([r.training.get("val_loss") for r in runs])),
                       _mean_std(summarize([r.metrics.get("mcc_val_thr") for r in runs])),
                       _mean_std(summarize([r.metrics.get("average_precision") for r in runs])),
-                      _mean_std(summarize([r.training.get("best_epoch") for r in runs])), f"{share:.3f}")
+                      _mean_std(summarize([r.training.get("best_epoch") for r in runs]), integer=True), f"{share:.3f}")
     return table
 
 

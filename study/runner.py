@@ -102,6 +102,7 @@ def _run_stage2(batch: Batch, study: Study, grid: Grid, result: BatchResult) -> 
         result.written += report.written
         result.existing += report.existing
         result.skipped += [f"{entry.label}: {line}" for line in report.skipped]
+        result.notes += report.notes
 
 
 def run_batch(batch: Batch, study: Study, grid: Grid) -> BatchResult:

@@ -372,7 +372,7 @@ def test_cli_train_bitfit_then_results(cohort, tmp_path):
         "--fold", "fold0", "--max-epochs", "2", "--warmup", "1", "--head-lr", "1e-2", "--out",
         str(tmp_path), "--quiet", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "wrote 1 run records" in result.output
+    assert "wrote 1 run record (0 already there)" in result.output
     (record,) = load_records(tmp_path)
     assert record.method == "bitfit" and record.backbone == "resnet18-tiny"
 
