@@ -43,7 +43,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from adapters.artifacts import save_artifacts
+from adapters.artifacts import save_artifacts, save_seen
 from adapters.images import Images, load_images
 from adapters.methods import HEAD_LRS, Method
 from adapters.model import build_classifier
@@ -185,6 +185,7 @@ def _train_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator
     record = trainer.record(plan, weights)
     if accelerator.is_main_process:
         save_artifacts(accelerator.unwrap_model(trainer.ddp), plan.method, folder)
+        save_seen(folder, run.train, run.val)
         write_record(record, out)
         (folder / CHECKPOINT).unlink(missing_ok=True)
     accelerator.wait_for_everyone()

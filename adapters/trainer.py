@@ -23,6 +23,7 @@ from adapters.classifier import Classifier
 from adapters.images import Images
 from adapters.model import counted_parameters, frozen_modules, mutable_names, set_train_mode
 from adapters.plan import Run, TrainPlan
+from featcache.datasets import get_task
 from featcache.errors import RecordError, SplitError
 from featcache.fileio import atomic_write
 from featcache.metrics import evaluate
@@ -237,6 +238,7 @@ class Trainer:
         s_test, _ = self.scores("test")
         state, run = self.state, self.run
         test = list(run.test)
+        fingerprint = self.acc.unwrap_model(self.ddp).base_fingerprint
         return RunRecord(
             task=plan.task, backbone=plan.spec.name, method=plan.method.name, fold=run.fold,
             seed=plan.settings.seed, options=run.options, regime=run.regime, shots=run.shots, draw=run.draw,
@@ -254,6 +256,8 @@ class Trainer:
                         "images": self.images.source, "n_train": len(run.train), "n_val": len(run.val),
                         "trainable_share": self.trainable / self.total, "processes": self.acc.num_processes,
                         "device": self.acc.device.type, "threshold": "validation scores of the tested model",
+                        "positive_class": get_task(plan.task).positive,
+                        **({"base_fingerprint": fingerprint} if fingerprint else {}),
                         **({"drawn_patients": run.drawn} if run.drawn else {})},
         )
 

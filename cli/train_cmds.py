@@ -14,7 +14,7 @@ from rich.table import Table
 
 from adapters.methods import DEFAULT_RANK, HEAD_LRS, METHODS, RANKED, RANKS, get_method
 from cli._common import rank0
-from cli.console import console, plural, progress
+from cli.console import console, err_console, plural, progress
 from cli.probe_cmds import _mean_std, _shots, positive_floats
 from featcache.fileio import atomic_write
 
@@ -171,38 +171,71 @@ def predict(
     run: Path = typer.Option(..., "--run", help="A run folder (RUNS/<key>) or its record RUNS/<key>.json."),
     manifest: Path = typer.Option(..., "--manifest", help="Manifest of the images to score."),
     out: Path | None = typer.Option(None, "--out", help="CSV to write (default: print)."),
+    exclude_seen: bool = typer.Option(False, "--exclude-seen", help="Leave out the images the run trained or "
+                                                                    "validated on."),
     weights: Path | None = typer.Option(None, "--weights", help="Backbone weights (default: as trained)."),
     pixels: Path | None = typer.Option(None, "--pixels", help="Pixel cache (default: beside the manifest)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
 ) -> None:
-    """Score new images with a trained run: positive-class probability per image."""
+    """Score images with a trained run: the probability of the positive class per image, in a column named
+    after that class (score_<class>). Warns when it scores images the run trained or validated on."""
     from adapters.artifacts import predict as score
 
-    rows = score(run, manifest, weights=weights, pixels=pixels, device=device)
+    with ExitStack() as stack:
+        bars: dict[str, object] = {}
+
+        def follow(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                stack.close()
+                bars.clear()
+                bars[stage] = stack.enter_context(progress(stage, total, unit="image", out=err_console))
+            bars[stage](done, total)
+
+        made = score(run, manifest, weights=weights, pixels=pixels, device=device, exclude_seen=exclude_seen,
+                     progress=follow)
+    _say_seen(made, exclude_seen)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["image_id", "score"],
+    writer = csv.DictWriter(buffer, fieldnames=list(made.rows[0]) if made.rows else ["image_id", made.column],
                             lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(made.rows)
     if out is None:
         sys.stdout.write(buffer.getvalue())
         return
     atomic_write(out, buffer.getvalue().encode("utf-8"))
-    console.print(f"scored {len(rows)} images → {out}", highlight=False)
+    err_console.print(f"scored {plural(len(made.rows), 'image')} → {out} ({made.column}: probability of "
+                      f"{made.column.removeprefix('score_')})", highlight=False, markup=False)
+
+
+def _say_seen(made, excluded: bool) -> None:
+    """One line on stderr about scored images the run had seen (never silent: they flatter its scores)."""
+    if made.seen is None:
+        err_console.print("note: this run folder does not list its training images; cannot tell whether any "
+                          "scored image was seen in training", markup=False, highlight=False)
+        return
+    train, val = made.seen["train"], made.seen["val"]
+    if excluded and made.dropped:
+        err_console.print(f"left out {plural(made.dropped, 'image')} the run trained ({train}) or validated "
+                          f"({val}) on", markup=False, highlight=False)
+    elif train or val:
+        err_console.print(f"warning: {train} of these images trained this run and {val} validated it; their "
+                          "scores are not held-out (--exclude-seen leaves them out)", markup=False, highlight=False)
 
 
 def export(
     run: Path = typer.Option(..., "--run", help="A run folder (RUNS/<key>) or its record."),
     out: Path = typer.Option(..., "--out", help="Folder to write."),
-    merge: bool = typer.Option(False, "--merge", help="Fold LoRA/IA3/VeRA into the backbone (merge_and_unload) "
-                                                      "and write one model.safetensors."),
+    merge: bool = typer.Option(False, "--merge", help="Fold LoRA/IA3/VeRA into the backbone and write it for its "
+                                                      "own library (timm, transformers), with the head, the "
+                                                      "input rules and a plain predict.py."),
     weights: Path | None = typer.Option(None, "--weights", help="Backbone weights (default: as trained)."),
 ) -> None:
-    """Hand over a trained run: the adapter as saved, or with --merge one plain model file."""
+    """Hand over a trained run: the adapter as saved, or with --merge a model its library loads by itself."""
     from adapters.artifacts import export_merged
 
     folder = export_merged(run, out, merge, weights)
-    console.print(f"exported {run} → {folder}{' (merged)' if merge else ''}", highlight=False)
+    console.print(f"exported {run} → {folder}{' (merged; see predict.py there)' if merge else ''}",
+                  highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

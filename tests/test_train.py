@@ -233,16 +233,16 @@ def test_adapter_loads_with_plain_peft_and_merge_equals_unmerged(cohort, tmp_pat
     merged = load_export(tmp_path / "merged")
     with torch.no_grad():
         np.testing.assert_allclose(merged(x).softmax(1)[:, 1].numpy(), ours.numpy(), atol=1e-5)
-    rows = predict(folder, cohort, device="cpu")
-    by_id = {r["image_id"]: r["score"] for r in rows}
+    made = predict(folder, cohort, device="cpu")
+    by_id = {r["image_id"]: r[made.column] for r in made.rows}
     np.testing.assert_allclose([by_id[i] for i in record.test_ids], record.test_scores, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["bitfit", "fft", "ia3"])
 def test_saved_weights_reproduce_the_record(cohort, tmp_path, method):
     record = _train(cohort, tmp_path, "resnet18-tiny", method).records[0]
-    rows = predict(tmp_path / record.key, cohort, device="cpu")
-    by_id = {r["image_id"]: r["score"] for r in rows}
+    made = predict(tmp_path / record.key, cohort, device="cpu")
+    by_id = {r["image_id"]: r[made.column] for r in made.rows}
     np.testing.assert_allclose([by_id[i] for i in record.test_ids], record.test_scores, atol=1e-5)
 
 
