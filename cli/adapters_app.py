@@ -11,6 +11,7 @@ from adapters.methods import DEFAULT_RANK, RANKED
 from cli import train_cmds
 from cli._common import new_app, run_app
 from cli.console import console
+from cli.train_cmds import lr_text
 from featcache.backbones import get_spec
 from featcache.errors import FeatcacheError
 
@@ -55,7 +56,7 @@ def methods(
         modules = sum(len(v) for v in match_targets(base.backbone.model, tuple(targets)).values())
         what = " ".join(targets) or {"none": "head only", "all": "everything", "bias": "biases"}[method.trains]
         table.add_row(method.name, what, str(modules) if targets else "-", f"{trainable:,}",
-                      f"{100 * trainable / total:.3f}", str(method.backbone_lr or "-"))
+                      f"{100 * trainable / total:.3f}", lr_text(method.backbone_lr) if method.backbone_lr else "-")
     console.print(table)
     for note in notes:
         console.print(f"[dim]n/a: {note}[/]", highlight=False)

@@ -18,7 +18,13 @@ from cli.console import console, err_console, plural, progress
 from cli.probe_cmds import _mean_std, _shots, positive_floats
 from featcache.fileio import atomic_write
 
-_HEAD_LRS = ",".join(f"{lr:.0e}".replace("e-0", "e-") for lr in HEAD_LRS)  # 1e-2,1e-3,1e-4
+
+def lr_text(lr: float) -> str:
+    """A learning rate as people write it: 1e-4, not 0.0001 or 1e-04."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+_HEAD_LRS = ",".join(lr_text(lr) for lr in HEAD_LRS)  # 1e-2,1e-3,1e-4
 
 class _EpochLines:
     """Per-epoch progress of each run through the shared `progress` helper (a bar on a terminal; off a terminal

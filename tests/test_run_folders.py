@@ -10,6 +10,7 @@ import json
 import os
 import re
 import runpy
+import subprocess
 import sys
 import threading
 import time
@@ -207,22 +208,25 @@ def test_damaged_artefacts_are_one_line_in_predict_and_export(cohort, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_export_to_a_read_only_folder_is_one_line_and_leaves_nothing(cohort, tmp_path):
+def test_export_to_a_read_only_folder_is_one_line_and_leaves_nothing(cohort, tmp_path, monkeypatch):
+    import errno
+
+    import featcache.fileio
+
     record = _train(cohort, tmp_path / "runs", "resnet18-tiny", "bitfit").records[0]
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        for merge in (False, True):
-            with pytest.raises(WriteError, match="cannot write"):
-                export_merged(tmp_path / "runs" / record.key, locked / "out", merge=merge)
-        assert not list(locked.iterdir())
-    finally:
-        locked.chmod(0o755)
+
+    def read_only(*_args):  # what a read-only file system answers (also to root, unlike a chmod)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    for merge in (False, True):
+        with monkeypatch.context() as patch:
+            patch.setattr(featcache.fileio.os, "replace", read_only)
+            with pytest.raises(WriteError, match="cannot write, read-only file system"):
+                export_merged(tmp_path / "runs" / record.key, tmp_path / "new" / "out", merge=merge)
+        assert not (tmp_path / "new").exists()  # no empty --out (nor its new parent) left behind
     with pytest.raises(RecordError):
         export_merged(tmp_path / "nothing", tmp_path / "fresh" / "out", merge=True)
-    assert not (tmp_path / "fresh").exists()  # a refused export leaves no empty --out
+    assert not (tmp_path / "fresh").exists()
 
 
 # ---------------------------------------------------------------------------------------------- claims
@@ -252,3 +256,57 @@ def test_two_requests_on_one_folder_share_the_runs(cohort, tmp_path):
     report = done["report"]
     assert report.written == 1 and report.existing == 1
     assert np.allclose(next(r for r in report.records if r.key == keys[0]).test_scores, mine.test_scores)
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def test_exit_is_quiet_while_zarrs_io_thread_is_busy(tmp_path):
+    """zarr's exit hook waits 0.2 s for its IO thread and then closes the running loop ("Cannot close a
+    running event loop", seen under load after extract and probe); ours stops the thread first."""
+    script = tmp_path / "busy.py"
+    script.write_text(
+        "import asyncio, time\nimport featcache.store\nfrom zarr.core import sync\n"
+        "async def busy():\n    time.sleep(0.6)\n"
+        "asyncio.run_coroutine_threadsafe(busy(), sync._get_loop())\ntime.sleep(0.05)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_plain_tables_have_no_rules_and_no_trailing_blanks():
+    from rich.table import Table
+
+    from cli.console import make_console
+
+    out = io.StringIO()
+    table = Table(title="t")
+    table.add_column("method")
+    table.add_column("trainable", justify="right")
+    table.add_row("lp", "17")
+    make_console(plain=True, file=out).print(table)
+    lines = out.getvalue().splitlines()
+    assert not re.search("[─━│┃┏┗╇]", out.getvalue())
+    assert all(line == line.rstrip() for line in lines) and any(line.startswith("lp") for line in lines)
+
+
+def test_missing_splits_suggest_a_command_that_succeeds(cohort, tmp_path):
+    import shutil
+
+    from cli.featcache_app import app as featcache_app
+    from featcache.errors import SplitError
+    from featcache.splits import load_splits
+
+    with pytest.raises(SplitError, match="SYNN is neither a dataset task .* nor a column of"):
+        load_splits(cohort, "SYNN")
+    copy = tmp_path / "c"
+    shutil.copytree(cohort.parent, copy)
+    manifest = copy / cohort.name
+    lines = manifest.read_text().splitlines()
+    lines = [lines[0] + ",OUTCOME"] + [f"{line},{'DEAD' if n % 3 else 'ALIVE'}" for n, line in enumerate(lines[1:])]
+    manifest.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SplitError) as refused:
+        load_splits(manifest, "OUTCOME")
+    command = re.search(r"`featcache (splits .*?)`", str(refused.value)).group(1).replace("VALUE", "DEAD")
+    result = CliRunner().invoke(featcache_app, command.split())
+    assert result.exit_code == 0, result.output
