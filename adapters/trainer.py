@@ -27,7 +27,7 @@ from featcache.datasets import get_task
 from featcache.errors import RecordError, SplitError
 from featcache.fileio import atomic_write
 from featcache.metrics import evaluate
-from featcache.records import RunRecord
+from featcache.records import HEAD_COUNT, RunRecord
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -256,7 +256,7 @@ class Trainer:
                         "images": self.images.source, "n_train": len(run.train), "n_val": len(run.val),
                         "trainable_share": self.trainable / self.total, "processes": self.acc.num_processes,
                         "device": self.acc.device.type, "threshold": "validation scores of the tested model",
-                        "positive_class": get_task(plan.task).positive,
+                        "positive_class": get_task(plan.task).positive, "head_count": HEAD_COUNT,
                         **({"base_fingerprint": fingerprint} if fingerprint else {}),
                         **({"drawn_patients": run.drawn} if run.drawn else {})},
         )

@@ -151,6 +151,13 @@ def test_one_trainable_count_for_lp_everywhere(cohort, tmp_path):
     from featcache.backbones import build_backbone, count_parameters
 
     assert record.total_params == count_parameters(build_backbone("resnet18-tiny").model)[1] + dim + 1
+    from featcache.records import RunRecord
+
+    older = record.to_dict()  # a record from before: both logits counted, no head_count
+    older["provenance"] = {k: v for k, v in older["provenance"].items() if k != "head_count"}
+    older["trainable_params"], older["total_params"] = 2 * dim + 2, record.total_params + dim + 1
+    migrated = RunRecord.from_dict(older)
+    assert (migrated.trainable_params, migrated.total_params) == (record.trainable_params, record.total_params)
 
 
 # ---------------------------------------------------------------------------------------------- damage
@@ -303,7 +310,9 @@ def test_missing_splits_suggest_a_command_that_succeeds(cohort, tmp_path):
     shutil.copytree(cohort.parent, copy)
     manifest = copy / cohort.name
     lines = manifest.read_text().splitlines()
-    lines = [lines[0] + ",OUTCOME"] + [f"{line},{'DEAD' if n % 3 else 'ALIVE'}" for n, line in enumerate(lines[1:])]
+    at = lines[0].split(",").index(TASK)  # a column of one's own, per patient as a real label is
+    lines = [lines[0] + ",OUTCOME"] + [f"{line},{'DEAD' if line.split(',')[at] == 'DEATH' else 'ALIVE'}"
+                                       for line in lines[1:]]
     manifest.write_text("\n".join(lines) + "\n")
     with pytest.raises(SplitError) as refused:
         load_splits(manifest, "OUTCOME")
