@@ -398,6 +398,8 @@ def predict(run: str | Path, manifest: str | Path, *, weights: str | Path | None
     decoding = (lambda done, total: progress("decoding", done, total)) if progress is not None else None
     images = load_images(the_manifest, ids, pre, pixels, progress=decoding)
     scores = []
+    if progress is not None:
+        progress("scoring", 0, len(images.ids))
     for rows in torch.arange(len(images.ids)).split(batch_size):
         with torch.autocast(target.type, dtype=torch.bfloat16, enabled=target.type == "cuda"):
             scores.append(model(images.batch(rows, pre, target)).float().softmax(1)[:, 1].cpu())

@@ -235,8 +235,8 @@ def _say_seen(made, excluded: bool) -> None:
         err_console.print(f"left out {plural(made.dropped, 'image')} the run trained ({train}) or validated "
                           f"({val}) on", markup=False, highlight=False)
     elif train or val:
-        err_console.print(f"warning: {train} of these images trained this run and {val} validated it; their "
-                          "scores are not held-out (--exclude-seen leaves them out)", markup=False, highlight=False)
+        err_console.print(f"warning: {plural(train + val, 'image')} seen in training ({train} train, {val} val), "
+                          "see --exclude-seen", markup=False, highlight=False)
 
 
 def export(

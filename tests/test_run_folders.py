@@ -133,7 +133,8 @@ def test_predict_names_its_class_and_counts_seen_images(cohort, tmp_path):
     result = CliRunner().invoke(adapters_app, ["predict", "--run", str(folder), "--manifest", str(cohort),
                                                "--device", "cpu", "--out", str(tmp_path / "s.csv")])
     assert result.exit_code == 0, result.output
-    assert f"warning: {made.seen['train']} of these images trained this run and {made.seen['val']}" in result.output
+    seen_line = f"warning: {made.seen['train'] + made.seen['val']} images seen in training ({made.seen['train']} train"
+    assert seen_line in result.output
     assert "scoring:" in result.output  # progress, on stderr (stdout may be the CSV)
     assert (tmp_path / "s.csv").read_text().splitlines()[0] == f"image_id,patient_id,score_DEATH,{TASK}"
 

@@ -345,7 +345,7 @@ def test_bad_input_is_one_line(cohort, tmp_path):
         _train(cohort, tmp_path, "resnet18-tiny", "vera")
     with pytest.raises(SplitError, match="fold0 k=16: .*class 1 .positive. has 8 patients"):
         _train(cohort, tmp_path, method="lp", full=False, shots=(16,))
-    with pytest.raises(SplitError, match="featcache splits"):
+    with pytest.raises(SplitError, match="SYN_missing is neither a dataset task .* nor a column"):
         run_train(cohort, "SYN_missing", "dinov2-s-tiny", method="lp", out=tmp_path)
     copy = tmp_path / "c"
     shutil.copytree(cohort.parent, copy)
