@@ -30,6 +30,7 @@ from featcache.metrics import evaluate
 from featcache.records import HEAD_COUNT, RunRecord
 
 CHECKPOINT = "checkpoint.pt"
+_CHECKPOINT_PARTS = {"model", "optimizer", "plateau", "state", "rng", "cuda_rng"}
 
 TrainProgress = Callable[[str, int, int, str], None]  # (run label, epochs done, max epochs, status line)
 
@@ -137,7 +138,7 @@ class Trainer:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - zero bytes, truncation, garbage: all the same to a cache
             raise DamagedCheckpoint(path, f"unreadable ({type(err).__name__})") from None
-        if not isinstance(saved, dict) or not {"model", "optimizer", "plateau", "state", "rng"} <= set(saved):
+        if not isinstance(saved, dict) or not _CHECKPOINT_PARTS <= set(saved):
             raise DamagedCheckpoint(path, "not a checkpoint of this toolkit")
         current = self.acc.unwrap_model(self.ddp).state_dict()
         model = saved["model"]
