@@ -22,6 +22,7 @@ from adapters.artifacts import export_merged, load_export, load_model, predict
 from adapters.classifier import Classifier
 from adapters.images import load_images
 from adapters.methods import METHODS, apply_method
+from adapters.model import counted_parameters, head_module
 from adapters.plan import TrainSettings, planned_keys
 from adapters.train import run_train
 from adapters.trainer import CHECKPOINT
@@ -82,7 +83,8 @@ def test_every_method_trains_exactly_what_it_declares(cohort, tmp_path, model):
         assert head & changed, method
         if method == "lp":
             assert not stats  # a frozen backbone keeps its batch-norm statistics
-        assert record.trainable_params == count_parameters(fresh)[0]
+        assert record.trainable_params == counted_parameters(fresh)[0] == count_parameters(fresh)[0] - (
+            head_module(fresh).in_features + 1)  # the head counted as one logit
 
 
 def _closed_form(model: str, method: str, r: int = 8) -> int:
