@@ -31,13 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.artifacts import save_artifacts
+from adapters.artifacts import check_run_folder, save_artifacts, save_seen
 from adapters.classifier import Classifier
-from adapters.model import build_classifier, frozen_modules, head_module, set_train_mode
+from adapters.model import build_classifier, counted_parameters, frozen_modules, head_module, set_train_mode
 from adapters.plan import Run, TrainPlan
-from adapters.train import _check_folder
 from adapters.trainer import TrainProgress, _State, batches, class_weights, run_record
-from featcache.backbones import count_parameters
 from featcache.device import resolve_device
 from featcache.errors import ImageError, StoreError, UsageError
 from featcache.extract import RowJob, run_rows
@@ -368,9 +366,11 @@ class HeadsProgram:
 
 def train_heads(plan: TrainPlan, runs: Sequence[Run], out: Path, *, weights: str | Path | None = None,
                 random_init: bool = False, store: str | Path | None = None, device: str = "auto",
-                progress: TrainProgress | None = None, load_progress: Progress | None = None) -> list[RunRecord]:
+                progress: TrainProgress | None = None, load_progress: Progress | None = None,
+                notes: list[str] | None = None) -> list[RunRecord]:
     """Train ``runs`` (of one request, not yet recorded) on exact features in one stacked program; write each
-    run's folder, head and record as the image path does, and return the records."""
+    run's folder, head and record as the image path does, and return the records (damaged run folders are
+    named in ``notes``, as the image path names them)."""
     started = time.perf_counter()
     target = resolve_device(device)
     model = build_classifier(plan.spec, plan.method, plan.rank, weights=weights, random_init=random_init,
@@ -379,8 +379,9 @@ def train_heads(plan: TrainPlan, runs: Sequence[Run], out: Path, *, weights: str
     if problem is not None:
         raise UsageError(f"--from features: {problem}, so stored features would not be the trained ones; "
                          "use --from images")
+    notes = [] if notes is None else notes
     for run in runs:
-        _check_folder(out / run.key, run, plan)
+        check_run_folder(out / run.key, run, plan, notes)
     ids = sorted({i for run in runs for i in run.train + run.val + run.test})
     x, where = exact_features(plan, ids, model, weights=weights, random_init=random_init, store=store,
                               device=target, progress=load_progress)
@@ -389,7 +390,7 @@ def train_heads(plan: TrainPlan, runs: Sequence[Run], out: Path, *, weights: str
     program = HeadsProgram(plan, runs, data, head_module(model), target)
     program.fit(progress, f"{len(runs)} {plan.method.name} runs on stored features")
     seconds = time.perf_counter() - started
-    trainable, total = count_parameters(model)
+    trainable, total = counted_parameters(model)
     head = head_module(model)
     records = []
     for i, run in enumerate(runs):
@@ -405,6 +406,7 @@ def train_heads(plan: TrainPlan, runs: Sequence[Run], out: Path, *, weights: str
             head.weight.copy_(program.best_weight[i])
             head.bias.copy_(program.best_bias[i])
         save_artifacts(model, plan.method, out / run.key)
+        save_seen(out / run.key, run.train, run.val)
         write_record(record, out)
         records.append(record)
     return records

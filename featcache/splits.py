@@ -30,6 +30,7 @@ from featcache import datasets
 from featcache.errors import ManifestError, SplitError
 from featcache.fileio import atomic_write
 from featcache.manifest import load_manifest
+from featcache.tasks import splits_path
 
 SHOTS = (2, 4, 8, 16, 32)
 CENTER_SHOTS = (2, 4, 8, 16)
@@ -663,14 +664,6 @@ def _check_draw(ids: Sequence[str], k: int, per_center: bool, where: str, cohort
 # --- persistence next to the manifest -------------------------------------------------------------------
 
 
-def splits_path(manifest_path: str | Path, task: str) -> Path:
-    """``<manifest dir>/<manifest stem>.splits/<task>.json``."""
-    if not task or any(sep in task for sep in ("/", "\\")) or task.startswith("."):
-        raise SplitError(f"task key {task!r} cannot name a split file")
-    manifest_path = Path(manifest_path)
-    return manifest_path.parent / f"{manifest_path.stem}.splits" / f"{task}.json"
-
-
 def save_splits(splits: Splits, manifest_path: str | Path) -> Path:
     """Write the split file atomically (temp file in the same folder, then rename); returns its path."""
     path = splits_path(manifest_path, splits.task)
@@ -721,6 +714,25 @@ def _remake(path: Path, old: dict, manifest: str | Path | None) -> str:
     words += [f"{flag} {old[name]}" for flag, name in (("--draws", "draws"), ("--seed", "seed"))
               if old.get(name) is not None]
     return f"`featcache splits --manifest {manifest} {' '.join(words)}`"
+
+
+def _how_to_make(manifest_path: str | Path, task: str) -> str:
+    """The `featcache splits` command that would make the missing splits (one that itself succeeds), or why no
+    command would: a task that is neither a dataset spec's nor a two-class column of the manifest."""
+    try:
+        datasets.get_task(task)
+        return f"make them with {_command(manifest_path, task)}"
+    except ManifestError:
+        pass
+    manifest = load_manifest(manifest_path)
+    if task in manifest.columns:
+        values = sorted({v for v in manifest.column(task) if v})
+        if len(values) == 2:
+            return (f"make them with `featcache splits --manifest {manifest_path} --task {task} --positive VALUE`, "
+                    f"VALUE its positive class ({values[0]} or {values[1]})")
+        return f"column {task} holds {len(values)} distinct values; a task needs exactly two"
+    return (f"{task} is neither a dataset task ({', '.join(datasets.list_tasks())}) nor a column of "
+            f"{manifest_path}; check --task")
 
 
 def build_splits(
@@ -776,7 +788,7 @@ def load_splits(manifest_path: str | Path, task: str) -> Splits:
     file fails :func:`check_splits` against the manifest (a hand edit that would leak test patients)."""
     path = splits_path(manifest_path, task)
     if not path.is_file():
-        raise SplitError(f"{path}: no splits for task {task}; make them with {_command(manifest_path, task)}")
+        raise SplitError(f"{path}: no splits for task {task}; {_how_to_make(manifest_path, task)}")
     stat = path.stat()
     splits = _read_unchanged(path.resolve(), stat.st_size, stat.st_mtime_ns, str(manifest_path))
     if splits.task != task:

@@ -78,7 +78,8 @@ def test_features_path_writes_what_predict_reads_and_skips_recorded_runs(cohort,
     program = report.records[0].provenance["program"]
     assert program["runs"] == 4 and program["seconds"] >= program["extract_s"] > 0
     record = report.records[0]
-    scored = {row["image_id"]: row["score"] for row in predict(tmp_path / record.key, cohort, device="cpu")}
+    made = predict(tmp_path / record.key, cohort, device="cpu")
+    scored = {row["image_id"]: row[made.column] for row in made.rows}
     assert np.allclose([scored[i] for i in record.test_ids], record.test_scores, atol=1e-6)
     again = run_train(cohort, TASK, "resnet18-tiny", method="lp", settings=SHORT, folds=["fold0", "fold1"],
                       head_lrs=(1e-2, 1e-3), out=tmp_path, device="cpu")

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import study.report as report_module
 from cli.featcache_app import app as featcache_app
 from featcache.errors import RecordError
-from featcache.records import RunRecord, write_record
+from featcache.records import HEAD_COUNT, RunRecord, write_record
 from study.report import write_report
 
 PRETRAINED = "hf:timm/resnet18@abc/model.safetensors"
@@ -28,7 +28,8 @@ def _record(backbone: str, method: str, fold: int, mcc: float, ap: float, *, wei
         metrics={"mcc_val_thr": mcc if regime == "full" else None, "mcc": mcc, "average_precision": ap,
                  "val_threshold": 0.4 if regime == "full" else None},
         support_from=None if regime == "full" else support_from,
-        wall_time_s=wall, trainable_params=trainable, total_params=total, provenance={"weights": weights},
+        wall_time_s=wall, trainable_params=trainable, total_params=total,
+        provenance={"weights": weights, "head_count": HEAD_COUNT},  # counted as the trainer counts (one logit)
         training={} if val_loss is None else {"val_loss": val_loss, "best_epoch": 3},
     )
 

@@ -112,7 +112,7 @@ def test_weights_policy_per_backbone_through_an_alias(tmp_path, monkeypatch):
 def test_aliases_resolve_and_are_listed():
     assert get_spec("medclip").name == "medclip-vit" and get_spec("medclip-tiny").name == "medclip-vit-tiny"
     lines = CliRunner().invoke(featcache_app, ["models"]).output.splitlines()
-    row = next(i for i, line in enumerate(lines) if line.startswith("│ medclip-vit "))
+    row = next(i for i, line in enumerate(lines) if line.startswith("medclip-vit "))
     assert "(alias: medclip)" in lines[row + 1]
 
 
