@@ -68,8 +68,9 @@ def test_saved_files_rebuild_the_trained_model(trained, method):
     if method == "bitfit":
         state = backbone_module(model).state_dict()
         assert all(torch.equal(state[n], t) for n, t in load_file(out / key / WEIGHTS).items())
-    scores = [row["score"] for row in predict(out / key, manifest, device="cpu")]
-    assert scores == [row["score"] for row in predict(out / f"{key}.json", manifest, device="cpu")]
+    made = predict(out / key, manifest, device="cpu")
+    scores = [row[made.column] for row in made.rows]
+    assert scores == [row[made.column] for row in predict(out / f"{key}.json", manifest, device="cpu").rows]
     assert len(scores) == len(set(scores)) > 1  # a model, not a constant
 
 

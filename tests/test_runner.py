@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import study.runner as runner
+from adapters.train import TrainReport
 from featcache.errors import StudyError, UsageError
 from study.expand import Entry, expand, parse_only
 from study.grid import load_grid
@@ -129,7 +130,7 @@ def test_a_failing_entry_is_one_line_and_the_others_still_run(tiny, monkeypatch)
         if kwargs["method"] == "lora":
             raise ValueError("out of memory\nsecond line")
         trained.append(kwargs["method"])
-        return SimpleNamespace(written=1, existing=0, skipped=[])
+        return TrainReport(written=1)
 
     monkeypatch.setattr(runner, "run_train", fake_train)
     batches = make_batches(plan(study, grid, entries), runs_per_task=2)
