@@ -39,6 +39,7 @@ import torch
 from accelerate import Accelerator
 
 from adapters.artifacts import save_artifacts
+from adapters.classifier import Classifier
 from adapters.images import Images, load_images
 from adapters.methods import HEAD_LRS, Method
 from adapters.model import build_classifier
@@ -60,6 +61,7 @@ class TrainReport:
     written: int = 0
     existing: int = 0
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the runs were trained, where it is worth a line
 
 
 def _check_folder(folder: Path, run: Run, plan: TrainPlan) -> None:
@@ -110,6 +112,14 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str | Meth
     ids = sorted({i for run in todo for i in run.train + run.val + run.test})
     images = load_images(the_plan.manifest, ids, the_plan.spec.preprocess, pixels, progress=load_progress)
     accelerator = _accelerator(device)
+    if the_plan.settings.pack > 1 and len(todo) > 1:
+        from adapters.packed import train_packed
+
+        records, notes = train_packed(the_plan, todo, images, out, accelerator, weights, random_init, progress)
+        report.records += records
+        report.written += len(records)
+        report.notes += notes
+        return report
     for run in todo:
         report.records.append(_train_run(the_plan, run, images, out, accelerator, weights, random_init, progress))
         report.written += 1
@@ -123,21 +133,36 @@ def _accelerator(device: str) -> Accelerator:
 
 def _train_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator: Accelerator,
                weights: str | Path | None, random_init: bool, progress: TrainProgress | None) -> RunRecord:
+    torch.manual_seed(plan.settings.seed)
+    settings = plan.settings
+    model = build_classifier(plan.spec, plan.method, plan.rank, weights=weights, random_init=random_init,
+                             seed=settings.seed, grad_ckpt=settings.grad_ckpt, dropout=settings.adapter_dropout)
+    trainer = start_run(plan, run, model, images, out, accelerator)
+    trainer.fit(progress)
+    return end_run(trainer, out, weights)
+
+
+def start_run(plan: TrainPlan, run: Run, model: Classifier, images: Images, out: Path,
+              accelerator: Accelerator) -> Trainer:
+    """A run's trainer on its checked folder, resumed from its checkpoint where there is one."""
     folder = out / run.key
     if accelerator.is_main_process:
         _check_folder(folder, run, plan)
     accelerator.wait_for_everyone()
-    torch.manual_seed(plan.settings.seed)
-    settings = plan.settings
-    model = build_classifier(plan.spec, plan.method, plan.rank, weights=weights, random_init=random_init,
-                             seed=settings.seed, grad_ckpt=settings.grad_ckpt)
     trainer = Trainer(plan, run, model, images, folder, accelerator)
     trainer.resume()
-    trainer.fit(progress)
-    record = trainer.record(plan, weights)
+    return trainer
+
+
+def end_run(trainer: Trainer, out: Path, weights: str | Path | None, **provenance: object) -> RunRecord:
+    """A fitted run's record (``provenance`` added to it), artefacts and cleanup: the record last, so a
+    recorded run is a finished one."""
+    record = trainer.record(trainer.plan, weights)
+    record.provenance.update(provenance)
+    accelerator = trainer.acc
     if accelerator.is_main_process:
-        save_artifacts(accelerator.unwrap_model(trainer.ddp), plan.method, folder)
+        save_artifacts(accelerator.unwrap_model(trainer.ddp), trainer.plan.method, trainer.folder)
         write_record(record, out)
-        (folder / CHECKPOINT).unlink(missing_ok=True)
+        (trainer.folder / CHECKPOINT).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return record

@@ -83,6 +83,11 @@ def train(
     grad_ckpt: bool = typer.Option(False, "--grad-ckpt", help="Gradient checkpointing (large ViTs on a GPU)."),
     checkpoint_every: float = typer.Option(60.0, "--checkpoint-every", min=0.0,
                                            help="Seconds between resumable checkpoints (0: every epoch)."),
+    adapter_dropout: float | None = typer.Option(None, "--adapter-dropout", min=0.0, max=0.99,
+                                                 help="LoRA/VeRA dropout (default 0.1, the benchmark's; 0 lets "
+                                                      "--pack be exact)."),
+    pack: int = typer.Option(1, "--pack", min=1, help="Train this many runs together in one batched pass "
+                                                      "(same records; halves itself when out of GPU memory)."),
     weights: Path | None = typer.Option(None, "--weights", help="Weights file or folder."),
     random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
     pixels: Path | None = typer.Option(None, "--pixels", help="Pixel cache (default: pixels.zarr beside the "
@@ -102,7 +107,8 @@ def train(
     - few-shot: trains on the support set; validation = the fold's validation part less the support patients;
     - frozen modules stay in eval mode; no augmentation; seed 42.
     Recorded runs in --out are read back; an interrupted run resumes from its last checkpoint.
-    Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes).
+    Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes), or pack
+    many small runs into one pass with --pack N (exact where no dropout or training batch norm is active).
     `featcache results` picks the head LR by mean validation loss.
     """
     if method not in METHODS:
@@ -120,7 +126,7 @@ def train(
     settings = TrainSettings(max_epochs=max_epochs, patience=patience, warmup=warmup,
                              plateau_patience=plateau_patience, batch_size=batch_size, accumulate=accumulate,
                              seed=seed, backbone_lr=backbone_lr, augment=augment, grad_ckpt=grad_ckpt,
-                             checkpoint_every_s=checkpoint_every)
+                             checkpoint_every_s=checkpoint_every, adapter_dropout=adapter_dropout, pack=pack)
     if random_init and rank0():
         console.print("[yellow]random-init: real architecture with random weights (recorded in each run)[/]")
     lines = _EpochLines(quiet)
@@ -136,6 +142,8 @@ def train(
         return
     for line in report.skipped:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
+    for line in report.notes:
+        console.print(line, highlight=False, markup=False)
     console.print(_table(report.records, f"{task} · {model} · {method}"))
     console.print(f"wrote {report.written} run records ({report.existing} already there) to {out}",
                   highlight=False)
