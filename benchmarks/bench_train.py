@@ -61,7 +61,7 @@ def trainer(manifest: Path, model: str, method: str, batch: int) -> Trainer:
     """A `Trainer` whose training part is exactly one batch, so one epoch = one optimiser step."""
     real = not model.endswith("-tiny")
     settings = TrainSettings(batch_size=batch, warmup=0, checkpoint_every_s=1e9)
-    rank = 8 if method in ("lora", "vera") else None
+    rank = METHODS[method].rank_for(None)
     the_plan = plan(manifest, "SYN", model, method=method, rank=rank, settings=settings, random_init=real,
                     device="cpu")
     ids = load_manifest(manifest).labels("SYN")[0]
@@ -78,7 +78,7 @@ def trainer(manifest: Path, model: str, method: str, batch: int) -> Trainer:
 def hand_loop(t: Trainer, model: str, method: str):
     """The same model and batch in the fewest lines of torch + peft: one closure per step."""
     spec = get_spec(model)
-    net = build_classifier(spec, METHODS[method], 8 if method in ("lora", "vera") else None,
+    net = build_classifier(spec, METHODS[method], METHODS[method].rank_for(None),
                            random_init=not model.endswith("-tiny"))
     head = {id(p) for p in net.head_parameters()}
     body = [p for p in net.parameters() if p.requires_grad and id(p) not in head]

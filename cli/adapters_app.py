@@ -7,6 +7,7 @@ import copy
 import typer
 from rich.table import Table
 
+from adapters.methods import DEFAULT_RANK, RANKED
 from cli import train_cmds
 from cli._common import new_app, run_app
 from cli.console import console
@@ -20,7 +21,7 @@ app = new_app("Stage 2: fine-tune backbones end to end (FFT, LoRA, VeRA, BitFit,
 @app.command("methods")
 def methods(
     model: str = typer.Option(..., "--model", help="Backbone name (add -tiny for the tiny random variant)."),
-    rank: int = typer.Option(8, "--rank", min=1, help="LoRA/VeRA rank."),
+    rank: int = typer.Option(DEFAULT_RANK, "--rank", min=1, help=f"{'/'.join(RANKED)} rank."),
 ) -> None:
     """Show what each method trains on MODEL: the modules it targets and its trainable parameters.
 

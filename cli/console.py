@@ -29,7 +29,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from featcache.text import clock
+from featcache.text import clock, plural  # noqa: F401 - plural: the CLI modules import it from here
 
 PLAIN_ENV = "FEATCACHE_PLAIN"
 PLAIN_WIDTH = 4096  # wide enough that no line or table is ever wrapped in a log; tables keep their own width
@@ -158,8 +158,3 @@ def progress(label: str, total: int | None = None, *, enabled: bool = True, plai
 
 def error_line(message: str) -> None:
     err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """'1 error', '2 errors' (``many`` for irregular plurals)."""
-    return f"{n} {word if n == 1 else many or word + 's'}"

@@ -10,6 +10,7 @@ from rich import box
 from rich.table import Table
 
 from cli._common import check_choice
+from cli._study import given, settings_line
 from cli.console import console, plural, progress
 from featcache import datasets
 from featcache.errors import SplitError
@@ -96,7 +97,8 @@ def probe(
     weights: Path | None = typer.Option(None, "--weights", help="Features extracted with these weights."),
     random_init: bool = typer.Option(False, "--random-init", help="Features extracted with random weights."),
     dtype: str | None = typer.Option(None, "--dtype", help="Features stored as float16 or float32."),
-    select: str = typer.Option("mcc", "--select", help="Metric that chooses C: mcc (at 0.5) or average_precision."),
+    select: str = typer.Option("mcc", "--select", help="Metric that chooses C: mcc (at 0.5) or average_precision "
+                                                    "(alias pr_auc)."),
     solver: str = typer.Option("torch", "--solver", help="torch (batched Newton) or sklearn (reference)."),
     c_grid: str | None = typer.Option(None, "--c-grid", help="Values of C to choose from, comma-separated "
                                       "(default: 13 log-spaced values 1e-4..1e2)."),
@@ -118,14 +120,18 @@ def probe(
     - few-shot MCC threshold 0.5 (the balanced-weight decision point).
     Runs already recorded in --out are read back, not refitted.
     """
-    if full and (shots is not None or draws is not None or per_center):
+    if full and (shots is not None or (draws is not None and given("draws")) or per_center):
         raise typer.BadParameter("--full excludes --shots, --draws and --per-center", param_hint="--full")
-    from featcache.probe import SELECT, SOLVERS, ProbeOptions, run_probe  # torch and scikit-learn: load on use
+    draws = None if full else draws  # a study grid's draws are for few-shot levels
+    if (line := settings_line(("draws", "view", "select", "c_grid", "refit"))) is not None:
+        console.print(line, markup=False, highlight=False)
+    # torch and scikit-learn: load on use
+    from featcache.probe import SELECT, SELECT_ALIASES, SOLVERS, ProbeOptions, run_probe
 
     if positive is not None:
         datasets.task_for(load_manifest(manifest), task, positive)
     grid = positive_floats(c_grid, "--c-grid")
-    options = ProbeOptions(select=check_choice(select, SELECT, "--select"),
+    options = ProbeOptions(select=check_choice(SELECT_ALIASES.get(select.lower(), select), SELECT, "--select"),
                            solver=check_choice(solver, SOLVERS, "--solver"), refit=refit, device=device,
                            **({"grid": grid} if grid else {}))
     with progress("probing levels") as update:

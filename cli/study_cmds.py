@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 
 from cli._common import new_app
-from cli.console import console
+from cli.console import console, plural
 from featcache.errors import StudyError
 from featcache.text import duration
 from study.grid import shipped_grids
@@ -27,6 +27,8 @@ def _study() -> Study:
 def init(
     manifest: str | None = typer.Option(None, "--manifest", help="Manifest of the study (relative to here)."),
     task: list[str] = typer.Option([], "--task", help="Task key; repeat for several."),
+    positive: list[str] = typer.Option([], "--positive", help="Positive class of a --task that is a two-class "
+                                       "column of your own manifest (one per --task, in order)."),
     model: str | None = typer.Option(None, "--model", help="Default backbone of single commands."),
     grid: str = typer.Option("smoke", "--grid", help=f"Grid: {', '.join(shipped_grids())}, or a grid file."),
     weights: list[str] = typer.Option([], "--weights", help="BACKBONE=PATH or BACKBONE=random-init; repeat."),
@@ -39,8 +41,19 @@ def init(
         if not sep or not name.strip() or not value.strip():
             raise typer.BadParameter(f"{item!r}: give BACKBONE=PATH or BACKBONE=random-init", param_hint="--weights")
         policy[name.strip()] = value.strip()
+    if positive and len(positive) != len(task):
+        raise typer.BadParameter(f"{len(positive)} --positive for {len(task)} --task; give one per task, in order",
+                                 param_hint="--positive")
+    positives = dict(zip(task, positive, strict=True)) if positive else {}
+    if manifest and Path(manifest).is_file():  # a column or class that is not there: one line now, not later
+        from featcache import datasets
+        from featcache.manifest import load_manifest
+
+        loaded = load_manifest(manifest)
+        for key in task:
+            datasets.task_for(loaded, key, positives.get(key))
     path = write_study(Path.cwd(), manifest=manifest, tasks=tuple(task), model=model, grid=grid, weights=policy,
-                       force=force)
+                       positives=positives, force=force)
     console.print(f"wrote {path}; edit it, then `featcache study plan`", highlight=False)
 
 
@@ -52,11 +65,12 @@ def plan_cmd(
     """Print the grid's runs per stage and method, what already has a record, and the cost of the rest
     (from the wall times measured in existing records)."""
     from study.expand import expand, parse_only
-    from study.plan import estimate, plan
+    from study.plan import estimate, plan, runnable
     study = _study()
     grid = study.grid()
     entries, left_out = expand(study, grid, parse_only(only))
     with console.status("matching the grid against the records"):
+        entries, impossible = runnable(study, grid, entries)
         rows = plan(study, grid, entries)
         costs = estimate(rows, study.runs)
     title = f"{study.name} · grid {grid.name} · {len(entries)} entries · records in {study.runs}"
@@ -92,9 +106,10 @@ def plan_cmd(
                       f"makes splits and features first), e.g. {inexact[0].entry.label}: {inexact[0].note}",
                       markup=False, highlight=False)
     _print_excluded(left_out, excluded)
+    _print_excluded(impossible, excluded, "levels that cannot run, excluded")
 
 
-def _print_excluded(left_out: list, every: bool) -> None:
+def _print_excluded(left_out: list, every: bool, what: str = "entries excluded") -> None:
     if not left_out:
         return
     if every:
@@ -104,7 +119,7 @@ def _print_excluded(left_out: list, every: bool) -> None:
     by_reason: dict[str, list] = defaultdict(list)
     for item in left_out:
         by_reason[item.reason].append(item.entry)
-    console.print(f"{len(left_out)} entries excluded (--excluded lists each):", highlight=False)
+    console.print(f"{len(left_out)} {what} (--excluded lists each):", highlight=False)
     for reason, members in by_reason.items():
         what = " · ".join(_span(label, [getattr(e, attr) for e in members]) for label, attr in
                           (("methods", "variant"), ("backbones", "backbone"), ("tasks", "task"), ("levels", "level")))
@@ -123,11 +138,15 @@ def run_cmd(
                                  "(submitit LocalExecutor: subprocesses), slurm (submitit job arrays)."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for submitted jobs and report them; "
                                                              "--no-wait returns once they are submitted."),
+    keep_going: bool = typer.Option(True, "--keep-going/--stop-on-error",
+                                    help="An entry that fails is listed at the end and the others run (exit "
+                                         "status 1 if any failed); --stop-on-error stops at the first."),
 ) -> None:
     """Run what the grid lacks: per backbone, extract once then every probe; then every training entry. Runs
-    already recorded are skipped, so a killed study restarted runs only the missing keys."""
+    already recorded are skipped, so a killed study restarted runs only the missing keys. Few-shot levels that
+    no fold can draw are excluded (listed at the end), not errors."""
     from study.expand import expand, parse_only
-    from study.plan import plan
+    from study.plan import plan, runnable
     from study.runner import ensure_splits, execute, make_batches
     study = _study()
     grid = study.grid()
@@ -135,20 +154,24 @@ def run_cmd(
     for line in ensure_splits(study, grid, {e.task for e in entries}):
         console.print(line, highlight=False)
     with console.status("matching the grid against the records"):
+        entries, impossible = runnable(study, grid, entries)
         rows = plan(study, grid, entries)
     batches = make_batches(rows, int(study.executor.get("runs_per_task", 1)))
     done = sum(r.planned for r in rows if r.exact and r.missing == 0)
-    console.print(f"{len(entries)} entries ({len(left_out)} excluded); {len(batches)} batches to run, "
+    console.print(f"{plural(len(entries), 'entry', 'entries')} ({len(left_out)} excluded by the grid, "
+                  f"{len(impossible)} cannot run); {plural(len(batches), 'batch', 'batches')} to run, "
                   f"{done:,} runs already recorded", highlight=False)
 
     def progress(i: int, n: int, result, batch) -> None:
         if result is None:
             console.print(f"[{i + 1}/{n}] {batch.label}", markup=False, highlight=False)
             return
+        failed = f", {len(result.failed)} failed" if result.failed else ""
         console.print(f"    wrote {result.written}, {result.existing} already recorded, "
-                      f"{len(result.skipped)} levels skipped, {result.seconds:.1f} s", highlight=False)
+                      f"{len(result.skipped)} levels skipped{failed}, {result.seconds:.1f} s", highlight=False)
 
-    results, jobs = execute(batches, study, grid, executor=executor, wait=wait, progress=progress)
+    results, jobs = execute(batches, study, grid, executor=executor, wait=wait, keep_going=keep_going,
+                            progress=progress)
     if jobs:
         console.print(f"submitted {len(jobs)} {executor} jobs ({', '.join(jobs[:5])}{' ...' if len(jobs) > 5 else ''});"
                       f" logs in {study.root / 'jobs'}", highlight=False)
@@ -157,8 +180,16 @@ def run_cmd(
             console.print(f"[yellow]skipped[/] {line}", highlight=False)
     if results:
         written = sum(r.written for r in results)
-        console.print(f"wrote {written:,} run records to {study.runs}; `featcache report` summarises them",
-                      highlight=False)
+        console.print(f"wrote {plural(written, 'run record')} to {study.runs}; `featcache report` summarises "
+                      "them", highlight=False)
+    for item in impossible:
+        console.print(f"not run (cannot run) {item.entry.label}: {item.reason}", markup=False, highlight=False)
+    failed = [line for r in results for line in r.failed]
+    if failed:
+        console.print(f"{plural(len(failed), 'entry', 'entries')} failed; the others ran:", highlight=False)
+        for line in failed:
+            console.print(f"  failed {line}", markup=False, highlight=False)
+        raise typer.Exit(1)
 
 
 def report(
@@ -169,7 +200,11 @@ def report(
     loss, patient-level 95 % intervals), box plots, MCC against trainable share, few-shot curves, compute."""
     from study.report import write_report
 
-    made = write_report(results, out)
+    found = find_study()
+    study = load_study(found) if found is not None else None
+    if study is not None and study.runs is not None and Path(results).resolve() != study.runs:
+        study = None  # records of elsewhere: the study's cohort and grid say nothing about them
+    made = write_report(results, out, study)
     for note in made.notes:
         console.print(f"[dim]{note}[/]", highlight=False)
     console.print(f"wrote {made.markdown} ({made.records} records, {len(made.figures)} figures in "

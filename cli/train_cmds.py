@@ -12,12 +12,15 @@ import typer
 from rich import box
 from rich.table import Table
 
-from adapters.methods import HEAD_LRS, METHODS, get_method
+from adapters.methods import DEFAULT_RANK, HEAD_LRS, METHODS, RANKED, RANKS, get_method
 from cli._common import rank0
+from cli._study import given, grid_train_extras, settings_line
 from cli.console import console, progress
 from cli.probe_cmds import _mean_std, _shots, positive_floats
 from featcache.fileio import atomic_write
 
+_SETTINGS = ("fold", "draws", "head_lr", "max_epochs", "patience", "warmup", "plateau_patience", "batch_size",
+             "accumulate", "seed", "backbone_lr", "augment")  # what `settings_line` accounts for
 _HEAD_LRS = ",".join(f"{lr:.0e}".replace("e-0", "e-") for lr in HEAD_LRS)  # 1e-2,1e-3,1e-4
 
 class _EpochLines:
@@ -49,6 +52,11 @@ class _EpochLines:
         self.stack.close()
 
 
+def _folds(text: str) -> list[str] | None:
+    """``--fold``: None for all, else the comma-separated fold names."""
+    return None if text.strip() == "all" else [f.strip() for f in text.split(",") if f.strip()]
+
+
 def train(
     method: str = typer.Option(..., "--method", help=f"One of {', '.join(METHODS)}."),
     model: str = typer.Option(..., "--model", help="Backbone (`featcache models`; -tiny for the tiny variant)."),
@@ -56,8 +64,9 @@ def train(
     manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest; its splits must exist."),
     positive: str | None = typer.Option(None, "--positive", help="Positive class of a two-class column of your "
                                                                  "own (as for `featcache splits`)."),
-    rank: int | None = typer.Option(None, "--rank", help="LoRA/VeRA rank (default 8; benchmark: 4, 8, 16)."),
-    fold: str = typer.Option("all", "--fold", help="Fold name (fold0, center-A, ...) or all."),
+    rank: int | None = typer.Option(None, "--rank", help=f"{'/'.join(RANKED)} rank (default {DEFAULT_RANK}; "
+                                                         f"benchmark: {', '.join(map(str, RANKS))})."),
+    fold: str = typer.Option("all", "--fold", help="Fold name(s), comma-separated (fold0, center-A, ...), or all."),
     full: bool = typer.Option(False, "--full", help="Full data (the default when --shots is not given)."),
     shots: str | None = typer.Option(None, "--shots", help="Few-shot k per class, e.g. 16 or 2,4,8."),
     draws: int | None = typer.Option(None, "--draws", min=1, help="Draws per few-shot level (default 10)."),
@@ -113,7 +122,7 @@ def train(
     """
     if method not in METHODS:
         raise typer.BadParameter(f"{method!r}: choose from {', '.join(METHODS)}", param_hint="--method")
-    if full and (shots is not None or draws is not None or per_center):
+    if full and (shots is not None or (draws is not None and given("draws")) or per_center):
         raise typer.BadParameter("--full excludes --shots, --draws and --per-center", param_hint="--full")
     if random_init and weights is not None:
         raise typer.BadParameter("--weights and --random-init exclude each other")
@@ -126,14 +135,17 @@ def train(
     settings = TrainSettings(max_epochs=max_epochs, patience=patience, warmup=warmup,
                              plateau_patience=plateau_patience, batch_size=batch_size, accumulate=accumulate,
                              seed=seed, backbone_lr=backbone_lr, augment=augment, grad_ckpt=grad_ckpt,
-                             checkpoint_every_s=checkpoint_every, adapter_dropout=adapter_dropout, pack=pack)
+                             checkpoint_every_s=checkpoint_every, adapter_dropout=adapter_dropout, pack=pack,
+                             **grid_train_extras())
+    if rank0() and (line := settings_line(_SETTINGS)) is not None:
+        console.print(line, markup=False, highlight=False)
     if random_init and rank0():
         console.print("[yellow]random-init: real architecture with random weights (recorded in each run)[/]")
     lines = _EpochLines(quiet)
     try:
         report = run_train(manifest, task, model, method=get_method(method), rank=rank, full=shots is None,
                            shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
-                           folds=None if fold == "all" else [fold], head_lrs=positive_floats(head_lr, "--head-lr"),
+                           folds=_folds(fold), head_lrs=positive_floats(head_lr, "--head-lr"),
                            settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
                            device=device, progress=lines, positive=positive)
     finally:

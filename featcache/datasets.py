@@ -30,7 +30,7 @@ import pydicom
 import yaml
 from pydicom.errors import InvalidDicomError
 
-from featcache.errors import ManifestError, UsageError
+from featcache.errors import FeatcacheError, ManifestError, UsageError
 from featcache.manifest import (
     BBOX_COLUMNS,
     DATA_ROOTS_VAR,
@@ -368,9 +368,10 @@ def get_task(key: str) -> TaskSpec:
     spec = _spec_task(key) or _ADHOC.get(key)
     if spec is None:
         raise ManifestError(
-            f"unknown task {key!r} (dataset spec tasks: {', '.join(list_tasks())}); to use a two-class column "
-            f"{key!r} of your manifest pass --positive VALUE (its positive class), or define the task in a "
-            f"dataset YAML in a folder named by ${ENV_VAR}"
+            f"unknown task {key!r} (dataset spec tasks: {', '.join(list_tasks())}); a two-class column {key!r} "
+            f"of your manifest is a task once its positive class is declared: `featcache splits --task {key} "
+            f"--positive VALUE` (the split file keeps it), `tasks: {{{key}: {{positive: VALUE}}}}` in study.yaml, "
+            f"or a dataset YAML in a folder named by ${ENV_VAR}"
         )
     return spec
 
@@ -378,7 +379,8 @@ def get_task(key: str) -> TaskSpec:
 def task_for(manifest: Manifest, key: str, positive: str | None = None) -> TaskSpec:
     """The task ``key`` on ``manifest``, for every command that takes ``--task`` (and ``--positive``).
 
-    Without ``positive``: a dataset spec's task (or one already made in this process). With it: the spec's
+    Without ``positive``: a dataset spec's task, one already made in this process, or the one the task's split
+    file records (its classes, written by ``featcache splits --positive``). With it: the spec's
     task if ``key`` is one and ``positive`` is its positive class, else an ad-hoc task on the manifest's column
     ``key``, which must hold exactly two values (empty cells are unlabelled): ``positive`` is class 1, the
     other class 0, cross-validated 5-fold by patient. The ad-hoc task is registered for this process, so
@@ -391,9 +393,29 @@ def task_for(manifest: Manifest, key: str, positive: str | None = None) -> TaskS
         raise UsageError(f"task {key} is defined in {get_dataset(spec.dataset).file} with positive class "
                          f"{spec.positive!r}, not {positive!r}; drop --positive, or name a column of your own")
     if positive is None:
-        return get_task(key)
+        if key in _ADHOC:
+            return _ADHOC[key]
+        recorded = _split_classes(manifest, key)
+        if recorded is None:
+            return get_task(key)
+        positive = recorded[1]
     _ADHOC[key] = adhoc_task(manifest, key, positive)
     return _ADHOC[key]
+
+
+def _split_classes(manifest: Manifest, key: str) -> tuple[str, ...] | None:
+    """The (negative, positive) classes the task's split file beside ``manifest`` records, if it has one: a task
+    declared once (``featcache splits --task X --positive V``) is known from then on to every command."""
+    from featcache.splits import read_splits, splits_path  # splits imports this module
+
+    try:
+        path = splits_path(manifest.path, key)
+    except FeatcacheError:
+        return None
+    if not path.is_file():
+        return None
+    classes = read_splits(path).classes
+    return classes if len(classes) == 2 else None
 
 
 def adhoc_task(manifest: Manifest, column: str, positive: str) -> TaskSpec:

@@ -51,6 +51,8 @@ FIXED_C = 1.0
 INNER_FOLDS = 4
 INNER_CV_MIN = 8
 SELECT = ("mcc", "average_precision")
+SELECT_ALIASES = {"pr_auc": "average_precision", "pr-auc": "average_precision", "ap": "average_precision"}  # the
+# benchmark's name for average precision is PR-AUC
 SOLVERS = ("torch", "sklearn")
 TIE = 1e-9  # metric values this close are a tie (exact ties of MCC at 0.5 are the common case)
 THRESHOLD_RULES = {

@@ -18,3 +18,8 @@ def clock(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 error', '2 errors' (``many`` for irregular plurals)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"

@@ -14,9 +14,6 @@ unset FEATCACHE_STUDY  # the study is the one made below
 rm -rf "$OUT" && mkdir -p "$OUT" && cd "$OUT"
 fc synth --out cohort --patients 60 --positive-rate 0.5 --centers 3 --images-per-patient 1 1
 fc init --manifest cohort/manifest.csv --task SYN --model medclip --weights medclip=random-init --grid smoke
-# The demo's one real-size training stays short: one fold, one head LR, one epoch (--help has the benchmark's).
-sed -i.bak 's/^  train: {}.*/  train: {fold: fold0, head_lr: "1e-3", max_epochs: 1, warmup: 0}/' study.yaml
-rm -f study.yaml.bak
 fc manifest validate                  # the study's manifest
 fc study plan                         # the smoke grid: runs per stage, nothing recorded yet
 fc study run                          # splits, features once per backbone, every probe, BitFit and LoRA
@@ -25,7 +22,10 @@ fc study plan                         # now everything is recorded; a rerun woul
 # The three commands users type, verbatim: the study supplies manifest, task, model, store, weights, records.
 fc extract --model medclip            # medclip -> medclip-vit, random-init as study.yaml states
 fc probe --shots 16
-ad train --method bitfit
+# Inside a study, `adapters train` takes the grid's folds, draws, head LRs and schedule; flags override them
+# (its first line says which came from where). The demo's one real-size training stays short: one head LR,
+# one epoch.
+ad train --method bitfit --head-lr 1e-3 --max-epochs 1 --warmup 0
 fc results                            # every record -> runs/results.csv
 fc report                             # report/report.md and report/figures/*.png
 echo "Demo done: study file $OUT/study.yaml, records in $OUT/runs/, report in $OUT/report/report.md"

@@ -13,10 +13,8 @@ from featcache.backbones import get_spec
 from featcache.datasets import get_task
 from featcache.errors import FeatcacheError, UsageError
 from featcache.records import PROBE_METHOD, method_variant
-from study.grid import Grid
+from study.grid import FIELDS, Grid
 from study.studyfile import Study
-
-FIELDS = ("stage", "backbone", "task", "method", "rank", "regime", "k")
 
 
 @dataclass(frozen=True, order=True)
@@ -97,10 +95,10 @@ def method_excluded(backbone: str, method: str) -> str | None:
     return None
 
 
-def _levels(grid: Grid, task: str) -> Iterable[tuple[str, int | None, str | None]]:
+def _levels(study: Study, grid: Grid, task: str) -> Iterable[tuple[str, int | None, str | None]]:
     """(regime, k, why not) per level of a task; per-center levels are listed only to be excluded where the
     dataset has no centers."""
-    spec = get_task(task)
+    spec = study.task_spec(task)
     if grid.full:
         yield "full", None, None
     for k in grid.shots:
@@ -116,7 +114,7 @@ def expand(study: Study, grid: Grid, only: dict[str, str] | None = None) -> tupl
     excluded: list[Excluded] = []
     reasons = {(b, m): method_excluded(b, m) for b in grid.backbones for m in grid.methods}
     for task in study.grid_tasks(grid):
-        levels = list(_levels(grid, task))
+        levels = list(_levels(study, grid, task))
         for backbone in grid.backbones:
             for method in grid.methods:
                 for rank in grid.ranks if method in RANKED else (None,):

@@ -21,6 +21,7 @@ from featcache.records import PROBE_METHOD
 
 GRID_DIR = Path(__file__).resolve().parent.parent / "data_manifests" / "grids"  # beside the dataset specs
 GRID_METHODS = (PROBE_METHOD, *METHODS)  # stage 1's cached probe, then the method table's order
+FIELDS = ("stage", "backbone", "task", "method", "rank", "regime", "k")  # what `--only` and `exclude` match
 
 # ---------------------------------------------------------------------------------------------------- the grid
 
@@ -110,7 +111,7 @@ def _exclusion(item: Any, file: Path) -> Exclusion:
     if not isinstance(item, dict) or not item.get("reason"):
         raise StudyError(f"{file}: grid.exclude: each entry is a mapping of fields to match plus a 'reason'")
     match = {k: str(v) for k, v in item.items() if k != "reason"}
-    unknown_keys(match, {"backbone", "method", "task", "regime", "rank"}, file, "grid.exclude")
+    unknown_keys(match, set(FIELDS), file, "grid.exclude")
     return Exclusion(match, str(item["reason"]))
 
 

@@ -15,7 +15,8 @@ from adapters.plan import TrainSettings, planned_keys
 from featcache.errors import FeatcacheError, StudyError
 from featcache.probe import run_probe
 from featcache.records import load_records
-from study.expand import Entry, expected_runs
+from featcache.splits import CENTER_SHOTS, DRAWS, SHOTS, Splits, build_splits, load_splits, splits_path
+from study.expand import Entry, Excluded, expected_runs
 from study.grid import Grid
 from study.studyfile import Study
 
@@ -25,6 +26,63 @@ def task_manifest(study: Study, task: str) -> Path:
     if path is None:
         raise StudyError(f"{study.path}: no manifest for task {task}; set `manifest:` or `manifests: {{{task}: ...}}`")
     return path
+
+
+def split_options(grid: Grid) -> dict[str, Any]:
+    """How a study makes a task's splits: the default levels and draws, plus whatever its grid asks for."""
+    return dict(shots=sorted(set(SHOTS) | set(grid.shots)),
+                center_shots=sorted(set(CENTER_SHOTS) | set(grid.center_shots)),
+                draws=max(DRAWS, grid.draws, grid.train_draws))
+
+
+def task_splits(study: Study, grid: Grid, task: str) -> Splits:
+    """The task's persisted splits, or (before `study run` saves them) the same splits made in memory."""
+    manifest = task_manifest(study, task)
+    if splits_path(manifest, task).is_file():
+        return load_splits(manifest, task)
+    return build_splits(manifest, task, **split_options(grid))
+
+
+def runnable(study: Study, grid: Grid, entries: list[Entry]) -> tuple[list[Entry], list[Excluded]]:
+    """The entries that can run, and the few-shot levels that cannot: no fold the entry uses (every fold for
+    probes, the grid's `train_folds` for training) can draw k patients per class (per center). Each excluded
+    level's reason names a fold and the class short of patients. Tasks whose splits cannot be made yet are
+    left to the plan, which says why."""
+    splits: dict[str, Splits | None] = {}
+    kept: list[Entry] = []
+    excluded: list[Excluded] = []
+    for entry in entries:
+        if entry.shots is None:
+            kept.append(entry)
+            continue
+        if entry.task not in splits:
+            try:
+                splits[entry.task] = task_splits(study, grid, entry.task)
+            except FeatcacheError:
+                splits[entry.task] = None
+        made = splits[entry.task]
+        why = None if made is None else _undrawable(made, grid, entry)
+        if why:
+            excluded.append(Excluded(entry, why))
+        else:
+            kept.append(entry)
+    return kept, excluded
+
+
+def _undrawable(splits: Splits, grid: Grid, entry: Entry) -> str | None:
+    """Why no fold of ``entry`` can draw its k, or None where one can."""
+    kind = "fewshot_center" if entry.regime == "fewshot-center" else "fewshot"
+    names = set(grid.train_folds) if entry.stage == 2 and grid.train_folds else set(splits.fold_names)
+    folds = [f for f in splits.folds if f.name in names]
+    if not folds or not all(entry.shots in f.skipped[kind] for f in folds):
+        return None
+    first, *others = folds
+    why = f"no fold can draw k={entry.shots}: {first.skipped[kind][entry.shots]}"
+    if others:
+        why += f"; likewise {', '.join(f.name for f in others)}"
+    if splits.classes:
+        why += f" (positive class {splits.classes[1]})"
+    return why
 
 
 def weights_kwargs(study: Study, backbone: str) -> dict[str, Any]:

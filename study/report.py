@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from adapters.methods import method_order
+from adapters.methods import HEAD_LRS, method_order
+from adapters.plan import TrainSettings
 from featcache.backbones.weights import RANDOM_INIT, TINY_RANDOM
-from featcache.errors import RecordError
+from featcache.errors import FeatcacheError, RecordError
 from featcache.fileio import atomic_write
 from featcache.records import (
     PROBE_METHOD,
@@ -35,7 +36,8 @@ from featcache.records import (
     select_head_lr,
     summarize_records,
 )
-from featcache.text import duration
+from featcache.text import duration, plural
+from study.studyfile import Study
 
 RANDOM_MARK = "random weights"
 FIGURE_DPI = 150
@@ -67,10 +69,27 @@ def _order(methods: Iterable[str]) -> list[str]:
     return sorted(set(methods), key=lambda v: (-1 if v == PROBE_METHOD else method_order(v), v))
 
 
+NA = "n/a"  # a statistic that cannot be computed (one run has no spread; one class predicted has no MCC)
+
+
 def _fmt(mean: float, std: float) -> str:
     if not math.isfinite(mean):
-        return "–"
-    return f"{mean:.3f}" if not math.isfinite(std) else f"{mean:.3f} ± {std:.3f}"
+        return NA
+    return f"{mean:.3f} ± {NA}" if not math.isfinite(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def one_class_called(records: Iterable[RunRecord]) -> bool:
+    """Whether every test image of these runs was called the same class: MCC is then undefined (recorded as 0)."""
+    calls = {bool(score >= threshold(r)) for r in records for score in r.test_scores}
+    return len(calls) == 1
+
+
+def _median_iqr(values: Sequence[float]) -> str:
+    finite = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if not finite.size:
+        return NA
+    q1, med, q3 = np.percentile(finite, [25, 50, 75])
+    return f"{med:.3f} ({q1:.3f}–{q3:.3f})"
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -100,7 +119,7 @@ def full_table(records: list[RunRecord]) -> list[dict[str, Any]]:
         members = [r for r in records if (r.task, r.backbone, r.method) == (row["task"], row["backbone"],
                                                                             row["method"])
                    and r.regime == "full" and _options_match(r, row["options"])]
-        values = np.array([mcc(r) for r in members])
+        values = np.array([math.nan if one_class_called([r]) else mcc(r) for r in members])
         finite = values[np.isfinite(values)]
         rows.append({
             "task": row["task"], "backbone": row["backbone"], "method": members[0].variant,
@@ -109,6 +128,7 @@ def full_table(records: list[RunRecord]) -> list[dict[str, Any]]:
             "mcc_std": float(finite.std(ddof=1)) if finite.size > 1 else math.nan,
             "ap_mean": row["average_precision"].mean, "ap_std": row["average_precision"].std,
             "pooled": pooled_interval(members, threshold=threshold),
+            "pooled_one_class": one_class_called(members),
             "head_lr": members[0].options.get("head_lr"),
         })
     return rows
@@ -180,13 +200,15 @@ def box_figure(task: str, records: list[RunRecord], path: Path) -> Path:
     data = [[v for r in records if r.variant == m and math.isfinite(v := mcc(r))] for m in methods]
     fig, ax = plt.subplots(figsize=(max(4.5, 0.75 * len(methods) + 2), 3.8))
     ax.boxplot(data, showmeans=True)
-    ax.set_xticks(range(1, len(methods) + 1), methods, rotation=30 if len(methods) > 6 else 0)
+    ax.set_xticks(range(1, len(methods) + 1), [f"{m}\nn={len(d)}" for m, d in zip(methods, data, strict=True)],
+                  rotation=30 if len(methods) > 6 else 0)
     ax.axhline(0, color="0.7", linewidth=0.8, zorder=0)
     ax.set_xlabel("method")
     ax.set_ylabel("MCC (validation threshold)")
     backbones = len({r.backbone for r in records})
     ax.set_title(_title(f"{task}: MCC per method, full data\n{backbones} backbone(s) × folds", records))
-    ax.text(0.99, 0.01, "line: median, triangle: mean", transform=ax.transAxes, ha="right", va="bottom",
+    ax.text(0.99, 0.01, "line: median, triangle: mean; n: runs per box", transform=ax.transAxes, ha="right",
+            va="bottom",
             fontsize=8, color="0.4")
     ax.grid(axis="y", alpha=0.3)
     out = _save(fig, path)
@@ -256,13 +278,39 @@ def _quartiles(records: list[RunRecord]) -> list[tuple[int, float, float, float]
     return out
 
 
+def equal_runs(records: list[RunRecord]) -> bool:
+    """Whether every backbone has as many runs (folds x draws) at each method x regime x k as the others: only
+    then is a median over all backbones not weighted towards the backbones with more draws."""
+    counts: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        counts[r.variant, r.regime, r.shots][r.backbone] += 1
+    backbones = {r.backbone for r in records}
+    return all(set(c) == backbones and len(set(c.values())) == 1 for c in counts.values())
+
+
+def fewshot_table(records: list[RunRecord]) -> list[list[Any]]:
+    """Per backbone x method x regime x k: runs, MCC and AP as median (IQR) over folds and draws."""
+    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        groups[r.backbone, r.variant, r.regime, r.shots].append(r)
+    methods = _order(r.variant for r in records)
+    rows = []
+    for (backbone, method, regime, k), members in sorted(groups.items(), key=lambda item: (
+            item[0][0], methods.index(item[0][1]), item[0][2], item[0][3])):
+        ap = [float(r.metrics.get("average_precision", math.nan)) for r in members]
+        rows.append([_backbone(backbone, members), method, regime, k, len(members),
+                     _median_iqr([mcc(r) for r in members]), _median_iqr(ap)])
+    return rows
+
+
 def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
     """MCC at 0.5 against k per method (dashed: k per class per center): median line and interquartile band
     (and bar) over draws and folds; the first panel pools every backbone, the others show one each."""
     plt = _pyplot()
     backbones = sorted({r.backbone for r in records})
-    panels = [("all backbones", records)] + ([(b, [r for r in records if r.backbone == b]) for b in backbones]
-                                             if len(backbones) > 1 else [])
+    each = [(b, [r for r in records if r.backbone == b]) for b in backbones]
+    panels = each if len(backbones) > 1 and not equal_runs(records) else \
+        [("all backbones", records)] + (each if len(backbones) > 1 else [])
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.3 * rows), squeeze=False, sharey=True)
@@ -307,30 +355,38 @@ def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def write_report(results: str | Path, out: str | Path) -> Report:
-    """Read every record in ``results`` and write ``out/report.md`` with its figures in ``out/figures/``."""
+def write_report(results: str | Path, out: str | Path, study: Study | None = None) -> Report:
+    """Read every record in ``results`` and write ``out/report.md`` with its figures in ``out/figures/``. With
+    the ``study`` the records belong to, the report also has its name, its cohort and the levels it skipped."""
     results, out = Path(results), Path(out)
     if not results.is_dir():
         raise RecordError(f"{results}: no such records folder")
+    files = len(list(results.glob("[!.]*.json")))
     everything = load_records(results)
     if not everything:
         raise RecordError(f"{results}: no run records (<run key>.json) in this folder")
     kept, choices = select_head_lr(everything)
     report = Report(out / "report.md", records=len(everything))
     figures = out / "figures"
-    md = [f"# Study report: {results.resolve()}", "",
-          f"{len(everything)} run records, read {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
-          "Every number below comes from these records.", ""]
+    md = [f"# {study.name if study else 'Study report'}", "",
+          f"Run records in {results.resolve()}, read {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every number "
+          "below comes from these records" + (f" and the study file {study.path}." if study else "."), "",
+          *_counts_section(files, everything, kept)]
     randoms = sorted({f"{r.backbone} ({r.provenance.get('weights') or r.identity})" for r in everything
                       if is_random(r)})
     if randoms:
         md += [f"**Random weights:** runs of {', '.join(randoms)} used random weights; their rows are marked "
                f"*{RANDOM_MARK}* and their figure titles say so. They test the pipeline, not the models.", ""]
+    md += _protocol_section(everything, study)
+    if study is not None:
+        md += _skipped_section(study)
+        md += _cohort_section(study, sorted({r.task for r in everything}))
     md += ["How to read it: metrics are image-level, as the benchmark reported them (records also hold "
            "patient-level ones: `featcache results`). MCC is at the threshold chosen on held-out scores of the "
            "tested model (full data; 0.5 where a run had none, and in few-shot); AP is average precision, the "
-           "benchmark's PR-AUC. Gradient-trained runs keep, per task x backbone x method x regime, the head LR "
-           "with the lowest mean validation loss; test data never chooses.", ""]
+           f"benchmark's PR-AUC. {NA}: a statistic that cannot be computed (a spread of one run; MCC where every "
+           "test image was called one class). Gradient-trained runs keep, per task x backbone x method x regime, "
+           "the head LR with the lowest mean validation loss; test data never chooses.", ""]
     if choices:
         md += ["<details><summary>Head-LR choices (by mean validation loss)</summary>", ""]
         md += [f"- {line}" for line in choices] + ["", "</details>", ""]
@@ -343,12 +399,138 @@ def write_report(results: str | Path, out: str | Path) -> Report:
             md += _full_section(task, mine, figures, report)
         shots = [r for r in few if r.task == task]
         if shots:
-            path = fewshot_figure(task, shots, figures / f"{task}_fewshot.png")
-            report.figures.append(path)
-            md += ["### Few-shot", "", f"![{task} few-shot]({path.relative_to(out)})", ""]
+            md += _fewshot_section(task, shots, figures, report)
     md += _compute_section(everything)
     atomic_write(report.markdown, ("\n".join(md) + "\n").encode("utf-8"))
     return report
+
+
+def _counts_section(files: int, everything: list[RunRecord], kept: list[RunRecord]) -> list[str]:
+    """What was read and what was left out, and why: the numbers `featcache results` prints too."""
+    lines = [f"**Records:** {files:,} record files read; {len(everything):,} distinct runs"]
+    if files > len(everything):
+        lines[0] += (f" ({files - len(everything):,} files are older copies of a run also recorded under its "
+                     "current key, counted once)")
+    dropped = len(everything) - len(kept)
+    lines[0] += (f"; {len(kept):,} shown below" + (f", {dropped:,} left out: runs of head LRs not chosen on "
+                                                   "validation loss" if dropped else "") +
+                 f". `featcache results` counts the same {len(everything):,} runs (all in results.csv) and "
+                 f"summarises the same {len(kept):,}.")
+    return [*lines, ""]
+
+
+def _protocol_section(records: list[RunRecord], study: Study | None) -> list[str]:
+    """Settings of these runs that differ from the benchmark's protocol (docs: PROTOCOL.md), listed up front."""
+    protocol = TrainSettings()
+    trained = [r for r in records if r.method != PROBE_METHOD]
+    lines = []
+    for name in ("max_epochs", "patience", "warmup", "plateau_patience"):
+        values = sorted({r.options[name] for r in trained if r.options.get(name) is not None})
+        if values and values != [getattr(protocol, name)]:
+            lines.append(f"{name.replace('_', ' ')}: {', '.join(map(str, values))} (protocol: "
+                         f"{getattr(protocol, name)})")
+    lrs = sorted({float(r.options["head_lr"]) for r in trained if "head_lr" in r.options})
+    if lrs and lrs != sorted(HEAD_LRS):
+        lines.append(f"head LRs tried: {', '.join(f'{v:g}' for v in lrs)} (protocol: "
+                     f"{', '.join(f'{v:g}' for v in sorted(HEAD_LRS))})")
+    for task in sorted({r.task for r in trained}):
+        folds = _fold_count(task, records, study)
+        used = sorted({r.fold for r in trained if r.task == task})
+        if folds and len(used) < folds:
+            lines.append(f"{task}: trained end to end on {plural(len(used), 'fold')} of {folds} "
+                         f"({', '.join(used)}); probes on every fold")
+    draws: dict[str, set[int]] = defaultdict(set)
+    per_level: dict[tuple, int] = defaultdict(int)
+    for r in records:
+        if r.regime != "full":
+            per_level[r.task, r.backbone, r.variant, r.regime, r.shots, r.fold, options_label(r.options)] += 1
+    for (_, _, variant, *_), n in per_level.items():
+        draws["cached probe" if variant == PROBE_METHOD else "trained"].add(n)
+    if draws:
+        shown = "; ".join(f"{stage} {', '.join(map(str, sorted(n)))}" for stage, n in sorted(draws.items()))
+        lines.append(f"few-shot runs per fold and level (draws x head LRs): {shown} (the benchmark's draw count "
+                     "is not public)")
+    if not lines:
+        return []
+    return ["**Settings that differ from the benchmark's protocol:**", "", *[f"- {line}" for line in lines], ""]
+
+
+def _fold_count(task: str, records: list[RunRecord], study: Study | None) -> int:
+    """Folds of a task: its spec's where the study knows it, else the folds any run of it used."""
+    if study is not None:
+        try:
+            return study.task_spec(task).k
+        except FeatcacheError:
+            pass
+    return len({r.fold for r in records if r.task == task})
+
+
+def _skipped_section(study: Study) -> list[str]:
+    """The grid's levels that were not run: excluded by the grid, or impossible on this cohort."""
+    from study.expand import expand
+    from study.plan import runnable
+
+    try:
+        grid = study.grid()
+        entries, excluded = expand(study, grid)
+        _, impossible = runnable(study, grid, entries)
+    except FeatcacheError as err:
+        return [f"**Levels skipped:** not known ({err}).", ""]
+    items = [*impossible, *excluded]
+    if not items:
+        return []
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for item in items:
+        by_reason[item.reason].append(item.entry.label)
+    lines = [f"**Levels skipped ({len(items)} of grid {grid.name}):**", ""]
+    for reason, labels in by_reason.items():
+        shown = ", ".join(labels[:4]) + (f" and {len(labels) - 4} more" if len(labels) > 4 else "")
+        lines.append(f"- {reason}: {shown}")
+    return [*lines, ""]
+
+
+def _cohort_section(study: Study, tasks: list[str]) -> list[str]:
+    """Images, patients and positives per task and center, from the manifest (labels) and the split file."""
+    from featcache.manifest import load_manifest
+
+    rows = []
+    for task in tasks:
+        try:
+            spec = study.task_spec(task)
+            path = study.manifest_for(task)
+            manifest = load_manifest(path)
+            ids, codes = manifest.labels(task)
+        except (FeatcacheError, TypeError):
+            continue
+        patients, centers = manifest.patients(ids), manifest.centers(ids)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, center in enumerate(centers):
+            groups[center].append(i)
+        for center, members in sorted(groups.items()) + [("all", list(range(len(ids))))]:
+            pos = [i for i in members if codes[i] == 1]
+            rows.append([task, center, len(members), len({patients[i] for i in members}), len(pos),
+                         len({patients[i] for i in pos}), spec.positive])
+    if not rows:
+        return []
+    return ["## Cohort", "", *_table(("task", "center", "images", "patients", "positive images",
+                                       "positive patients", "positive class"), rows), "",
+            "Labelled images of each task's manifest; splits are by patient.", ""]
+
+
+def _fewshot_section(task: str, records: list[RunRecord], figures: Path, report: Report) -> list[str]:
+    path = fewshot_figure(task, records, figures / f"{task}_fewshot.png")
+    report.figures.append(path)
+    lines = ["### Few-shot", "",
+             *_table(("backbone", "method", "regime", "k", "runs", "MCC at 0.5, median (IQR)",
+                      "AP, median (IQR)"), fewshot_table(records)), "",
+             "Runs: folds x draws of the level (the head LR chosen on validation loss); median and interquartile "
+             "range over them.", "", f"![{task} few-shot]({path.relative_to(report.markdown.parent)})", ""]
+    if len({r.backbone for r in records}) > 1 and not equal_runs(records):
+        note = (f"{task}: the backbones have unequal numbers of few-shot runs, so no curve pools them; each "
+                "backbone has its own panel.")
+        report.notes.append(note)
+        lines += [note, ""]
+    return lines
 
 
 def _full_section(task: str, records: list[RunRecord], figures: Path, report: Report) -> list[str]:
@@ -359,15 +541,17 @@ def _full_section(task: str, records: list[RunRecord], figures: Path, report: Re
     for r in rows:
         pooled = r["pooled"]
         ci = tuple(f"{pooled[m][0]:.3f} – {pooled[m][1]:.3f}" for m in ("mcc_ci", "average_precision_ci")) \
-            if pooled else ("–", "–")
+            if pooled else (NA, NA)
+        if pooled and r["pooled_one_class"]:
+            ci = (f"{NA} (one class called)", ci[1])
         lr = "–" if r["head_lr"] is None else f"{float(r['head_lr']):g}"
         name = f"{r['backbone']} *({RANDOM_MARK})*" if r["random"] else r["backbone"]
         table.append([name, r["method"], lr, r["runs"], _fmt(r["mcc_mean"], r["mcc_std"]),
                       _fmt(r["ap_mean"], r["ap_std"]), *ci])
-    lines = ["### Full data", "", *_table(("backbone", "method", "head LR", "folds", "MCC (mean ± std)",
+    lines = ["### Full data", "", *_table(("backbone", "method", "head LR", "runs", "MCC (mean ± std)",
                                           "AP (mean ± std)", "MCC 95% CI", "AP 95% CI"), table), "",
-             "95 % intervals: the folds' test predictions pooled (each image scored once, MCC at its run's "
-             "threshold), 1,000 bootstrap resamples of patients.", ""]
+             "Runs: one per fold. 95 % intervals: the folds' test predictions pooled (each image scored once, MCC "
+             "at its run's threshold), 1,000 bootstrap resamples of patients.", ""]
     box = box_figure(task, records, figures / f"{task}_mcc_box.png")
     report.figures.append(box)
     lines += [f"![{task} MCC per method]({box.relative_to(report.markdown.parent)})", ""]

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from adapters.train import run_train
-from featcache.errors import StudyError, UsageError
+from featcache.errors import FeatcacheError, StudyError, UsageError
 from featcache.extract import extract_features
 from featcache.probe import run_probe
-from featcache.splits import CENTER_SHOTS, DRAWS, SHOTS, build_splits, save_splits, splits_path
+from featcache.splits import build_splits, save_splits, splits_path
 from study.expand import Entry
 from study.grid import Grid
-from study.plan import PlanRow, probe_arguments, task_manifest, train_arguments, weights_kwargs
+from study.plan import PlanRow, probe_arguments, split_options, task_manifest, train_arguments, weights_kwargs
 from study.studyfile import Study
 
 EXECUTORS = ("inline", "local", "slurm")
@@ -49,6 +49,7 @@ class BatchResult:
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # "<entry>: <one-line error>" of entries that failed
 
 
 def make_batches(rows: list[PlanRow], runs_per_task: int = 1) -> list[Batch]:
@@ -69,53 +70,84 @@ def ensure_splits(study: Study, grid: Grid, tasks: Iterable[str]) -> list[str]:
     """Make the persisted splits of tasks that have none (defaults, and enough draws for the grid)."""
     made = []
     for task in sorted(set(tasks)):
+        study.task_spec(task)  # an own task declared in the study file is known before its splits exist
         manifest = task_manifest(study, task)
         if splits_path(manifest, task).is_file():
             continue
-        splits = build_splits(manifest, task, shots=sorted(set(SHOTS) | set(grid.shots)),
-                              center_shots=sorted(set(CENTER_SHOTS) | set(grid.center_shots)),
-                              draws=max(DRAWS, grid.draws, grid.train_draws))
+        splits = build_splits(manifest, task, **split_options(grid))
         made.append(f"made the splits of {task}: {save_splits(splits, manifest)}")
     return made
 
 
-def _run_stage1(batch: Batch, study: Study, grid: Grid, result: BatchResult) -> None:
+def _attempt(result: BatchResult, label: str, keep_going: bool, work: Callable[[], None]) -> bool:
+    """Run ``work``; with ``keep_going`` a failure becomes one line in ``result.failed`` and the batch goes on
+    (Ctrl-C still stops the study). Returns whether it succeeded."""
+    if not keep_going:
+        work()
+        return True
+    try:
+        work()
+    except Exception as err:  # noqa: BLE001 - any failure of one entry is reported; the others still run
+        text = str(err) if isinstance(err, FeatcacheError) else f"{type(err).__name__}: {err}"
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+        result.failed.append(f"{label}: {first}")
+        return False
+    return True
+
+
+def _run_stage1(batch: Batch, study: Study, grid: Grid, result: BatchResult, keep_going: bool) -> None:
     backbone = batch.entries[0].backbone
+    extracted: dict[Path, bool] = {}
     for manifest in sorted({task_manifest(study, e.task) for e in batch.entries}):
-        done = extract_features(manifest, backbone, store=study.features, device=study.device or "auto",
-                                **weights_kwargs(study, backbone))
-        result.notes.append(f"{backbone} features of {manifest.name}: {done.embedded} computed, {done.rows} rows")
-    levels: dict[tuple[str, str], list[int | None]] = defaultdict(list)
+        def extract(manifest: Path = manifest) -> None:
+            done = extract_features(manifest, backbone, store=study.features, device=study.device or "auto",
+                                    **weights_kwargs(study, backbone))
+            result.notes.append(f"{backbone} features of {manifest.name}: {done.embedded} computed, "
+                                f"{done.rows} rows")
+        extracted[manifest] = _attempt(result, f"{backbone} features of {manifest}", keep_going, extract)
+    levels: dict[tuple[str, str], list[Entry]] = defaultdict(list)
     for entry in batch.entries:
-        levels[entry.task, entry.regime].append(entry.shots)
-    for (task, regime), shots in levels.items():
-        args = probe_arguments(study, grid, backbone, task, regime, [k for k in shots if k is not None])
-        report = run_probe(**args)
-        result.written += report.written
-        result.existing += report.existing
-        result.skipped += [f"{backbone} {task} {regime} {line}" for line in report.skipped]
+        levels[entry.task, entry.regime].append(entry)
+    for (task, regime), members in levels.items():
+        if not extracted[task_manifest(study, task)]:
+            continue  # its failure is already one line
+        shots = [e.shots for e in members if e.shots is not None]
+
+        def probe(task: str = task, regime: str = regime, shots: list[int] = shots) -> None:
+            report = run_probe(**probe_arguments(study, grid, backbone, task, regime, shots))
+            result.written += report.written
+            result.existing += report.existing
+            result.skipped += [f"{backbone} {task} {regime} {line}" for line in report.skipped]
+        levels_text = ", ".join(e.level for e in members)
+        _attempt(result, f"{backbone} · {task} · probe · {levels_text}", keep_going, probe)
 
 
-def _run_stage2(batch: Batch, study: Study, grid: Grid, result: BatchResult) -> None:
+def _run_stage2(batch: Batch, study: Study, grid: Grid, result: BatchResult, keep_going: bool) -> None:
     for entry in batch.entries:
-        report = run_train(**train_arguments(study, grid, entry))
-        result.written += report.written
-        result.existing += report.existing
-        result.skipped += [f"{entry.label}: {line}" for line in report.skipped]
+        def train(entry: Entry = entry) -> None:
+            report = run_train(**train_arguments(study, grid, entry))
+            result.written += report.written
+            result.existing += report.existing
+            result.skipped += [f"{entry.label}: {line}" for line in report.skipped]
+        _attempt(result, entry.label, keep_going, train)
 
 
-def run_batch(batch: Batch, study: Study, grid: Grid) -> BatchResult:
-    """Run one batch; the function every executor calls (inline, or pickled into a submitit task)."""
+def run_batch(batch: Batch, study: Study, grid: Grid, keep_going: bool = True) -> BatchResult:
+    """Run one batch; the function every executor calls (inline, or pickled into a submitit task). With
+    ``keep_going`` (a study's default) an entry that fails is listed in ``result.failed`` and the rest run."""
     result = BatchResult(batch.label)
     start = time.perf_counter()
-    (_run_stage1 if batch.stage == 1 else _run_stage2)(batch, study, grid, result)
+    for task in sorted({e.task for e in batch.entries}):  # a fresh worker process learns the study's own tasks
+        _attempt(result, f"task {task}", keep_going, lambda task=task: study.task_spec(task))
+    if not result.failed:
+        (_run_stage1 if batch.stage == 1 else _run_stage2)(batch, study, grid, result, keep_going)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def run_batches(batches: Sequence[Batch], study: Study, grid: Grid) -> list[BatchResult]:
+def run_batches(batches: Sequence[Batch], study: Study, grid: Grid, keep_going: bool = True) -> list[BatchResult]:
     """Several batches one after another: one submitit task."""
-    return [run_batch(batch, study, grid) for batch in batches]
+    return [run_batch(batch, study, grid, keep_going) for batch in batches]
 
 
 def submitit_executor(kind: str, folder: Path, settings: dict[str, Any]) -> Any:
@@ -144,7 +176,7 @@ def submitit_executor(kind: str, folder: Path, settings: dict[str, Any]) -> Any:
 
 
 def execute(batches: list[Batch], study: Study, grid: Grid, *, executor: str = "inline",
-            folder: Path | None = None, wait: bool = True,
+            folder: Path | None = None, wait: bool = True, keep_going: bool = True,
             progress: Callable[[int, int, BatchResult | None, Batch], None] | None = None
             ) -> tuple[list[BatchResult], list[str]]:
     """Run the batches. ``inline``: here, one after another. ``local``: submitit's LocalExecutor, one
@@ -160,14 +192,15 @@ def execute(batches: list[Batch], study: Study, grid: Grid, *, executor: str = "
         for i, batch in enumerate(batches):
             if progress is not None:
                 progress(i, len(batches), None, batch)
-            results.append(run_batch(batch, study, grid))
+            results.append(run_batch(batch, study, grid, keep_going))
             if progress is not None:
                 progress(i + 1, len(batches), results[-1], batch)
         return results, []
     folder = folder or study.root / "jobs"
     tasks = [list(batches)] if executor == "local" else [[batch] for batch in batches]
     submitter = submitit_executor(executor, folder, study.executor)
-    jobs = submitter.map_array(run_batches, tasks, [study] * len(tasks), [grid] * len(tasks))
+    jobs = submitter.map_array(run_batches, tasks, [study] * len(tasks), [grid] * len(tasks),
+                               [keep_going] * len(tasks))
     ids = [job.job_id for job in jobs]
     if not wait:
         return [], ids

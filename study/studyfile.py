@@ -1,7 +1,8 @@
 """The study file: one `study.yaml` per study folder gives every command its defaults and names the grid.
 
 Every `featcache` / `adapters` command looks for `study.yaml` in the current folder, then in each parent (or
-takes the file named by ``FEATCACHE_STUDY``; ``FEATCACHE_STUDY=none`` turns discovery off). Paths in the file
+takes the file named by ``FEATCACHE_STUDY``; ``FEATCACHE_STUDY=none`` turns discovery off, an empty value
+counts as unset). Paths in the file
 are relative to its folder. Flags always win over the file. The weights of a backbone come from the file only
 where it says so per backbone: a path, or ``random-init`` written out; nothing is chosen silently.
 
@@ -10,6 +11,7 @@ The grid a study names is read by `study.grid`; its expansion into runs is `stud
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,8 +20,10 @@ from typing import Any
 
 from featcache.backbones import canonical_name
 from featcache.backbones.weights import RANDOM_INIT
-from featcache.errors import StudyError
+from featcache.datasets import TaskSpec, get_task, task_for
+from featcache.errors import ManifestError, StudyError
 from featcache.fileio import atomic_write
+from featcache.manifest import load_manifest
 from study.grid import Grid, load_grid, read_yaml, shipped_grids, tuple_of, unknown_keys
 
 STUDY_FILE = "study.yaml"
@@ -40,6 +44,7 @@ class Study:
     manifest: Path | None = None
     manifests: dict[str, Path] = field(default_factory=dict)  # task -> manifest, where tasks differ
     tasks: tuple[str, ...] = ()
+    positives: dict[str, str] = field(default_factory=dict)  # own task -> its positive class (`tasks:` mapping)
     model: str | None = None
     features: Path | None = None
     pixels: Path | None = None
@@ -67,6 +72,20 @@ class Study:
         if value is None:
             return None, False
         return (None, True) if value == RANDOM_INIT else (Path(value), False)
+
+    def task_spec(self, task: str) -> TaskSpec:
+        """``task`` as every command of the study sees it (`featcache.datasets.task_for` on its manifest): a
+        dataset spec's, one declared here (``tasks: {SURV: {positive: DEATH}}``), or one its split file records."""
+        if task not in self.positives:
+            try:
+                return get_task(task)  # a dataset spec's task needs no manifest to be planned
+            except ManifestError:
+                pass  # an own task: its split file may say
+        path = self.manifest_for(task)
+        if path is None:
+            raise StudyError(f"{self.path}: no manifest for task {task}; set `manifest:` or "
+                             f"`manifests: {{{task}: ...}}`")
+        return task_for(load_manifest(path), task, self.positives.get(task))
 
     def grid(self) -> Grid:
         if self.grid_ref is None:
@@ -110,11 +129,11 @@ def load_study(path: str | Path) -> Study:
     for command in defaults:
         _mapping(defaults, command, path, "defaults.")
     manifests = _mapping(raw, "manifests", path)
-    tasks = raw.get("tasks") or []
+    tasks, positives = _tasks(raw.get("tasks"), path)
     return Study(
         path=path, name=str(raw.get("name", root.name)), manifest=where(raw.get("manifest")),
         manifests={str(t): where(m) for t, m in manifests.items()},
-        tasks=tuple_of(tasks, str, "tasks", path) if tasks else tuple(manifests),
+        tasks=tasks or tuple(manifests), positives=positives,
         model=canonical_name(str(raw["model"])) if raw.get("model") else None,
         features=where(raw.get("features")), pixels=where(raw.get("pixels")),
         runs=where(raw.get("runs", "runs")), report=where(raw.get("report", "report")),
@@ -123,12 +142,36 @@ def load_study(path: str | Path) -> Study:
     )
 
 
+def _tasks(value: Any, file: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """`tasks:` as a list of keys (dataset spec tasks, or own tasks whose split files exist), or a mapping that
+    declares own tasks: ``{SURV: {positive: DEATH}}`` (the key is the manifest's label column; ``column:`` may
+    repeat it) beside spec tasks written ``{AFC: {}}``."""
+    if not value:
+        return (), {}
+    if not isinstance(value, Mapping):
+        return tuple_of(value, str, "tasks", file), {}
+    positives = {}
+    for key, spec in value.items():
+        spec = spec or {}
+        if not isinstance(spec, Mapping):
+            raise StudyError(f"{file}: tasks.{key}: expected a mapping like {{positive: VALUE}}, got {spec!r}")
+        unknown_keys(spec, {"column", "positive"}, file, f"tasks.{key}")
+        if spec.get("column") not in (None, key):
+            raise StudyError(f"{file}: tasks.{key}: a task is named after its manifest column; write "
+                             f"{spec['column']}: {{positive: ...}} (or rename the column)")
+        if spec.get("positive") not in (None, ""):
+            positives[str(key)] = str(spec["positive"])
+        elif spec.get("column") is not None:
+            raise StudyError(f"{file}: tasks.{key}: give its positive class, e.g. {{positive: DEATH}}")
+    return tuple(str(k) for k in value), positives
+
+
 def find_study(start: str | Path | None = None) -> Path | None:
     """The study file in force: ``FEATCACHE_STUDY`` (a path, or ``none``), else `study.yaml` in ``start``
     (default: the current folder) or its nearest parent that has one."""
-    named = os.environ.get(ENV_VAR)
-    if named is not None:
-        if named.strip().lower() in ("", "none", "0", "off"):
+    named = (os.environ.get(ENV_VAR) or "").strip()  # empty counts as unset
+    if named:
+        if named.lower() in ("none", "0", "off"):
             return None
         path = Path(named)
         if not path.is_file():
@@ -151,7 +194,7 @@ name: {name}
 
 manifest: {manifest}            # canonical manifest (`featcache manifest build` or `featcache synth`)
 # manifests: {{AFC: aiforcovid/manifest.csv, NY: ny-sbu/manifest.csv}}   # per task, for several datasets
-tasks: [{tasks}]                 # default --task when there is one; the grid's tasks otherwise
+tasks: {tasks}   # default --task when one; own columns: {{SURV: {{positive: DEATH}}}}
 model: {model}                   # default --model of single commands (aliases work: medclip -> medclip-vit)
 
 features: features.zarr         # feature store (stage 1)
@@ -176,20 +219,31 @@ executor:                       # `featcache study run --executor slurm` (submit
 
 defaults:                       # any option of any command, by command name
   probe: {{}}                     # e.g. {{select: pr_auc}}
-  train: {{}}                     # e.g. {{max_epochs: 200, batch_size: 32}}
+  train: {{}}                     # e.g. {{batch_size: 32}} (epochs, folds, draws, head LRs: the grid's)
 """
+
+
+def _tasks_text(tasks: tuple[str, ...], positives: Mapping[str, str]) -> str:
+    """`tasks:` as YAML flow text: a list of keys, or a mapping where any task declares its positive class
+    (quoted as JSON, which YAML reads back as the same string)."""
+    if not positives:
+        return f"[{', '.join(tasks)}]"
+    return "{" + ", ".join(f"{t}: {{positive: {json.dumps(positives[t])}}}" if t in positives else f"{t}: {{}}"
+                           for t in tasks) + "}"
 
 
 def write_study(folder: str | Path, *, manifest: str | None = None, tasks: tuple[str, ...] = (),
                 model: str | None = None, grid: str = "smoke", weights: Mapping[str, str] | None = None,
-                force: bool = False) -> Path:
-    """Write a commented `study.yaml` into ``folder``; an existing one is kept unless ``force``."""
+                positives: Mapping[str, str] | None = None, force: bool = False) -> Path:
+    """Write a commented `study.yaml` into ``folder``; an existing one is kept unless ``force``. ``positives``
+    declares own tasks (label column -> positive class)."""
     path = Path(folder) / STUDY_FILE
     if path.exists() and not force:
         raise StudyError(f"{path}: a study file is already here (pass --force to replace it)")
     lines = [f"  {canonical_name(name)}: {value}" for name, value in (weights or {}).items()]
     text = TEMPLATE.format(
-        name=Path(folder).resolve().name, manifest=manifest or "manifest.csv", tasks=", ".join(tasks),
+        name=Path(folder).resolve().name, manifest=manifest or "manifest.csv",
+        tasks=_tasks_text(tasks, positives or {}),
         model=model or "resnet18", grid=grid, grids=", ".join(shipped_grids()),
         weights="\n".join(lines) or "  # medclip-vit: /models/medclip-vit      # or: random-init",
     )

@@ -55,3 +55,32 @@ def test_readme_names_only_existing_verbs(command):
     help_text = CliRunner().invoke(APPS[command], ["--help"], env={"COLUMNS": "200"}).output
     listed = {line.split()[1] for line in help_text.splitlines() if line.startswith("│ ") and len(line.split()) > 1}
     assert verbs <= listed, verbs - listed
+
+
+def _command_params(command: str) -> set[str]:
+    """Option names of a command of either app (by its name in a study file's `defaults:`)."""
+    from typer.main import get_command
+
+    for app in APPS.values():
+        group = get_command(app)
+        found = group.commands.get(command) if hasattr(group, "commands") else None
+        if found is not None:
+            return {p.name for p in found.params}
+    raise AssertionError(f"no command {command!r}")
+
+
+def test_readme_study_files_load(tmp_path):
+    """Every yaml block of the README is a study file that loads, with its grid and its `defaults:` options."""
+    from study.studyfile import load_study
+
+    blocks = _blocks(README.read_text(), "yaml")
+    assert blocks
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"s{i}" / "study.yaml"
+        path.parent.mkdir()
+        path.write_text(block)
+        study = load_study(path)
+        if study.grid_ref is not None:
+            assert study.grid().backbones
+        for command, options in study.defaults.items():
+            assert set(options) <= _command_params(command), (command, options)
