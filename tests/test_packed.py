@@ -59,7 +59,7 @@ def _same(packed, alone) -> None:
             np.testing.assert_allclose(a.training["curves"][curve], b.training["curves"][curve], atol=1e-5)
         assert a.provenance.pop("packed") >= 2 and "packed" not in b.provenance
         for d in (a, b):
-            d.wall_time_s = None
+            d.wall_time_s = d.created = None
             d.metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in d.metrics.items()}
             d.training = {k: v for k, v in d.training.items() if k not in ("curves", "val_loss")}
             d.test_scores = []
@@ -170,3 +170,29 @@ def test_cli_pack_writes_the_records_and_keys_do_not_depend_on_it(cohort, tmp_pa
         QUICK, max_epochs=1, adapter_dropout=None), head_lrs=(1e-2,), shots=(2,))
     assert all("adapter_dropout" not in r.options for r in default.records)  # benchmark keys unchanged
     assert all(r.options["adapter_dropout"] == 0.0 for r in load_records(tmp_path / "p"))
+
+
+def test_cost_model_prices_missing_runs_packed_and_one_at_a_time(tmp_path):
+    """Measured wall times give both estimates; a pair measured one way only gets the other through the
+    packing gain measured on another pair."""
+    from featcache.records import RunRecord, write_record
+    from study.expand import Entry
+    from study.plan import PlanRow, estimate, packing_gain
+
+    def record(backbone: str, method: str, seconds: float, packed: bool, draw: int) -> None:
+        write_record(RunRecord(task=TASK, backbone=backbone, method=method, fold="fold0", seed=42,
+                               regime="fewshot", shots=2, draw=draw, wall_time_s=seconds,
+                               provenance={"packed": 8} if packed else {}), tmp_path)
+
+    for draw in range(2):
+        record("dinov2-s", "lp", 40.0, False, draw)
+        record("dinov2-s", "lp", 10.0, True, 10 + draw)  # gain 4
+        record("resnet18", "lp", 20.0, False, draw)  # measured one at a time only
+    assert packing_gain(load_records(tmp_path)) == pytest.approx(4.0)
+    vit, cnn, none = (Entry(b, TASK, m, None, "fewshot", 2) for b, m in
+                      (("dinov2-s", "lp"), ("resnet18", "lp"), ("resnet18", "ia3")))
+    costs = estimate([PlanRow(vit, 10, 0, True), PlanRow(cnn, 10, 0, True), PlanRow(none, 10, 0, True)], tmp_path)
+    assert (costs[vit].seconds, costs[vit].packed) == (400.0, 100.0)
+    assert (costs[cnn].seconds, costs[cnn].packed) == (200.0, pytest.approx(50.0))
+    assert "measured gain" in costs[cnn].basis
+    assert costs[none].seconds is None and costs[none].packed is None
