@@ -317,6 +317,8 @@ def main() -> None:
     parser.add_argument("--lp-model", default="resnet18-tiny")
     parser.add_argument("--patients", type=int, default=60)
     parser.add_argument("--rss-child", nargs=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (1 on a loaded machine: contended OpenMP barriers cost ~100 ms an op)")
     parser.add_argument("--packs", default="4,16,64", help="section 5: runs per pass, tiny backbones")
     parser.add_argument("--real-packs", default="4,16,64", help="section 5: runs per pass, real-size backbones")
     parser.add_argument("--epochs", type=int, default=2, help="section 5: epochs timed per case")
@@ -325,7 +327,7 @@ def main() -> None:
     if args.rss_child:
         rss_child(args.rss_child[0], args.rss_child[1], int(args.rss_child[2]))
         return
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "load": load()}))
     sections = {int(s) for s in args.sections.split(",")}
     if 1 in sections:
