@@ -239,11 +239,12 @@ def train_packed(plan: TrainPlan, runs: Sequence[Run], images: Images, out: Path
         val_losses = packer.val_losses(active)
         share = (time.perf_counter() - started) / len(active)
         for t, train_loss, val_loss in zip(active, train_losses, val_losses, strict=True):
-            t.end_epoch(train_loss, val_loss, share, progress)
+            t.end_epoch(train_loss, val_loss, share)
         if time.monotonic() - last_save >= settings.checkpoint_every_s:
             for t in active:
-                if not t.done:
-                    t.save_checkpoint()
+                t.save_checkpoint()
             last_save = time.monotonic()
+        for t in active:
+            t.report(progress)
     by_key = {r.key: r for r in records}
     return [by_key[run.key] for run in runs], notes

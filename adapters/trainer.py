@@ -190,8 +190,8 @@ class Trainer:
         settings = self.plan.settings
         return self.state.epoch >= settings.max_epochs or self.state.bad_epochs >= settings.patience
 
-    def end_epoch(self, train_loss: float, val_loss: float, seconds: float, progress: TrainProgress | None) -> None:
-        """Book an epoch's losses: best epoch (and its weights), early-stop count, plateau rule, progress."""
+    def end_epoch(self, train_loss: float, val_loss: float, seconds: float) -> None:
+        """Book an epoch's losses: best epoch (and its weights), early-stop count, plateau rule."""
         settings, state = self.plan.settings, self.state
         state.train_loss.append(train_loss)
         state.val_loss.append(val_loss)
@@ -205,10 +205,14 @@ class Trainer:
             self.plateau.step(val_loss)
         state.epoch += 1
         state.elapsed_s += seconds
+
+    def report(self, progress: TrainProgress | None) -> None:
+        """The progress line of the epoch just booked (after its checkpoint, so a stop there resumes past it)."""
+        state = self.state
         if progress is not None:
-            progress(self.run.label, state.epoch, settings.max_epochs,
-                     f"train {train_loss:.4f} · val {val_loss:.4f} · best {state.best_loss:.4f} "
-                     f"@ {state.best_epoch + 1}")
+            progress(self.run.label, state.epoch, self.plan.settings.max_epochs,
+                     f"train {state.train_loss[-1]:.4f} · val {state.val_loss[-1]:.4f} · best "
+                     f"{state.best_loss:.4f} @ {state.best_epoch + 1}")
 
     def finish(self, progress: TrainProgress | None) -> None:
         """Report the stop and load the best epoch's weights (the ones the record scores)."""
@@ -226,10 +230,11 @@ class Trainer:
             train_loss = self.train_epoch(self.state.epoch)
             val_loss = self.scores("val")[1]
             val_loss = broadcast_object_list([val_loss])[0] if self.acc.num_processes > 1 else val_loss
-            self.end_epoch(train_loss, val_loss, time.perf_counter() - started, progress)
+            self.end_epoch(train_loss, val_loss, time.perf_counter() - started)
             if time.monotonic() - last_save >= self.plan.settings.checkpoint_every_s:
                 self.save_checkpoint()
                 last_save = time.monotonic()
+            self.report(progress)
         self.finish(progress)
 
     def record(self, plan: TrainPlan, weights: str | Path | None) -> RunRecord:

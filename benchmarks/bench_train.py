@@ -295,7 +295,7 @@ def packing(models: tuple[str, ...], packs: list[int], real_packs: list[int], ep
     folder = Path(tempfile.mkdtemp())
     manifests: dict[int, Path] = {}
     for model in models:
-        size = get_spec(model).preprocess.size
+        size = max(32, get_spec(model).preprocess.size)  # the synthetic chests need 32 px; images are resized
         if size not in manifests:
             manifests[size] = cohort(folder / str(size), size, patients=24)
         manifest = manifests[size]
