@@ -13,7 +13,7 @@ from typing import Any
 
 from adapters.methods import HEAD_LRS, Method, get_method, target_modules
 from featcache.backbones import BackboneSpec, get_spec, weights_identity
-from featcache.datasets import task_for
+from featcache.datasets import get_task, task_for
 from featcache.device import precision_for, resolve_device
 from featcache.errors import SplitError, UsageError
 from featcache.manifest import Manifest, load_manifest
@@ -152,7 +152,7 @@ def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str 
     splits.require_validation()  # every run early-stops on a validation part
     identity = weights_identity(spec, weights, random_init)
     precision = precision_for(resolve_device(device))
-    ids, codes = manifest.labels(task)
+    ids, codes = manifest.labels(get_task(task))
     labels = dict(zip(ids, codes.tolist(), strict=True))
     chosen = [splits.fold(f) for f in folds] if folds else list(splits.folds)
     digest = splits.digest()

@@ -44,6 +44,7 @@ from adapters.plan import Run, TrainSettings, plan  # noqa: E402
 from adapters.train import _accelerator, run_train  # noqa: E402
 from adapters.trainer import Trainer, class_weights  # noqa: E402
 from featcache.backbones import get_spec  # noqa: E402
+from featcache.datasets import get_task  # noqa: E402
 from featcache.manifest import load_manifest  # noqa: E402
 from featcache.splits import build_splits, save_splits  # noqa: E402
 from featcache.synth import make_cohort  # noqa: E402
@@ -69,7 +70,7 @@ def trainer(manifest: Path, model: str, method: str, batch: int) -> Trainer:
     rank = METHODS[method].rank_for(None)
     the_plan = plan(manifest, "SYN", model, method=method, rank=rank, settings=settings, random_init=real,
                     device="cpu")
-    ids = load_manifest(manifest).labels("SYN")[0]
+    ids = load_manifest(manifest).labels(get_task("SYN"))[0]
     by_class = {c: [i for i in ids if the_plan.labels[i] == c] for c in (0, 1)}
     train = tuple(by_class[0][: batch // 2] + by_class[1][: batch - batch // 2])
     held = tuple(i for i in ids if i not in train)[:4]

@@ -10,10 +10,10 @@ from rich.table import Table
 
 from cli._common import check_choice, new_app
 from cli.console import console, plural
-from featcache import datasets, synth
+from featcache import builders, datasets, synth
 from featcache.manifest import ValidationReport, validate
 
-_SHOWN = 20
+_SHOWN = 5
 
 
 def synth_cmd(
@@ -37,7 +37,7 @@ def synth_cmd(
         raise typer.BadParameter(f"MIN {images[0]} > MAX {images[1]}", param_hint="--images-per-patient")
     with console.status(f"drawing {plural(patients, 'patient')}"):
         path = synth.make_cohort(out, patients, positive_rate, images, centers, size, fmt, seed)
-    _print_report(validate(path))
+    _print_report(validate(path, tasks=[datasets.get_task("SYN")]))
 
 
 def datasets_cmd() -> None:
@@ -58,31 +58,82 @@ def datasets_cmd() -> None:
 
 
 def build(
-    dataset: str = typer.Option(..., "--dataset", help="Dataset spec name (see `featcache datasets`)."),
-    root: Path = typer.Option(..., "--root", help="Folder holding the official metadata and images."),
-    out: Path = typer.Option(..., "--out", help="Manifest to write (.csv)."),
+    dataset: str = typer.Option(None, "--dataset", help="Dataset spec name (see `featcache datasets`)."),
+    root: Path = typer.Option(None, "--root", help="Folder holding the release as downloaded (with --dataset)."),
+    out: Path = typer.Option(..., "--out", help="Manifest to write (.csv); its summary goes beside it."),
+    table: list[Path] = typer.Option([], "--table", help="The metadata table (CSV or Excel): your own cohort's, "
+                                     "or the release's when the spec's file patterns find several."),
+    images: Path = typer.Option(None, "--images", help="Own cohort: the folder of images."),
+    image_col: str = typer.Option(None, "--image-col", help="Own cohort: column naming each image's file."),
+    patient_col: str = typer.Option(None, "--patient-col", help="Own cohort: the patient id column."),
+    label_col: str = typer.Option(None, "--label-col", help="Own cohort: the two-class label column."),
+    positive: str = typer.Option(None, "--positive", help="Own cohort: the positive class's value."),
+    center_col: str = typer.Option(None, "--center-col", help="Own cohort: the center column, if any."),
+    task: str = typer.Option(None, "--task", help="Own cohort: the task's name (default: the label column)."),
+    sheet: str = typer.Option("", "--sheet", help="Own cohort: the Excel sheet (default: the first with the "
+                              "columns)."),
+    views: str = typer.Option(None, "--views", help="frontal (laterals dropped) | all; default: the spec's."),
+    per_patient: str = typer.Option(None, "--per-patient", help="first (one image per patient, the first "
+                                    "study) | all; default: the spec's."),
+    verbose: bool = typer.Option(False, "--verbose", help="List every missing and unmatched image."),
 ) -> None:
-    """Write a dataset's canonical manifest; print counts beside the published ones and what did not join."""
-    with console.status(f"reading {dataset} metadata and scanning images under {root}"):
-        report = datasets.build_manifest(dataset, root, out)
+    """Write a manifest from a dataset's release as downloaded (--dataset, --root), or from a table and a
+    folder of images of your own (--table, --images, --image-col, --patient-col, --label-col, --positive),
+    with a summary beside it: counts per task and center against the published ones, and what was left out."""
+    if views is not None:
+        check_choice(views, datasets.VIEWS, "--views")
+    if per_patient is not None:
+        check_choice(per_patient, datasets.PER_PATIENT, "--per-patient")
+    own = {"--images": images, "--image-col": image_col, "--patient-col": patient_col, "--label-col": label_col,
+           "--positive": positive}
+    if dataset is not None:
+        given = [name for name, value in {**own, "--center-col": center_col, "--task": task}.items() if value]
+        if given or root is None:
+            raise typer.BadParameter(f"with --dataset give --root, not {', '.join(given)}" if given else
+                                     "--dataset needs --root (the folder holding the download)",
+                                     param_hint="--dataset")
+        with console.status(f"reading {dataset} metadata and scanning images under {root}"):
+            report = builders.build_manifest(dataset, root, out, tables=table, views=views,
+                                             per_patient=per_patient)
+    else:
+        lacking = [name for name, value in own.items() if value is None] + ([] if len(table) == 1 else ["--table"])
+        if lacking:
+            raise typer.BadParameter(f"give --dataset and --root, or an own cohort's --table, --images, "
+                                     f"--image-col, --patient-col, --label-col, --positive (missing: "
+                                     f"{', '.join(lacking)})", param_hint="--dataset")
+        cohort = builders.OwnCohort(table[0], images, image_col, patient_col, label_col, positive,
+                                    center_col or "", task or "", sheet)
+        with console.status(f"reading {table[0].name} and scanning images under {images}"):
+            report = builders.build_own(cohort, out, views=views, per_patient=per_patient)
+    _print_build(report, verbose)
+    report.validation.raise_for_errors()
+
+
+def _print_build(report: builders.BuildReport, verbose: bool) -> None:
+    for name in report.tables:
+        console.print(f"table: {name}", markup=False, highlight=False)
+    for note in report.ignored + report.notes:
+        console.print(f"  {note}", markup=False, highlight=False)
     table = Table(title=f"{report.dataset} -> {report.manifest}")
-    for name, justify in (("", "left"), ("found", "right"), ("published", "right")):
+    for name, justify in (("", "left"), ("found", "right"), ("published", "right"), ("diff", "right")):
         table.add_column(name, justify=justify)
     for what, found, published in report.comparison():
-        flag = "" if published is None or published == found else " [yellow]≠[/]"
-        table.add_row(what, f"{found}{flag}", "–" if published is None else str(published))
+        diff = "" if published is None else "=" if published == found else f"{found - published:+d}"
+        table.add_row(what, str(found), "–" if published is None else str(published), diff)
     console.print(table)
-    for reason, n in report.skipped.items():
-        console.print(f"skipped {n}: {reason}", highlight=False)
-    for task, values in report.unmapped.items():
-        shown = ", ".join(f"{value!r} x{n}" for value, n in values.items())
-        console.print(
-            f"[yellow]{task}: values outside the mapping, written without label:[/] {escape(shown)}"
-        )
-    _print_list("listed in the metadata but missing", report.missing)
-    _print_list("images present but unlisted", report.unlisted)
+    cohort = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.cohort.items())
+    console.print(f"cohort: {cohort}", highlight=False)
+    for reason, n in sorted(report.skipped.items()):
+        console.print(f"skipped {n}: {reason}", markup=False, highlight=False)
+    if report.view_unknown:
+        console.print(f"kept {plural(report.view_unknown, 'image')} whose view no header or column states",
+                      highlight=False)
+    shown = None if verbose else _SHOWN
+    _print_list("listed in the metadata but missing", report.missing, shown)
+    _print_list("images that match no patient", report.unlisted, shown)
     _print_report(report.validation, counts=False)
-    report.validation.raise_for_errors()
+    if report.summary_path is not None:
+        console.print(f"summary: {report.summary_path}", markup=False, highlight=False)
 
 
 def validate_cmd(
@@ -93,19 +144,19 @@ def validate_cmd(
 ) -> None:
     """Check a manifest: duplicate or empty ids, missing files, paths outside its folder, labels outside a
     task's mapping, one patient with conflicting labels or in two centers. Exits non-zero when any is found."""
-    report = validate(manifest, check_files=check_files)
+    report = validate(manifest, check_files=check_files, tasks=datasets.tasks_of(manifest))
     _print_report(report)
     report.raise_for_errors()
 
 
-def _print_list(title: str, items: list[str]) -> None:
+def _print_list(title: str, items: list[str], shown: int | None = _SHOWN) -> None:
     if not items:
         return
     console.print(f"[yellow]{title}: {len(items)}[/]")
-    for item in items[:_SHOWN]:
+    for item in items[:shown]:
         console.print(f"  {item}", markup=False, highlight=False)
-    if len(items) > _SHOWN:
-        console.print(f"  ... and {len(items) - _SHOWN} more", highlight=False)
+    if shown is not None and len(items) > shown:
+        console.print(f"  ... and {len(items) - shown} more (--verbose lists all)", highlight=False)
 
 
 def _print_report(report: ValidationReport, counts: bool = True) -> None:

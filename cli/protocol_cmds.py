@@ -87,7 +87,7 @@ def splits(
     """Compute a task's patient-level folds, validation parts and few-shot draws; save beside the manifest."""
     from featcache import splits as splits_lib  # scikit-learn: imported only by the commands that need it
 
-    datasets.task_for(load_manifest(manifest), task, positive)
+    spec = datasets.task_for(load_manifest(manifest), task, positive)
     made = splits_lib.build_splits(
         manifest,
         task,
@@ -102,7 +102,7 @@ def splits(
     )
     path = splits_lib.save_splits(made, manifest)
     m = load_manifest(manifest)
-    ids, y = m.labels(task)
+    ids, y = m.labels(spec)
     rows = splits_lib.describe(made, ids, y, m.patients(ids))
 
     table = Table(

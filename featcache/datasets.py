@@ -1,98 +1,49 @@
-"""Dataset specs (``data_manifests/*.yaml``) and the builders that turn official metadata into a manifest.
+"""Dataset specs (``data_manifests/*.yaml``): provenance, layout, tasks, CV scheme and published counts.
 
-A spec is declarative: where the data comes from, which metadata columns hold the image id, patient, center
-and labels, how each label maps to 0/1, how the dataset is cross-validated and what counts were published.
-Builders are small functions per *file layout*, registered in :data:`BUILDERS`:
+A spec is declarative: where the data comes from and what to download, which metadata columns hold the image
+id, patient, center, view and labels, how each label maps to 0/1, which images the benchmark's cohort keeps
+(frontal radiographs; one image per patient or all) and what counts were published. The builders that turn a
+release into a manifest read these specs (:mod:`featcache.builders`); this module imports no builder.
 
-- ``table``: one metadata row per image; the image path comes from a pattern over the row's fields
-  (AIforCOVID, CoCross, the ieee8023 collection, the synthetic cohort);
-- ``dicom_tree``: one metadata row per patient; images are found by walking DICOM folders and joined on the
-  DICOM PatientID (TCIA's COVID-19-NY-SBU and COVID-19-AR).
-
-More spec folders can be named in ``FEATCACHE_DATASETS`` (``os.pathsep``-separated); a spec there replaces a
-built-in one of the same name, so a user can adapt a layout to their download without editing the toolkit.
+Specs are found in, first wins: the folders named in ``FEATCACHE_DATASETS`` (``os.pathsep``-separated; a spec
+there replaces a built-in one of the same name), then the shipped ``data_manifests/`` (:func:`data_dir`). A
+cohort of one's own (``featcache manifest build --table ...``) writes its spec beside its manifest as
+``<task>.dataset.yaml``; :func:`task_for` reads it from there.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
+import importlib.resources
 import os
 import re
-from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import yaml
-from pydicom.errors import InvalidDicomError
 
 from featcache.errors import FeatcacheError, ManifestError, UsageError
-from featcache.manifest import (
-    BBOX_COLUMNS,
-    DATA_ROOTS_VAR,
-    REQUIRED_COLUMNS,
-    Manifest,
-    ValidationReport,
-    data_roots,
-    inside,
-    validate,
-    write_manifest,
-)
+from featcache.fileio import atomic_write
+from featcache.manifest import BBOX_COLUMNS, REQUIRED_COLUMNS, Manifest
+from featcache.tasks import CV_SCHEMES, TaskSpec
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data_manifests"
 ENV_VAR = "FEATCACHE_DATASETS"
-CV_SCHEMES = ("kfold", "loco")
-MISSING_VALUES = frozenset({"", "na", "n/a", "nan", "none", "null"})
-IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
-_FIELD = re.compile(r"\{([^{}]+)\}")
+LAYOUTS = ("table", "dicom_tree")
+VIEWS = ("frontal", "all")
+PER_PATIENT = ("first", "all")
+OWN_SUFFIX = ".dataset.yaml"  # an own cohort's spec, beside its manifest
 _SHOWN = 5
+_FIELD = re.compile(r"\{([^{}]+)\}")
 
 
-def _canon(raw: object) -> str:
-    """Case-folded text of a metadata value; integral numbers lose their '.0' (Excel turns 1 into 1.0)."""
-    text = str(raw).strip()
+def data_dir() -> Path:
+    """The shipped data folder (dataset specs, ``grids/``): the ``data_manifests`` package of an installed
+    wheel, or the repository's top-level folder of the same name in a checkout. The one lookup for both."""
     try:
-        number = float(text)
-    except ValueError:
-        return text.casefold()
-    return str(int(number)) if number.is_integer() else text.casefold()
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One prognostic task: the manifest column is named ``key``; ``column`` is the official metadata's."""
-
-    dataset: str  # "" for an ad-hoc task on a label column of one manifest (see task_for)
-    key: str
-    column: str
-    classes: dict[str, int]  # class name (as written in the manifest) -> 0/1
-    positive: str
-    cv: str  # "kfold" | "loco"
-    k: int  # folds; for loco the number of centers
-    has_centers: bool
-    outcome: str = ""
-    # raw metadata value -> class name, where they differ (e.g. Death 0/1 -> ALIVE/DEATH)
-    values: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def negative(self) -> str:
-        return next(name for name, code in self.classes.items() if code == 0)
-
-    @functools.cached_property
-    def _lookup(self) -> dict[str, str]:
-        table = {_canon(name): name for name in self.classes}
-        table.update({_canon(raw): name for raw, name in self.values.items()})
-        return table
-
-    def classify(self, raw: object) -> str | None:
-        """Class name of a raw metadata value; '' when missing, None when it maps to no class."""
-        if raw is None or str(raw).strip().casefold() in MISSING_VALUES:
-            return ""
-        return self._lookup.get(_canon(raw))
+        return Path(str(importlib.resources.files("data_manifests")))
+    except ModuleNotFoundError:  # an editable install made before the folder became a package
+        return Path(__file__).resolve().parent.parent / "data_manifests"
 
 
 @dataclass(frozen=True)
@@ -118,25 +69,34 @@ class RowFilter:
 
 @dataclass(frozen=True)
 class MetadataSpec:
-    """Which metadata files to read and which of their columns hold ids, patients and centers."""
+    """Which metadata tables to read and which of their columns hold ids, patients, centers and views."""
 
-    files: tuple[str, ...]  # glob patterns under the data root (CSV)
+    files: tuple[str, ...]  # glob patterns under the data root (CSV or Excel), or absolute paths
     patient_column: str
     id_column: str = ""  # table layout: the image id; dicom_tree uses the DICOM SOPInstanceUID
     center_column: str = ""
-    center: str = ""  # the center name when the dataset has a single site
+    center: str = ""  # the center name when the dataset has a single site (or the table does not say)
     filters: tuple[RowFilter, ...] = ()
     bbox_columns: tuple[str, ...] = ()  # x0, y0, x1, y1 columns, copied to the manifest's bbox columns
+    sheet: str = ""  # Excel: the sheet holding the table (default: the first sheet with the columns)
+    several: bool = False  # the release splits its table over several files (read them all)
+    longitudinal: bool = False  # several rows per patient: one label per patient (the first non-empty)
+    view_column: str = ""  # table layout: the radiograph's view (PA, AP, L, ...)
+    modality_column: str = ""  # table layout: the modality (X-ray, CT)
+    order_column: str = ""  # table layout: orders a patient's images (e.g. days since admission)
 
 
 @dataclass(frozen=True)
 class ImagesSpec:
-    """Where the images are and how a metadata row names its image file."""
+    """Where the images are, how a metadata row names its image(s), and which images the cohort keeps."""
 
     dirs: tuple[str, ...]  # glob patterns of image folders under the root ("." = the root)
-    pattern: str = ""  # table layout: file inside an image folder, "{column}" filled from the row
-    suffixes: tuple[str, ...] = ()  # what counts as an image file (default: the pattern's suffix)
-    modalities: tuple[str, ...] = ()  # dicom_tree: DICOM Modality values kept (others skipped and counted)
+    patterns: tuple[str, ...] = ()  # table layout: "{column}" filled from the row; first that exists wins
+    suffixes: tuple[str, ...] = ()  # what counts as an image file (default: the patterns' suffixes)
+    modalities: tuple[str, ...] = ()  # DICOM Modality (or modality column) values kept; others counted
+    views: str = "frontal"  # "frontal": laterals dropped and counted; "all"
+    per_patient: str = "all"  # "first": one image per patient (the first study); "all"
+    per_patient_why: str = ""  # why the benchmark's cohort keeps what it keeps
 
 
 @dataclass(frozen=True)
@@ -165,11 +125,12 @@ class DatasetSpec:
         return bool(self.metadata.center_column)
 
     def columns_needed(self) -> list[str]:
-        """Metadata columns the builder reads; a file without them is refused up front."""
+        """Metadata columns the builder reads; a table without them is not the metadata table."""
         md = self.metadata
-        names = [md.id_column, md.patient_column, md.center_column, *md.bbox_columns]
+        names = [md.id_column, md.patient_column, md.center_column, *md.bbox_columns, md.view_column,
+                 md.modality_column, md.order_column]
         names += [f.column for f in md.filters] + [t.column for t in self.tasks.values()]
-        names += _FIELD.findall(self.images.pattern)
+        names += [name for pattern in self.images.patterns for name in _FIELD.findall(pattern)]
         return list(dict.fromkeys(n for n in names if n))
 
 
@@ -227,7 +188,7 @@ def _parse_task(reader: _Reader, dataset: str, key: str, cv: str, k: int, has_ce
         _scalar(raw, reader.file, where): _scalar(name, reader.file, where)
         for raw, name in reader.get("values", dict, {}).items()
     }
-    unknown = sorted(set(values.values()) - set(classes))
+    unknown = sorted(set(values.values()) - set(classes) - {""})  # "" = explicitly no label
     if unknown:
         raise ManifestError(f"{reader.file}: task {key}: values map to unknown classes {unknown}")
     return TaskSpec(
@@ -244,16 +205,23 @@ def _parse_task(reader: _Reader, dataset: str, key: str, cv: str, k: int, has_ce
     )
 
 
+def _choice(reader: _Reader, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = reader.get(key, str, default)
+    if value not in choices:
+        raise ManifestError(f"{reader.file}: {reader._name(key)} {value!r} is not one of {list(choices)}")
+    return value
+
+
 def _parse_spec(file: Path) -> DatasetSpec:
     try:
         raw = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ManifestError(f"{file}: unreadable dataset spec ({err})".replace("\n", " ")) from None
-    spec = _Reader(raw, file)
-    name, layout = spec.get("name"), spec.get("layout")
-    if layout not in BUILDERS:
-        raise ManifestError(f"{file}: layout {layout!r} is not one of {sorted(BUILDERS)}")
-    md, im, cv_raw = spec.sub("metadata"), spec.sub("images"), spec.sub("cv")
+    return parse_spec(raw, file)
+
+
+def _parse_metadata(md: _Reader) -> MetadataSpec:
+    file = md.file
     filters = []
     for i, item in enumerate(md.get("filters", list, [])):
         f = _Reader(item, file, f"metadata.filters[{i}]")
@@ -266,20 +234,43 @@ def _parse_spec(file: Path) -> DatasetSpec:
         center=md.get("center", str, ""),
         filters=tuple(filters),
         bbox_columns=md.strings("bbox_columns"),
+        sheet=md.get("sheet", str, ""),
+        several=md.get("several", bool, False),
+        longitudinal=md.get("longitudinal", bool, False),
+        view_column=md.get("view_column", str, ""),
+        modality_column=md.get("modality_column", str, ""),
+        order_column=md.get("order_column", str, ""),
     )
     if len(metadata.bbox_columns) not in (0, len(BBOX_COLUMNS)):
         raise ManifestError(f"{file}: metadata.bbox_columns must name four columns (x0, y0, x1, y1) or none")
     if not metadata.files or bool(metadata.center_column) == bool(metadata.center):
         raise ManifestError(f"{file}: metadata needs files and exactly one of center_column / center")
-    if layout == "table" and not (metadata.id_column and im.get("pattern", str, "")):
-        raise ManifestError(f"{file}: layout 'table' needs metadata.id_column and images.pattern")
-    images = ImagesSpec(
-        im.strings("dirs") or (".",),
-        im.get("pattern", str, ""),
-        tuple(s.lower() for s in im.strings("suffixes")),
-        im.strings("modalities"),
+    return metadata
+
+
+def _parse_images(im: _Reader) -> ImagesSpec:
+    one = im.get("pattern", str, "")
+    return ImagesSpec(
+        dirs=im.strings("dirs") or (".",),
+        patterns=im.strings("patterns") or ((one,) if one else ()),
+        suffixes=tuple(s.lower() for s in im.strings("suffixes")),
+        modalities=im.strings("modalities"),
+        views=_choice(im, "views", VIEWS, "frontal"),
+        per_patient=_choice(im, "per_patient", PER_PATIENT, "all"),
+        per_patient_why=im.get("per_patient_why", str, ""),
     )
-    centers = spec.strings("centers")
+
+
+def parse_spec(raw: Any, file: Path) -> DatasetSpec:
+    """A dataset spec from its YAML mapping; every fault names ``file`` and the key."""
+    spec = _Reader(raw, file)
+    name, layout = spec.get("name"), spec.get("layout")
+    if layout not in LAYOUTS:
+        raise ManifestError(f"{file}: layout {layout!r} is not one of {list(LAYOUTS)}")
+    metadata, images = _parse_metadata(spec.sub("metadata")), _parse_images(spec.sub("images"))
+    if layout == "table" and not (metadata.id_column and images.patterns):
+        raise ManifestError(f"{file}: layout 'table' needs metadata.id_column and images.pattern(s)")
+    centers, cv_raw = spec.strings("centers"), spec.sub("cv")
     scheme = cv_raw.get("scheme")
     if scheme not in CV_SCHEMES:
         raise ManifestError(f"{file}: cv.scheme {scheme!r} is not one of {list(CV_SCHEMES)}")
@@ -287,12 +278,8 @@ def _parse_spec(file: Path) -> DatasetSpec:
         raise ManifestError(f"{file}: leave-one-center-out needs metadata.center_column and a centers list")
     k = len(centers) if scheme == "loco" else int(cv_raw.get("k", int, 5))
     tasks_raw = spec.sub("tasks")
-    tasks = {
-        str(key): _parse_task(
-            tasks_raw.sub(str(key)), name, str(key), scheme, k, bool(metadata.center_column)
-        )
-        for key in tasks_raw.raw
-    }
+    tasks = {str(key): _parse_task(tasks_raw.sub(str(key)), name, str(key), scheme, k, bool(metadata.center_column))
+             for key in tasks_raw.raw}
     return DatasetSpec(
         name=name,
         title=spec.get("title"),
@@ -319,7 +306,7 @@ def spec_dirs() -> tuple[Path, ...]:
     for folder in extra:
         if not folder.is_dir():
             raise ManifestError(f"{ENV_VAR} names {folder}, which is not a folder")
-    return (*extra, BUILTIN_DIR)
+    return (*extra, data_dir())
 
 
 @functools.lru_cache(maxsize=8)
@@ -345,7 +332,7 @@ def list_datasets() -> list[str]:
 def get_dataset(name: str) -> DatasetSpec:
     specs = _registry(spec_dirs())
     if name not in specs:
-        raise ManifestError(f"unknown dataset {name!r}; known: {', '.join(specs)} (specs in {BUILTIN_DIR})")
+        raise ManifestError(f"unknown dataset {name!r}; known: {', '.join(specs)} (specs in {data_dir()})")
     return specs[name]
 
 
@@ -358,9 +345,59 @@ def _spec_task(key: str) -> TaskSpec | None:
     return next((spec.tasks[key] for spec in _registry(spec_dirs()).values() if key in spec.tasks), None)
 
 
-# Ad-hoc tasks made by `task_for` in this process; `get_task` finds them by name like the specs' tasks, so
-# labels, splits, probes and records need no second path.
+# Ad-hoc and own-cohort tasks `task_for` made or read in this process; `get_task` finds them by name like the
+# specs' tasks, so labels, splits, probes and records need no second path.
 _ADHOC: dict[str, TaskSpec] = {}
+
+
+def own_spec_path(manifest: str | Path, task: str) -> Path:
+    """Where an own cohort's spec lies: beside its manifest, named for its task."""
+    return Path(manifest).parent / f"{task}{OWN_SUFFIX}"
+
+
+def own_dataset(raw: dict[str, Any], file: Path) -> DatasetSpec:
+    """An own cohort's spec (see :func:`parse_spec`), refused when a task key is a dataset spec's."""
+    spec = parse_spec(raw, file)
+    for key in spec.tasks:
+        if (taken := _spec_task(key)) is not None:
+            raise UsageError(f"task {key!r} belongs to dataset spec {get_dataset(taken.dataset).file}; name "
+                             "yours otherwise (--task NAME)")
+    return spec
+
+
+def write_own_spec(raw: dict[str, Any], file: Path) -> DatasetSpec:
+    """Check an own cohort's spec (:func:`own_dataset`) and write it as YAML, atomically."""
+    spec = own_dataset(raw, file)
+    text = "# A cohort of one's own, written by `featcache manifest build --table ...`; edit freely.\n"
+    atomic_write(file, (text + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)).encode("utf-8"))
+    return spec
+
+
+def _own_tasks(file: Path) -> dict[str, TaskSpec]:
+    """The tasks of an own cohort's spec, with dataset '' like an ad-hoc task's, so a split file made for one
+    records its classes."""
+    return {key: replace(task, dataset="") for key, task in _parse_spec(file).tasks.items()}
+
+
+def _own_task(manifest: str | Path, key: str) -> tuple[TaskSpec, Path] | None:
+    """The task ``key`` of an own cohort's spec beside ``manifest`` (``<key>.dataset.yaml``), with its file."""
+    file = own_spec_path(manifest, key)
+    if not file.is_file():
+        return None
+    tasks = _own_tasks(file)
+    if key not in tasks:
+        raise ManifestError(f"{file}: defines tasks {list(tasks)}, not {key!r}")
+    return tasks[key], file
+
+
+def tasks_of(manifest: str | Path | Manifest) -> list[TaskSpec]:
+    """Every task a manifest's columns may hold: the dataset specs' and those of own cohort specs beside it."""
+    folder = Path(manifest.path if isinstance(manifest, Manifest) else manifest).parent
+    found = {key: spec.tasks[key] for spec in _registry(spec_dirs()).values() for key in spec.tasks}
+    for file in sorted(folder.glob(f"*{OWN_SUFFIX}")):
+        for key, task in _own_tasks(file).items():
+            found.setdefault(key, task)
+    return list(found.values())
 
 
 def get_task(key: str) -> TaskSpec:
@@ -371,7 +408,8 @@ def get_task(key: str) -> TaskSpec:
             f"unknown task {key!r} (dataset spec tasks: {', '.join(list_tasks())}); a two-class column {key!r} "
             f"of your manifest is a task once its positive class is declared: `featcache splits --task {key} "
             f"--positive VALUE` (the split file keeps it), `tasks: {{{key}: {{positive: VALUE}}}}` in study.yaml, "
-            f"or a dataset YAML in a folder named by ${ENV_VAR}"
+            f"`featcache manifest build --table ... --task {key}`, or a dataset YAML in a folder named by "
+            f"${ENV_VAR}"
         )
     return spec
 
@@ -379,9 +417,10 @@ def get_task(key: str) -> TaskSpec:
 def task_for(manifest: Manifest, key: str, positive: str | None = None) -> TaskSpec:
     """The task ``key`` on ``manifest``, for every command that takes ``--task`` (and ``--positive``).
 
-    Without ``positive``: a dataset spec's task, one already made in this process, or the one the task's split
-    file records (its classes, written by ``featcache splits --positive``). With it: the spec's
-    task if ``key`` is one and ``positive`` is its positive class, else an ad-hoc task on the manifest's column
+    Without ``positive``: a dataset spec's task, an own cohort's (``<key>.dataset.yaml`` beside the manifest,
+    written by ``manifest build --table``), one already made in this process, or the one the task's split file
+    records (its classes, written by ``featcache splits --positive``). With it: the same if ``key`` is one and
+    ``positive`` is its positive class, else an ad-hoc task on the manifest's column
     ``key``, which must hold exactly two values (empty cells are unlabelled): ``positive`` is class 1, the
     other class 0, cross-validated 5-fold by patient. The ad-hoc task is registered for this process, so
     :func:`get_task` and everything downstream (labels, splits, probes, records) find it by name.
@@ -392,6 +431,13 @@ def task_for(manifest: Manifest, key: str, positive: str | None = None) -> TaskS
             return spec
         raise UsageError(f"task {key} is defined in {get_dataset(spec.dataset).file} with positive class "
                          f"{spec.positive!r}, not {positive!r}; drop --positive, or name a column of your own")
+    if (own := _own_task(manifest.path, key)) is not None:
+        task, file = own
+        if positive is not None and positive != task.positive:
+            raise UsageError(f"task {key} is defined in {file} with positive class {task.positive!r}, not "
+                             f"{positive!r}; drop --positive, or edit that file and rebuild the splits")
+        _ADHOC[key] = task
+        return task
     if positive is None:
         if key in _ADHOC:
             return _ADHOC[key]
@@ -435,276 +481,3 @@ def adhoc_task(manifest: Manifest, column: str, positive: str) -> TaskSpec:
                     cv="kfold", k=5, has_centers=len(centers) > 1, outcome=f"{column} = {positive}")
 
 
-# --- building -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Record:
-    """One metadata row and where it came from (``file:line``) for messages."""
-
-    fields: dict[str, str]
-    where: str
-
-
-@dataclass
-class _Image:
-    image_id: str
-    file: Path
-    record: _Record
-
-
-@dataclass
-class _Listing:
-    """What a layout builder found: images joined to their metadata row, and what did not join."""
-
-    images: list[_Image]
-    missing: list[str]  # listed in the metadata, no image found
-    unlisted: list[Path]  # image files no metadata row names
-    skipped: Counter  # reason -> rows or files left out on purpose
-
-
-@dataclass
-class BuildReport:
-    """The result of :func:`build_manifest`: the manifest's own validation plus what did not join."""
-
-    dataset: str
-    manifest: Path
-    root: Path
-    validation: ValidationReport
-    published: dict[str, Any]
-    missing: list[str]
-    unlisted: list[str]  # paths relative to the root
-    skipped: dict[str, int]
-    unmapped: dict[str, dict[str, int]]  # task -> raw value -> images written without a label
-
-    def comparison(self) -> list[tuple[str, int, int | None]]:
-        """Rows of (what, found, published) for images, patients, each task's classes and, where published,
-        each center's classes."""
-        v, pub = self.validation, self.published
-        rows: list[tuple[str, int, int | None]] = [
-            ("images", v.images, pub.get("images")),
-            ("patients", v.patients, pub.get("patients")),
-        ]
-        for task, counts in v.tasks.items():
-            published = pub.get("tasks", {}).get(task, {})
-            rows += [(f"{task} {name}", n, published.get(name)) for name, n in counts.items()]
-            rows.append((f"{task} no label", v.nan[task], None))
-        task = pub.get("centers_task", "")
-        for center, published in pub.get("centers", {}).items():
-            found = v.by_center.get(task, {}).get(str(center), {})
-            rows += [
-                (f"{task} center {center} {name}", found.get(name, 0), n) for name, n in published.items()
-            ]
-        return rows
-
-
-def _image_dirs(root: Path, patterns: Iterable[str]) -> list[Path]:
-    dirs: list[Path] = []
-    for pattern in patterns:
-        dirs += [root] if pattern in (".", "") else sorted(root.glob(pattern))
-    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
-
-
-def _scan(root: Path, patterns: Iterable[str], suffixes: tuple[str, ...]) -> dict[str, Path]:
-    """Image files under the image folders, keyed by their path inside their folder (first folder wins)."""
-    found: dict[str, Path] = {}
-    for folder in _image_dirs(root, patterns):
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if not name.startswith(".") and name.lower().endswith(suffixes):
-                    path = Path(dirpath, name)
-                    found.setdefault(path.relative_to(folder).as_posix(), path)
-    return found
-
-
-def _delimiter(text: str) -> str:
-    """The header's delimiter: spreadsheets saved in some locales write ';' (or tabs) instead of ','."""
-    header = text.split("\n", 1)[0]
-    return max(",;\t", key=header.count)
-
-
-def _read_metadata(spec: DatasetSpec, root: Path) -> list[_Record]:
-    files = sorted({f for pattern in spec.metadata.files for f in root.glob(pattern) if f.is_file()})
-    if not files:
-        sheets = sorted(
-            {
-                p.name
-                for pattern in spec.metadata.files
-                for p in root.glob(str(Path(pattern).with_suffix(".xls*")))
-            }
-        )
-        hint = f"; found {', '.join(sheets)}: save it as CSV (UTF-8)" if sheets else ""
-        raise ManifestError(
-            f"{root}: no metadata file matching {list(spec.metadata.files)} for {spec.name}{hint}"
-        )
-    needed = spec.columns_needed()
-    records = []
-    for file in files:
-        try:
-            text = file.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ManifestError(f"{file}: cannot read metadata as UTF-8 text ({err})") from None
-        reader = csv.DictReader(io.StringIO(text), delimiter=_delimiter(text))
-        header = [name.strip() for name in reader.fieldnames or []]
-        reader.fieldnames = header
-        lacking = [name for name in needed if name not in header]
-        if lacking:
-            raise ManifestError(
-                f"{file}: no column(s) {lacking} for {spec.name} (columns: {', '.join(header)})"
-            )
-        for row in reader:
-            fields = {k: (v or "").strip() for k, v in row.items() if isinstance(k, str)}
-            records.append(_Record(fields, f"{file.name}:{reader.line_num}"))
-    return records
-
-
-def _rejected(spec: DatasetSpec, record: _Record) -> str:
-    """The first filter a row fails, as a reason to count; '' when the row is kept."""
-    return next((str(f) for f in spec.metadata.filters if not f.keeps(record.fields[f.column])), "")
-
-
-def _fill(pattern: str, fields: dict[str, str]) -> str:
-    """``"{ImageFile}.dcm"`` -> ``"P_1_23.dcm"``; field names may hold spaces and dots, unlike str.format."""
-    return _FIELD.sub(lambda match: fields[match.group(1)], pattern)
-
-
-def _build_table(spec: DatasetSpec, root: Path, records: list[_Record]) -> _Listing:
-    suffixes = spec.images.suffixes or (Path(spec.images.pattern).suffix.lower(),)
-    files = _scan(root, spec.images.dirs, tuple(s for s in suffixes if s) or IMAGE_SUFFIXES)
-    named: set[Path] = set()
-    images, missing, skipped = [], [], Counter()
-    for record in records:
-        rel = _fill(spec.images.pattern, record.fields)
-        file = files.get(rel)
-        if file is not None:
-            named.add(file)
-        reason = _rejected(spec, record)
-        if reason:
-            skipped[reason] += 1
-        elif file is None:
-            missing.append(f"{record.fields[spec.metadata.id_column]} ({record.where}: {rel})")
-        else:
-            images.append(_Image(record.fields[spec.metadata.id_column], file, record))
-    return _Listing(images, missing, [f for f in files.values() if f not in named], skipped)
-
-
-def _dicom_header(path: Path) -> pydicom.Dataset | None:
-    try:
-        return pydicom.dcmread(
-            path, stop_before_pixels=True, specific_tags=["PatientID", "Modality", "SOPInstanceUID"]
-        )
-    except (InvalidDicomError, OSError, ValueError, EOFError):
-        return None
-
-
-def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record]) -> _Listing:
-    column = spec.metadata.patient_column
-    patients: dict[str, _Record] = {}
-    left_out: set[str] = set()
-    twice, skipped = [], Counter()
-    for record in records:
-        pid = record.fields[column]
-        reason = _rejected(spec, record)
-        if reason:
-            skipped[reason] += 1
-            left_out.add(pid)
-        elif pid in patients:
-            twice.append(f"{pid} ({patients[pid].where}, {record.where})")
-        else:
-            patients[pid] = record
-    if twice:
-        raise ManifestError(f"{spec.name}: patients listed more than once: {', '.join(twice[:_SHOWN])}")
-    keep = set(spec.images.modalities)
-    images, unlisted, seen = [], [], set()
-    for rel, file in _scan(root, spec.images.dirs, spec.images.suffixes or (".dcm",)).items():
-        header = _dicom_header(file)
-        if header is None:
-            skipped["unreadable DICOM"] += 1
-            continue
-        modality = str(header.get("Modality", ""))
-        if keep and modality not in keep:
-            skipped[f"modality {modality or '(none)'}"] += 1
-            continue
-        pid = str(header.get("PatientID", "")) or rel.split("/", 1)[0]
-        record = patients.get(pid)
-        if record is None:
-            if pid not in left_out:
-                unlisted.append(file)
-            continue
-        seen.add(pid)
-        image_id = str(header.get("SOPInstanceUID", "")) or str(Path(rel).with_suffix(""))
-        images.append(_Image(image_id, file, record))
-    kinds = "/".join(spec.images.modalities) or "DICOM"
-    missing = [f"{pid} ({r.where}: no {kinds} images)" for pid, r in patients.items() if pid not in seen]
-    return _Listing(images, missing, unlisted, skipped)
-
-
-BUILDERS: dict[str, Callable[[DatasetSpec, Path, list[_Record]], _Listing]] = {
-    "table": _build_table,
-    "dicom_tree": _build_dicom_tree,
-}
-
-
-def _canonical_rows(
-    spec: DatasetSpec, images: list[_Image], base: Path
-) -> tuple[list[dict], dict[str, Counter]]:
-    """Manifest rows (paths relative to the manifest's folder) and, per task, raw values of no class."""
-    md = spec.metadata
-    unmapped: dict[str, Counter] = {key: Counter() for key in spec.tasks}
-    rows = []
-    for image in images:
-        fields = image.record.fields
-        row = {
-            "image_id": image.image_id,
-            "path": Path(os.path.relpath(image.file, base)).as_posix(),
-            "patient_id": fields[md.patient_column],
-            "center": fields[md.center_column] if md.center_column else md.center,
-        }
-        if md.bbox_columns:
-            row.update(zip(BBOX_COLUMNS, (fields[c] for c in md.bbox_columns), strict=True))
-        for key, task in spec.tasks.items():
-            name = task.classify(fields[task.column])
-            if name is None:
-                unmapped[key][fields[task.column]] += 1
-            row[key] = name or ""
-        rows.append(row)
-    return rows, unmapped
-
-
-def build_manifest(dataset: str | DatasetSpec, root: str | Path, out: str | Path) -> BuildReport:
-    """Read a dataset's official metadata and image folders under ``root`` and write the canonical manifest.
-
-    Image paths are written relative to ``out``'s folder, so ``load_manifest(out)`` finds them without a root.
-    Labels that map to no class are written empty and reported (``unmapped``), never guessed.
-    """
-    spec = get_dataset(dataset) if isinstance(dataset, str) else dataset
-    root, out = Path(root), Path(out)
-    if not root.is_dir():
-        raise ManifestError(f"{root}: data root is not a folder")
-    if not inside(root, data_roots(out.parent)):
-        raise ManifestError(f"{out}: write the manifest in {root} or a folder above it, so its image paths stay "
-                            f"inside its folder (or list {root} in ${DATA_ROOTS_VAR})")
-    listing = BUILDERS[spec.layout](spec, root, _read_metadata(spec, root))
-    if not listing.images:
-        raise ManifestError(
-            f"{root}: no {spec.name} images found in {list(spec.images.dirs)} "
-            f"({len(listing.missing)} listed images missing; see {spec.file.name} 'obtain')"
-        )
-    rows, unmapped = _canonical_rows(spec, listing.images, out.parent)
-    # Checked under another name first, so a manifest with errors never replaces a good one at `out`.
-    candidate = write_manifest(rows, out.with_name(f"{out.stem}.invalid{out.suffix}"))
-    validation = validate(candidate, check_files=False)
-    if validation.ok:
-        os.replace(candidate, out)
-    return BuildReport(
-        dataset=spec.name,
-        manifest=out if validation.ok else candidate,
-        root=root,
-        validation=validation,
-        published=spec.published,
-        missing=listing.missing,
-        unlisted=sorted(Path(os.path.relpath(f, root)).as_posix() for f in listing.unlisted),
-        skipped=dict(listing.skipped),
-        unmapped={key: dict(c) for key, c in unmapped.items() if c},
-    )

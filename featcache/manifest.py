@@ -3,7 +3,10 @@
 Columns: ``image_id``, ``path`` (relative to a data root), ``patient_id``, ``center``, optional
 ``bbox_x0, bbox_y0, bbox_x1, bbox_y1`` (pixels, half-open, in the decoded image) and one column per task,
 named by the task key, holding raw class names (empty = no label for that task). Every dataset builder writes
-this layout and every later step reads only it, so a dataset's quirks end at :mod:`featcache.datasets`.
+this layout and every later step reads only it, so a dataset's quirks end at :mod:`featcache.builders`.
+
+Labels are read through a :class:`~featcache.tasks.TaskSpec` the caller passes (``m.labels(spec)``,
+``validate(m, tasks=...)``): this module never looks a task up, so it imports no dataset spec.
 
 Row numbers in messages are file lines: the header is line 1, the first image line 2.
 """
@@ -19,34 +22,19 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from featcache.errors import ManifestError
 from featcache.fileio import atomic_write
-
-if TYPE_CHECKING:
-    from featcache.datasets import TaskSpec
+from featcache.tasks import TaskSpec
 
 REQUIRED_COLUMNS = ("image_id", "path", "patient_id", "center")
 BBOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 FIRST_LINE = 2  # file line of the first image row
 DATA_ROOTS_VAR = "FEATCACHE_DATA_ROOTS"  # os.pathsep-separated folders images outside the manifest's may be in
 _SHOWN = 5  # rows or ids quoted in one message before "... and N more"
-
-
-def _task_spec(key: str) -> TaskSpec:
-    # Task specs live in featcache.datasets, which imports this module to write manifests: import it late.
-    from featcache.datasets import get_task
-
-    return get_task(key)
-
-
-def _task_keys() -> set[str]:
-    from featcache.datasets import list_tasks
-
-    return set(list_tasks())
 
 
 def _quote(items: Sequence[Any], what: str) -> str:
@@ -72,7 +60,7 @@ class Manifest:
         return self._len
 
     def __repr__(self) -> str:
-        return f"Manifest({self.path}, {len(self)} images, tasks={self.tasks()})"
+        return f"Manifest({self.path}, {len(self)} images, columns={list(self._columns)})"
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -100,9 +88,9 @@ class Manifest:
         """sha256 of the file's bytes: splits and stores record it to notice a changed manifest."""
         return self._digest
 
-    def tasks(self) -> list[str]:
-        """Columns of this manifest that name a known task (see :func:`featcache.datasets.get_task`)."""
-        known = _task_keys()
+    def tasks(self, known: Iterable[str]) -> list[str]:
+        """Columns of this manifest that name one of the ``known`` task keys, in file order."""
+        known = set(known)
         return [name for name in self._columns if name in known]
 
     def line(self, image_id: str) -> int:
@@ -119,11 +107,12 @@ class Manifest:
         values = self.column(name)
         return [values[self._position(i)] for i in ids]
 
-    def labels(self, task: str) -> tuple[list[str], np.ndarray]:
-        """Image ids labelled for ``task`` and their 0/1 codes (positive = 1); empty labels are left out."""
-        classes = _task_spec(task).classes
+    def labels(self, task: TaskSpec) -> tuple[list[str], np.ndarray]:
+        """Image ids labelled for ``task`` (its column ``task.key``) and their 0/1 codes (positive = 1);
+        empty labels are left out."""
+        classes = task.classes
         ids, codes, bad = [], [], []
-        for i, (image_id, value) in enumerate(zip(self.ids, self.column(task), strict=True)):
+        for i, (image_id, value) in enumerate(zip(self.ids, self.column(task.key), strict=True)):
             if not value:
                 continue
             if value not in classes:
@@ -133,7 +122,7 @@ class Manifest:
             codes.append(classes[value])
         if bad:
             raise ManifestError(
-                f"{self.path}: {task} labels outside {sorted(classes)} at {_quote(bad, 'rows')}"
+                f"{self.path}: {task.key} labels outside {sorted(classes)} at {_quote(bad, 'rows')}"
             )
         return ids, np.asarray(codes, dtype=np.int8)
 
@@ -371,8 +360,11 @@ class ValidationReport:
         return out
 
 
-def validate(manifest: Manifest | str | Path, check_files: bool = True) -> ValidationReport:
-    """Check a manifest against the canonical layout and the task specs; never raises for content faults."""
+def validate(
+    manifest: Manifest | str | Path, check_files: bool = True, tasks: Iterable[TaskSpec] = ()
+) -> ValidationReport:
+    """Check a manifest against the canonical layout and the given task specs (a column named by a task's key
+    is that task's labels); never raises for content faults."""
     m = manifest if isinstance(manifest, Manifest) else _read_manifest(manifest)
     errors: list[Issue] = []
     lacking = [name for name in REQUIRED_COLUMNS if name not in m.columns]
@@ -402,19 +394,19 @@ def validate(manifest: Manifest | str | Path, check_files: bool = True) -> Valid
     two = _clashes(patients, centers, range(len(m)))
     _add(errors, "patient_in_two_centers", "a patient appears in more than one center", two, ids)
 
-    known = _task_keys()
-    tasks: dict[str, dict[str, int]] = {}
+    specs = {spec.key: spec for spec in tasks}
+    counts: dict[str, dict[str, int]] = {}
     nan: dict[str, int] = {}
     by_center: dict[str, dict[str, dict[str, int]]] = {}
-    for task in (name for name in m.columns if name in known):
-        classes = _task_spec(task).classes
+    for task in m.tasks(specs):
+        classes = specs[task].classes
         values = m.column(task)
         outside = [i for i, v in enumerate(values) if v and v not in classes]
         _add(errors, "label_outside_mapping", f"{task} values not in {sorted(classes)}", outside, ids)
         labelled = [i for i, v in enumerate(values) if v in classes]
         conflict = _clashes(patients, values, labelled)
         _add(errors, "conflicting_labels", f"one patient with different {task} labels", conflict, ids)
-        tasks[task] = {name: 0 for name in classes} | Counter(values[i] for i in labelled)
+        counts[task] = {name: 0 for name in classes} | Counter(values[i] for i in labelled)
         nan[task] = sum(1 for v in values if not v)
         per_center: dict[str, Counter] = defaultdict(Counter)
         for i in labelled:
@@ -427,10 +419,10 @@ def validate(manifest: Manifest | str | Path, check_files: bool = True) -> Valid
         images=len(m),
         patients=len({p for p in patients if p}),
         centers=dict(sorted(Counter(c for c in centers if c).items())),
-        tasks=tasks,
+        tasks=counts,
         nan=nan,
         by_center=by_center,
-        extra_columns=[name for name in m.columns if name not in canonical and name not in known],
+        extra_columns=[name for name in m.columns if name not in canonical and name not in specs],
         errors=errors,
     )
 

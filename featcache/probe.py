@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from featcache.datasets import get_task
 from featcache.device import resolve_device
 from featcache.errors import FeatcacheError, SplitError, StoreError
 from featcache.manifest import Manifest, load_manifest
@@ -336,7 +337,7 @@ def load_task_data(manifest: Manifest, task: str, splits: Splits, store: str | P
     here, by name, before any probe runs. ``selectors`` (weights, random_init, dtype, precision) pick among
     several groups of one backbone, as in ``store.find_feature_group``.
     """
-    ids, y = manifest.labels(task)
+    ids, y = manifest.labels(get_task(task))
     group = find_feature_group(store, model, view, image_ids=manifest.ids, **selectors)
     found, X = load_features(store, model, manifest, view, group=group)
     position = {i: r for r, i in enumerate(found.tolist())}

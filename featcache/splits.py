@@ -659,7 +659,7 @@ def build_splits(
     by default when its dataset has centers and the manifest more than one."""
     spec = datasets.get_task(task)
     manifest = load_manifest(manifest_path)
-    ids, y = manifest.labels(task)
+    ids, y = manifest.labels(spec)
     centers = manifest.centers(ids)
     known = datasets.get_dataset(spec.dataset).centers if spec.dataset else ()
     if known and (unknown := sorted(set(centers) - set(known))):
@@ -708,7 +708,7 @@ def load_splits(manifest_path: str | Path, task: str) -> Splits:
             f"{current[:12]}; recompute with {_command(manifest_path, task)}"
         )
     _check_classes(splits, manifest, path)
-    ids, y = manifest.labels(task)
+    ids, y = manifest.labels(datasets.get_task(task))
     check_splits(splits, str(path), TaskLabels.of(ids, y, manifest.patients(ids), manifest.centers(ids)))
     return splits
 

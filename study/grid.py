@@ -16,10 +16,11 @@ import yaml
 
 from adapters.methods import HEAD_LRS, METHODS, RANKS
 from featcache.backbones import canonical_name
+from featcache.datasets import data_dir
 from featcache.errors import StudyError
 from featcache.records import PROBE_METHOD
 
-GRID_DIR = Path(__file__).resolve().parent.parent / "data_manifests" / "grids"  # beside the dataset specs
+GRID_DIR = data_dir() / "grids"  # shipped beside the dataset specs (package data)
 GRID_METHODS = (PROBE_METHOD, *METHODS)  # stage 1's cached probe, then the method table's order
 FIELDS = ("stage", "backbone", "task", "method", "rank", "regime", "k")  # what `--only` and `exclude` match
 

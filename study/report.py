@@ -499,7 +499,7 @@ def _cohort_section(study: Study, tasks: list[str]) -> list[str]:
             spec = study.task_spec(task)
             path = study.manifest_for(task)
             manifest = load_manifest(path)
-            ids, codes = manifest.labels(task)
+            ids, codes = manifest.labels(spec)
         except (FeatcacheError, TypeError):
             continue
         patients, centers = manifest.patients(ids), manifest.centers(ids)

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from featcache.datasets import get_task
 from featcache.errors import ManifestError
 from featcache.manifest import load_manifest, validate, write_manifest
+
+SYN, AFC = get_task("SYN"), get_task("AFC")
+TASKS = (SYN, AFC)
 
 HEADER = "image_id,path,patient_id,center,bbox_x0,bbox_y0,bbox_x1,bbox_y1,SYN,AFC"
 
@@ -42,10 +46,10 @@ def _kinds(report) -> dict[str, object]:
 def test_accessors(tmp_path):
     m = load_manifest(_manifest(tmp_path, GOOD))
     assert len(m) == 4 and m.ids == ["a1", "a2", "b1", "c1"]
-    assert m.root == tmp_path and m.tasks() == ["SYN", "AFC"]
-    ids, y = m.labels("SYN")
+    assert m.root == tmp_path and m.tasks(["AFC", "SYN", "NY"]) == ["SYN", "AFC"]
+    ids, y = m.labels(SYN)
     assert ids == ["a1", "a2", "b1"] and y.dtype == np.int8 and y.tolist() == [1, 1, 0]
-    ids, y = m.labels("AFC")
+    ids, y = m.labels(AFC)
     assert ids == ["a1", "b1", "c1"] and y.tolist() == [1, 0, 0]
     assert m.patients(["b1", "a2"]) == ["pB", "pA"] and m.centers(["c1"]) == ["C2"]
     assert m.abspath("b1") == tmp_path / "img/b1.png"
@@ -56,9 +60,8 @@ def test_accessors(tmp_path):
     with pytest.raises(ManifestError, match="no image_id 'zz'"):
         m.patients(["zz"])
     with pytest.raises(ManifestError, match="no column 'NY'"):
-        m.labels("NY")
-    with pytest.raises(ManifestError, match="unknown task 'nope'"):
-        m.labels("nope")
+        m.labels(get_task("NY"))
+    assert m.tasks([]) == [] and "columns=" in repr(m)
 
 
 def test_root_override_and_no_bbox(tmp_path):
@@ -70,7 +73,7 @@ def test_root_override_and_no_bbox(tmp_path):
 def test_labels_outside_mapping_raise_with_rows(tmp_path):
     m = load_manifest(_manifest(tmp_path, [*GOOD, "d1,img/d1.png,pD,C3,,,,,alive,"]))
     with pytest.raises(ManifestError, match=r"SYN labels outside \['ALIVE', 'DEATH'\] at rows 6"):
-        m.labels("SYN")
+        m.labels(SYN)
 
 
 def test_write_is_deterministic_and_atomic(tmp_path):
@@ -104,7 +107,7 @@ def test_write_is_deterministic_and_atomic(tmp_path):
 
 
 def test_valid_manifest_counts(tmp_path):
-    report = validate(_manifest(tmp_path, GOOD))
+    report = validate(_manifest(tmp_path, GOOD), tasks=TASKS)
     assert report.ok and report.errors == []
     assert (report.images, report.patients, report.centers) == (4, 3, {"C1": 2, "C2": 2})
     assert report.tasks == {"SYN": {"ALIVE": 1, "DEATH": 2}, "AFC": {"MILD": 2, "SEVERE": 1}}
@@ -115,7 +118,7 @@ def test_valid_manifest_counts(tmp_path):
 
 
 def test_duplicate_ids(tmp_path):
-    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1b.png,pB,C2,,,,,ALIVE,MILD"]))
+    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1b.png,pB,C2,,,,,ALIVE,MILD"]), tasks=TASKS)
     issue = _kinds(report)["duplicate_id"]
     assert issue.rows == [4, 6] and issue.ids == ["b1", "b1"]
 
@@ -123,7 +126,7 @@ def test_duplicate_ids(tmp_path):
 def test_duplicate_paths_are_refused(tmp_path):
     """A copied row (new image id and patient, same file) would put one image in train and test."""
     copies = ["x1,img/b1.png,pX,C2,,,,,DEATH,SEVERE", "x2,img/./a1.png,pY,C1,,,,,ALIVE,MILD"]
-    report = validate(_manifest(tmp_path, [*GOOD, *copies]))
+    report = validate(_manifest(tmp_path, [*GOOD, *copies]), tasks=TASKS)
     issue = _kinds(report)["duplicate_path"]
     assert issue.rows == [2, 4, 6, 7] and issue.ids == ["a1", "b1", "x1", "x2"]
     assert [i.kind for i in report.errors] == ["duplicate_path"]
@@ -134,13 +137,13 @@ def test_duplicate_paths_are_refused(tmp_path):
 def test_missing_files(tmp_path):
     path = _manifest(tmp_path, GOOD)
     (tmp_path / "img/a2.png").unlink()
-    issue = _kinds(validate(path))["missing_file"]
+    issue = _kinds(validate(path, tasks=TASKS))["missing_file"]
     assert issue.rows == [3] and issue.ids == ["a2"]
-    assert validate(path, check_files=False).ok
+    assert validate(path, check_files=False, tasks=TASKS).ok
 
 
 def test_labels_outside_mapping(tmp_path):
-    report = validate(_manifest(tmp_path, [*GOOD, "d1,img/d1.png,pD,C3,,,,,Dead,MILD"]))
+    report = validate(_manifest(tmp_path, [*GOOD, "d1,img/d1.png,pD,C3,,,,,Dead,MILD"]), tasks=TASKS)
     issue = _kinds(report)["label_outside_mapping"]
     assert issue.rows == [6] and issue.ids == ["d1"] and "SYN" in issue.message
     assert report.tasks["SYN"] == {"ALIVE": 1, "DEATH": 2}  # the bad value is not counted as a class
@@ -148,13 +151,15 @@ def test_labels_outside_mapping(tmp_path):
 
 def test_conflicting_labels_per_patient(tmp_path):
     lines = [*GOOD, "a3,img/a3.png,pA,C1,,,,,ALIVE,SEVERE"]
-    kinds = _kinds(validate(_manifest(tmp_path, lines)))
+    kinds = _kinds(validate(_manifest(tmp_path, lines), tasks=TASKS))
     assert kinds["conflicting_labels"].rows == [2, 3, 6] and "SYN" in kinds["conflicting_labels"].message
-    assert len([i for i in validate(tmp_path / "manifest.csv").errors if i.kind == "conflicting_labels"]) == 1
+    errors = validate(tmp_path / "manifest.csv", tasks=TASKS).errors
+    assert len([i for i in errors if i.kind == "conflicting_labels"]) == 1
+    assert validate(tmp_path / "manifest.csv").errors == []  # no task given: labels are not checked
 
 
 def test_patient_in_two_centers(tmp_path):
-    issue = _kinds(validate(_manifest(tmp_path, [*GOOD, "c2,img/c2.png,pC,C3,,,,,,MILD"])))[
+    issue = _kinds(validate(_manifest(tmp_path, [*GOOD, "c2,img/c2.png,pC,C3,,,,,,MILD"]), tasks=TASKS))[
         "patient_in_two_centers"
     ]
     assert issue.rows == [5, 6] and issue.ids == ["c1", "c2"]
@@ -162,7 +167,7 @@ def test_patient_in_two_centers(tmp_path):
 
 def test_missing_required_columns(tmp_path):
     path = _manifest(tmp_path, ["a,a.png,ALIVE"], header="image_id,path,SYN")
-    report = validate(path)
+    report = validate(path, tasks=TASKS)
     issue = _kinds(report)["missing_columns"]
     assert "patient_id" in issue.message and "center" in issue.message
     with pytest.raises(ManifestError, match="no column 'patient_id'"):
@@ -171,7 +176,7 @@ def test_missing_required_columns(tmp_path):
 
 def test_bad_bbox_and_empty_values(tmp_path):
     lines = [*GOOD, "e1,img/e1.png,,C1,5,5,5,9,,", "e2,img/e2.png,pE,C1,1,2,x,4,,"]
-    kinds = _kinds(validate(_manifest(tmp_path, lines)))
+    kinds = _kinds(validate(_manifest(tmp_path, lines), tasks=TASKS))
     assert kinds["bad_bbox"].rows == [6, 7]
     assert kinds["empty_value"].rows == [6] and "patient_id" in kinds["empty_value"].message
     with pytest.raises(ManifestError, match=r"row 7 \(e2\): bbox .* is not four numbers"):
@@ -193,7 +198,7 @@ def test_malformed_files(tmp_path):
 
 
 def test_report_summary_is_one_line_and_raises(tmp_path):
-    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1b.png,pB,C2,,,,,Dead,MILD"]))
+    report = validate(_manifest(tmp_path, [*GOOD, "b1,img/b1b.png,pB,C2,,,,,Dead,MILD"]), tasks=TASKS)
     assert not report.ok and "\n" not in report.summary()
     with pytest.raises(ManifestError, match=r"2 errors \(duplicate_id, label_outside_mapping\)"):
         report.raise_for_errors()
@@ -213,7 +218,7 @@ def test_large_manifest_round_trip(tmp_path):
         for i in range(n)
     ]
     m = load_manifest(write_manifest(rows, tmp_path / "big.csv"))
-    report = validate(m, check_files=False)
+    report = validate(m, check_files=False, tasks=TASKS)
     assert report.images == n and report.nan["SYN"] == n // 3
     assert [i.kind for i in report.errors] == ["conflicting_labels"]  # p0 has ALIVE and DEATH images
 
@@ -230,7 +235,7 @@ def test_parquet_needs_pyarrow_or_round_trips(tmp_path):
             load_manifest(tmp_path / "m.parquet")
         return
     m = load_manifest(write_manifest(rows, tmp_path / "m.parquet"))
-    assert m.labels("SYN")[1].tolist() == [1]
+    assert m.labels(SYN)[1].tolist() == [1]
 
 
 def test_cli_validate(tmp_path):
@@ -261,7 +266,7 @@ def test_paths_outside_the_manifest_folder_are_refused(tmp_path, monkeypatch):
     for rel in ("img/a1.png", "img/a2.png", "img/b1.png", "img/c1.png"):
         (data / rel).parent.mkdir(exist_ok=True)
         (data / rel).write_bytes(b"img")
-    issue = _kinds(validate(path))["path_outside_root"]
+    issue = _kinds(validate(path, tasks=TASKS))["path_outside_root"]
     assert issue.rows == [6, 7] and issue.ids == ["x1", "x2"]  # x3 stays inside after normalising
     with pytest.raises(ManifestError, match=r"image paths outside the manifest's folder .* at rows 6, 7 "
                                             r"\(e.g. '../secret.png'\).*FEATCACHE_DATA_ROOTS"):
@@ -272,11 +277,11 @@ def test_paths_outside_the_manifest_folder_are_refused(tmp_path, monkeypatch):
     assert result.exit_code != 0 and "path_outside_root" in result.output
     monkeypatch.setenv("FEATCACHE_DATA_ROOTS", str(tmp_path))  # the explicit opt-in
     assert load_manifest(path).abspath("x1") == data / "../secret.png"
-    assert "path_outside_root" not in _kinds(validate(path))
+    assert "path_outside_root" not in _kinds(validate(path, tasks=TASKS))
 
 
 def test_empty_image_id_is_refused_at_load(tmp_path):
     path = _manifest(tmp_path, [*GOOD, ",img/e.png,pE,C1,,,,,ALIVE,"])
-    assert _kinds(validate(path))["empty_value"].rows == [6]
+    assert _kinds(validate(path, tasks=TASKS))["empty_value"].rows == [6]
     with pytest.raises(ManifestError, match=r"manifest.csv: empty image_id at rows 6; every image needs an id"):
         load_manifest(path)

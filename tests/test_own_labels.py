@@ -50,7 +50,7 @@ def test_task_for_checks_the_column(tmp_path):
     m = load_manifest(_with_died(tmp_path))
     spec = datasets.task_for(m, "died", "1")
     assert spec.classes == {"0": 0, "1": 1} and spec.cv == "kfold" and spec.has_centers and not spec.dataset
-    assert datasets.get_task("died") is spec and m.labels("died")[1].sum() > 0
+    assert datasets.get_task("died") is spec and m.labels(spec)[1].sum() > 0
     assert datasets.task_for(m, "SYN", "DEATH") is datasets.get_task("SYN")
     with pytest.raises(UsageError, match="positive class 'DEATH', not 'ALIVE'"):
         datasets.task_for(m, "SYN", "ALIVE")

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 from typer.testing import CliRunner
 
+from featcache.datasets import get_task
 from featcache.errors import ManifestError
 from featcache.manifest import load_manifest, validate
 from featcache.synth import make_cohort
@@ -36,7 +37,7 @@ def test_counts_imbalance_and_valid_manifest(tmp_path):
     assert report.patients == 25 and set(report.centers) == {"C1", "C2", "C3", "C4"}
     per_patient = Counter(m.patients(m.ids))
     assert set(per_patient.values()) <= {2, 3, 4} and len(m) == sum(per_patient.values())
-    ids, y = m.labels("SYN")
+    ids, y = m.labels(get_task("SYN"))
     label = dict(zip(m.patients(ids), y.tolist(), strict=True))
     assert len(ids) == len(m) and sum(label.values()) == 5  # exactly round(25 * 0.2) DEATH patients
     assert {c for c, positive in zip(m.centers(ids), y, strict=True) if positive} == set(report.centers)
@@ -93,7 +94,7 @@ def test_featcache_imaging_decodes_both_formats(tmp_path):
 
 def test_positive_patients_have_more_opacity(png_cohort):
     m = png_cohort
-    ids, y = m.labels("SYN")
+    ids, y = m.labels(get_task("SYN"))
     lower_lungs = []
     for image_id in ids:
         x0, y0, x1, y1 = m.bbox(image_id)
@@ -104,7 +105,7 @@ def test_positive_patients_have_more_opacity(png_cohort):
 
 def test_linear_probe_on_pixels_beats_chance(png_cohort):
     m = png_cohort
-    ids, y = m.labels("SYN")
+    ids, y = m.labels(get_task("SYN"))
     x = np.stack([_pixels(m, i).reshape(16, 4, 16, 4).mean(axis=(1, 3)).ravel() for i in ids])
     scores = cross_val_predict(
         LogisticRegression(max_iter=2000),
@@ -157,9 +158,7 @@ def test_cli_synth(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     m = load_manifest(out / "manifest.csv")
-    assert (
-        m.abspath(m.ids[0]).suffix == ".dcm" and sum(load_manifest(out / "manifest.csv").labels("SYN")[1]) > 0
-    )
+    assert m.abspath(m.ids[0]).suffix == ".dcm" and sum(m.labels(get_task("SYN"))[1]) > 0
     assert "valid" in result.output
 
     result = runner.invoke(app, ["synth", "--out", str(out), "--patients", "2", "--centers", "3"])
