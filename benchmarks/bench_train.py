@@ -222,7 +222,7 @@ def _fewshot_runs(manifest: Path, model: str, method: str, n: int, support: int,
     settings = TrainSettings(batch_size=support, warmup=5, checkpoint_every_s=1e9, adapter_dropout=0.0)
     the_plan = plan(manifest, "SYN", model, method=method, settings=settings, random_init=real, device="cpu",
                     folds=["fold0"], head_lrs=(1e-3,))
-    ids = load_manifest(manifest).labels("SYN")[0]
+    ids = list(the_plan.labels)
     by_class = {c: [i for i in ids if the_plan.labels[i] == c] for c in (0, 1)}
     held = tuple(by_class[0][-val // 2:] + by_class[1][-(val - val // 2):])
     runs = []

@@ -162,14 +162,13 @@ def _runs(manifest: Path, model: str, method: str, setup: Setup, n: int, train: 
 
     from adapters.images import load_images
     from adapters.plan import Run, TrainSettings, plan
-    from featcache.manifest import load_manifest
 
     real = not model.endswith("-tiny")
     settings = TrainSettings(batch_size=batch, warmup=5, checkpoint_every_s=1e9, adapter_dropout=0.0)
     rank = 8 if method in ("lora", "vera") else None
     the_plan = plan(manifest, "SYN", model, method=method, rank=rank, settings=settings, random_init=real,
                     device=setup.device, folds=["fold0"], head_lrs=(1e-3,))
-    ids = load_manifest(manifest).labels("SYN")[0]
+    ids = list(the_plan.labels)
     by_class = {c: [i for i in ids if the_plan.labels[i] == c] for c in (0, 1)}
     held = tuple(by_class[0][: val // 2] + by_class[1][: val - val // 2])
     runs = []
