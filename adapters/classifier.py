@@ -27,12 +27,16 @@ class Classifier(nn.Module):
             self.head = head
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """The task head's parameters, wherever it sits (its own attribute, or the backbone's head slot, also
-        once peft has wrapped the backbone and prefixed its module names)."""
+        """The task head's own weight and bias, wherever it sits (its own attribute, or the backbone's head
+        slot, also once peft has wrapped the backbone and prefixed its module names). Not an adapter's tensors
+        in the slot: IA3 on a CNN scales the head's input (`fc`), and that vector is an adapter parameter like
+        every other IA3 vector, trained at the adapter LR (1e-4), not at the head LR."""
         if self.head is not None:
             return list(self.head.parameters())
-        slot = f".{self.backbone.spec.head}."
-        return [p for name, p in self.backbone.model.named_parameters() if f".{name}".find(slot) >= 0]
+        inner = self.backbone.model
+        slot = (inner.get_base_model() if hasattr(inner, "get_base_model") else inner).get_submodule(
+            self.backbone.spec.head)
+        return list(getattr(slot, "base_layer", slot).parameters())  # peft keeps the wrapped Linear there
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head is None:

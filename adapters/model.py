@@ -2,7 +2,10 @@
 
 One rule decides both what runs in eval mode and what a checkpoint holds: modules whose parameters are all
 frozen run in eval mode (a frozen backbone's batch-norm statistics and dropout stay fixed: LP and LoRA on a CNN
-do not drift its statistics); the trainable parameters and the buffers of modules in train mode are mutable.
+do not drift its statistics), and so does batch norm unless all its parameters train (FFT): BitFit trains the
+batch-norm biases on the backbone's own running statistics, so it changes biases only, as it declares, and its
+numbers do not depend on how a batch is split into micro-batches or processes. The trainable parameters and the
+buffers of modules in train mode are mutable.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from featcache.errors import UsageError
 
 
 def frozen_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules with parameters or buffers, none of them trainable: they run in eval mode (see module doc)."""
+    """Modules that run in eval mode (see module doc): those with parameters or buffers, none of them
+    trainable, and batch norm with a frozen parameter (BitFit's frozen scale beside its trained bias)."""
     found = []
     for module in model.modules():
-        params = list(module.parameters())
-        if (params or list(module.buffers())) and not any(p.requires_grad for p in params):
+        trains = [p.requires_grad for p in module.parameters()]
+        if (trains or list(module.buffers())) and not any(trains):
+            found.append(module)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not all(trains):
             found.append(module)
     return found
 

@@ -11,7 +11,7 @@ dimension into the batch of every frozen layer and batches the adapted ones). Ea
 so its gradient is its own. A run that stops frees its slot for the next one.
 
 Exact by construction where every sample is computed alone: frozen batch norm (eval mode), no active dropout.
-Batch norm that trains (BitFit or FFT on a CNN) mixes a batch's rows, and dropout masks are drawn per call, so
+Batch norm that trains (FFT on a CNN) mixes a batch's rows, and dropout masks are drawn per call, so
 such requests run one at a time with one line saying why (`why_not_packable`). Attention runs eagerly (fused
 scaled-dot-product attention has no vmap batching rule and would loop over the runs). Records, keys, checkpoints
 and artefacts are those of unpacked runs; a record's wall time is its share of the pack's, and its provenance
@@ -201,9 +201,10 @@ class Packer:
 
 
 def train_packed(plan: TrainPlan, runs: Sequence[Run], images: Images, out: Path, accelerator: Accelerator,
-                 weights: str | Path | None, random_init: bool, progress: TrainProgress | None
-                 ) -> tuple[list[RunRecord], list[str]]:
-    """Train ``runs`` (none recorded yet) ``plan.settings.pack`` at a time; the records, and notes on how."""
+                 weights: str | Path | None, random_init: bool, progress: TrainProgress | None,
+                 note: Note) -> tuple[list[RunRecord], list[str]]:
+    """Train ``runs`` (none recorded yet) ``plan.settings.pack`` at a time; the records, and notes on how
+    (``note`` gets the trainers' own notes, as unpacked)."""
     from adapters.train import _train_run, end_run, start_run
 
     settings = plan.settings
@@ -215,7 +216,7 @@ def train_packed(plan: TrainPlan, runs: Sequence[Run], images: Images, out: Path
     if why is not None:
         notes.append(f"--pack: {plan.spec.name} {plan.method.name} runs one at a time: {why}")
         del base
-        return [_train_run(plan, run, images, out, accelerator, weights, random_init, progress)
+        return [_train_run(plan, run, images, out, accelerator, weights, random_init, progress, note)
                 for run in runs], notes
     packer = Packer(plan, images, out, accelerator, base, min(settings.pack, len(runs)), notes.append)
     queue = list(runs)
@@ -231,7 +232,7 @@ def train_packed(plan: TrainPlan, runs: Sequence[Run], images: Images, out: Path
             if not queue or len(active) >= packer.width:
                 break
             while queue and len(active) < packer.width:
-                active.append(start_run(plan, queue.pop(0), packer.shell(), images, out, accelerator))
+                active.append(start_run(plan, queue.pop(0), packer.shell(), images, out, accelerator, note))
         if not active:
             continue
         started = time.perf_counter()

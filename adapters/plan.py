@@ -24,8 +24,9 @@ from featcache.splits import Splits, load_splits
 TASK_BATCH = {"AFC": 128, "AFC_death": 128, "NY": 128, "NY_icu": 128, "CoCross": 64, "CAR": 32}
 DEFAULT_BATCH = 32
 FEWSHOT_DRAWS = 10
-VALIDATION = {"full": "fold validation part",
-              "fewshot": "fold validation part less the support set's patients"}
+# Few-shot support sets come from the fold's train part (`featcache.splits`): every draw validates on the whole
+# validation part, as full data does; a fold whose part cannot validate has its levels skipped in the split file.
+VALIDATION = {"full": "fold validation part", "fewshot": "fold validation part, whole (support from train part)"}
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,6 @@ class TrainPlan:
     skipped: tuple[str, ...]
 
 
-def _fewshot_val(splits: Splits, manifest: Manifest, fold, support: Sequence[str]) -> tuple[str, ...]:
-    taken = set(manifest.patients(support))
-    return tuple(i for i, p in zip(fold.val, manifest.patients(fold.val), strict=True) if p not in taken)
-
-
 def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str | Method, rank: int | None = None,
          full: bool = True, shots: Sequence[int] = (), draws: int | None = None, per_center: bool = False,
          folds: Sequence[str] | None = None, head_lrs: Sequence[float] = HEAD_LRS,
@@ -139,7 +135,8 @@ def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str 
          device: str = "auto", positive: str | None = None) -> TrainPlan:
     """Every run a request names, with its key; no model is built and no image read. Refuses, in one line, a
     method that does not apply to the backbone, a rank where it has none, and shot levels a fold cannot
-    supply."""
+    supply; levels the split file skipped (too few patients, or a validation part that cannot validate) are
+    listed in ``skipped`` with the split file's reason."""
     manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     spec, the_method = get_spec(model), get_method(method)
     rank = the_method.rank_for(rank)
@@ -173,15 +170,11 @@ def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str 
                 if draws is not None and draws > len(drawn):
                     raise SplitError(f"task {task} {fold.name}: {draws} draws asked, the split file has "
                                      f"{len(drawn)}")
-                sets = [(r, tuple(s), _fewshot_val(splits, manifest, fold, s))
-                        for r, s in enumerate(drawn[: draws or FEWSHOT_DRAWS])]
+                sets = [(r, tuple(s), fold.val) for r, s in enumerate(drawn[: draws or FEWSHOT_DRAWS])]
             support = [i for _, train, _ in sets for i in train] if k is not None else []
             drawn_counts = drawn_patients(manifest.patients(support), [labels[i] for i in support]) if support \
                 else None
             for draw, train, val in sets:
-                if not val:
-                    raise SplitError(f"task {task} {fold.name} k={k} draw {draw}: no validation image is left "
-                                     "once the support set's patients are removed")
                 for lr in head_lrs:
                     the_regime = "full" if k is None else regime
                     options = settings.options(the_method, task, float(lr), rank, precision, the_regime)

@@ -22,12 +22,13 @@ from torch import nn
 from adapters.classifier import Classifier
 from adapters.images import Images
 from adapters.model import frozen_modules, mutable_names, set_train_mode
-from adapters.plan import Run, TrainPlan
+from adapters.plan import Run, TrainPlan, TrainSettings
 from featcache.backbones import count_parameters
 from featcache.errors import SplitError
 from featcache.fileio import atomic_write
 from featcache.metrics import evaluate
 from featcache.records import RunRecord
+from featcache.splits import support_digest
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -49,6 +50,51 @@ def batches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]
     if len(parts) > 1 and len(parts[-1]) == 1:
         parts[-2] = torch.cat([parts[-2], parts.pop()])
     return parts
+
+
+def make_plateau(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> torch.optim.lr_scheduler.LRScheduler:
+    """PyTorch's ``ReduceLROnPlateau`` with its defaults, as the benchmark's code used it (see `observe`)."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=settings.plateau_factor,
+                                                      patience=settings.plateau_patience, min_lr=settings.min_lr)
+
+
+def observe(state: _State, plateau: torch.optim.lr_scheduler.ReduceLROnPlateau, val_loss: float,
+            settings: TrainSettings) -> bool:
+    """Book one epoch's validation loss; True when it is the new best (the caller keeps those weights).
+
+    Two definitions of "better", each the benchmark's library's, on purpose:
+    - best epoch and early stop: a strictly lower validation loss than every epoch before, warm-up included;
+      the run stops after ``patience`` consecutive epochs without one (on the ``patience``-th);
+    - LR plateau (PyTorch ``ReduceLROnPlateau``, mode min, relative threshold 1e-4): stepped from the last
+      warm-up epoch on, a loss is better only below ``best * (1 - 1e-4)`` of its own best (kept since then);
+      the LR is cut (x ``plateau_factor``, floor ``min_lr``) on the ``plateau_patience + 1``-th consecutive
+      epoch that is not, and its count restarts after a cut. A loss 0.005 % below the best thus resets early
+      stopping but not the plateau count.
+    """
+    improved = val_loss < state.best_loss
+    if improved:
+        state.best_loss, state.best_epoch, state.bad_epochs = val_loss, state.epoch, 0
+    else:
+        state.bad_epochs += 1
+    if state.epoch + 1 >= settings.warmup:
+        plateau.step(val_loss)
+    state.epoch += 1
+    return improved
+
+
+def batch_norm_note(model: nn.Module, accumulate: int, processes: int, synced: bool) -> str | None:
+    """Why accumulation or several processes change a run's numbers, or None where they do not: a batch-norm
+    module in train mode (FFT on a CNN) normalises each micro-batch, and each process's share of a batch, with
+    that part's own statistics, unless processes share them (synchronised batch norm, CUDA only)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        return None
+    parts = [f"--accumulate {accumulate} (statistics per micro-batch)"] if accumulate > 1 else []
+    if processes > 1 and not synced:
+        parts.append(f"{processes} processes without synchronised batch norm (CPU/gloo: statistics per process)")
+    if not parts:
+        return None
+    return ("batch norm trains in this run, so its numbers differ slightly from one process without "
+            "accumulation: " + "; ".join(parts))
 
 
 @dataclass
@@ -78,9 +124,10 @@ class Trainer:
         optimizer, self.base_lrs = _adam(model, run.head_lr, settings.backbone_lr_for(plan.method))
         self.ddp, self.optimizer = accelerator.prepare(_placed(model, plan.spec.family, accelerator), optimizer)
         self.frozen = frozen_modules(self.ddp)
-        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer.optimizer, factor=settings.plateau_factor, patience=settings.plateau_patience,
-            min_lr=settings.min_lr)
+        self.plateau = make_plateau(self.optimizer.optimizer, settings)
+        set_train_mode(self.ddp, self.frozen)
+        synced = any(isinstance(m, nn.SyncBatchNorm) for m in self.ddp.modules())
+        self.note = batch_norm_note(self.ddp, settings.accumulate, accelerator.num_processes, synced)
         parts = (("train", run.train), ("val", run.val), ("test", run.test))
         self.y = {part: torch.tensor([plan.labels[i] for i in ids], dtype=torch.long) for part, ids in parts}
         self.rows = {part: images.rows(ids) for part, ids in parts}
@@ -192,18 +239,12 @@ class Trainer:
 
     def end_epoch(self, train_loss: float, val_loss: float, seconds: float) -> None:
         """Book an epoch's losses: best epoch (and its weights), early-stop count, plateau rule."""
-        settings, state = self.plan.settings, self.state
+        state = self.state
         state.train_loss.append(train_loss)
         state.val_loss.append(val_loss)
         state.lr.append(self.optimizer.param_groups[0]["lr"])
-        if val_loss < state.best_loss:
-            state.best_loss, state.best_epoch, state.bad_epochs = val_loss, state.epoch, 0
+        if observe(state, self.plateau, val_loss, self.plan.settings):
             state.best = self._mutable()
-        else:
-            state.bad_epochs += 1
-        if state.epoch + 1 >= settings.warmup:
-            self.plateau.step(val_loss)
-        state.epoch += 1
         state.elapsed_s += seconds
 
     def report(self, progress: TrainProgress | None) -> None:
@@ -251,6 +292,7 @@ class Trainer:
             metrics=evaluate(self.y["test"].numpy(), s_test, self.y["val"].numpy(), s_val,
                              patients=plan.manifest.patients(test)),
             wall_time_s=state.elapsed_s, trainable_params=self.trainable, total_params=self.total,
+            support_from=None if run.regime == "full" else plan.splits.support_from,
             training={"best_epoch": state.best_epoch + 1, "val_loss": state.best_loss,
                       "epochs_run": state.epoch,
                       "stopped": "early" if state.bad_epochs >= plan.settings.patience else "max-epochs",
@@ -259,7 +301,9 @@ class Trainer:
                         "images": self.images.source, "n_train": len(run.train), "n_val": len(run.val),
                         "trainable_share": self.trainable / self.total, "processes": self.acc.num_processes,
                         "device": self.acc.device.type, "threshold": "validation scores of the tested model",
-                        **({"drawn_patients": run.drawn} if run.drawn else {})},
+                        **({"drawn_patients": run.drawn} if run.drawn else {}),
+                        **({"support": support_digest(run.train)} if run.regime != "full" else {}),
+                        **({"batch_norm": self.note} if self.note else {})},
         )
 
 

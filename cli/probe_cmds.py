@@ -55,14 +55,16 @@ def _mean_std(summary: Summary) -> str:
 
 def _table(records: list[RunRecord], title: str) -> Table:
     """Mean ± std over folds (few-shot draws averaged within each fold first) per level; MCC at the held-out
-    threshold (full data) or 0.5 (few-shot); AP = average precision."""
+    threshold (full data: cross-fit of train + val; few-shot: the fold's validation part); AP = average
+    precision."""
     table = Table(title=title, box=box.SIMPLE_HEAD, caption="mean ± std over folds (draws averaged per fold); "
-                  "MCC: threshold from held-out scores (full data) or 0.5 (few-shot); AP: average precision")
+                  "MCC: threshold from held-out scores (full data: cross-fit of train + val; few-shot: the fold's "
+                  "validation part); AP: average precision")
     for name in ("regime", "k", "runs", "MCC", "AP", "C (median)", "C rule"):
         table.add_column(name, justify="left" if name in ("regime", "C rule") else "right")
     for row in summarize_records(records, ("mcc", "mcc_val_thr", "average_precision")):
         level = [r for r in records if (r.regime, r.shots) == (row["regime"], row["shots"])]
-        mcc = row["mcc_val_thr"] if row["regime"] == "full" else row["mcc"]
+        mcc = row["mcc_val_thr"]
         median_c = np.median([r.provenance.get("C", np.nan) for r in level])
         rules = ", ".join(sorted({str(r.provenance.get("C_rule")) for r in level}))
         k = "–" if row["shots"] is None else str(row["shots"])

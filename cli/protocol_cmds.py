@@ -23,6 +23,7 @@ from featcache.records import (
     write_results,
     write_summary,
 )
+from featcache.splits import OLD_SUPPORT_FROM
 
 if TYPE_CHECKING:
     from featcache import splits as splits_lib
@@ -193,7 +194,10 @@ KEYS = {
     "fewshot": "few-shot draws averaged within each fold first; draw sd: MCC@0.5 std over the draws of a fold "
                "(mean over folds); drawn: fewest distinct patients per class (positive/negative) the draws of a "
                "fold came from",
-    "mcc_val_thr": "MCC@val: threshold chosen on held-out scores of the tested model (full data)",
+    "mcc_val_thr": "MCC@val: threshold chosen on held-out scores of the tested model (few-shot: the fold's "
+                   "validation part)",
+    "old_rule": "old rule: few-shot runs whose support sets were drawn from train + validation patients, shown "
+                "apart; remake the splits (`featcache splits`) and rerun them",
     "average_precision": "AP: average precision",
     "pr_auc_trapezoid": "PR trapz: trapezoid area under the precision-recall curve",
 }
@@ -205,6 +209,8 @@ def _key_line(summary: list[dict], shown: list[str], level: str) -> str:
     parts = [f"{level} level ({scope}); mean ± std over folds"]
     if any(row["shots"] is not None for row in summary):
         parts.append(KEYS["fewshot"])
+    if any(row["support_from"] == OLD_SUPPORT_FROM for row in summary):
+        parts.append(KEYS["old_rule"])
     parts += [KEYS[name] for name in shown if name in KEYS]
     return "; ".join(parts)
 
@@ -229,6 +235,7 @@ def _results_table(where: str, summary: list[dict], metrics: list[str], runs: in
         cells = {"task": row["task"], "backbone": row["backbone"],
                  "method": f"{row['method']} #{variant}" if variant else row["method"]}
         regime = row["regime"] if row["shots"] is None else f"{row['regime']} k={row['shots']}"
+        regime += " (old rule)" if row["support_from"] == OLD_SUPPORT_FROM else ""
         extra = []
         if fewshot:
             spread = row[f"{mcc}_draw_std"] if mcc else float("nan")

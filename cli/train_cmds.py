@@ -75,17 +75,21 @@ def train(
     backbone_lr: float | None = typer.Option(None, "--backbone-lr",
                                              help="Backbone/adapter LR (default: FFT 1e-5, PEFT 1e-4)."),
     max_epochs: int = typer.Option(1000, "--max-epochs", min=1, help="Epoch limit."),
-    patience: int = typer.Option(100, "--patience", min=1, help="Early stop after this many epochs "
-                                                                "without a lower validation loss."),
+    patience: int = typer.Option(100, "--patience", min=1, help="Early stop after this many consecutive "
+                                                                "epochs without a strictly lower validation "
+                                                                "loss (warm-up counts)."),
     warmup: int = typer.Option(50, "--warmup", min=0, help="Linear LR warm-up epochs."),
     plateau_patience: int = typer.Option(25, "--plateau-patience", min=1,
-                                         help="LR x0.1 after this many epochs without improvement (floor 1e-8)."),
+                                         help="PyTorch ReduceLROnPlateau after warm-up: LR x0.1 (floor 1e-8) on "
+                                              "the (N+1)-th consecutive epoch whose loss is not below its best "
+                                              "x (1 - 1e-4); the count restarts after a cut."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
                                           help="Images per step (default per task: 128 AFC/NY, 64 CoCross, "
                                                "32 CAR and others)."),
     accumulate: int = typer.Option(1, "--accumulate", min=1,
-                                   help="Split each batch into this many micro-batches (same result, less "
-                                        "memory)."),
+                                   help="Split each batch into this many micro-batches: same result, less "
+                                        "memory, except where batch norm trains (fft on a CNN: statistics per "
+                                        "micro-batch; said in one line)."),
     seed: int = typer.Option(42, "--seed", help="Seed of head/adapter init, dropout and batch order."),
     augment: bool = typer.Option(False, "--augment", help="Random flips and small affine jitter (off: the "
                                                           "benchmark's setting)."),
@@ -110,13 +114,16 @@ def train(
     Defaults, one per line (the benchmark's):
     - class-weighted cross-entropy; Adam; head LR grid 1e-2,1e-3,1e-4, one run each;
     - backbone LR 1e-5 (fft) or 1e-4 (lora, vera, bitfit, ia3); lp trains the head only;
-    - up to 1000 epochs; 50 warm-up epochs; LR x0.1 on a 25-epoch plateau (floor 1e-8);
-    - early stop after 100 epochs without a lower validation loss; the best epoch's weights are tested;
+    - up to 1000 epochs; 50 warm-up epochs; LR x0.1 (floor 1e-8) on the 26th epoch without a loss below the
+      plateau's best x (1 - 1e-4), counted after warm-up (PyTorch ReduceLROnPlateau);
+    - early stop after 100 epochs without a strictly lower validation loss; the best epoch's weights are tested;
     - MCC threshold from the same model's validation scores;
-    - few-shot: trains on the support set; validation = the fold's validation part less the support patients;
-    - frozen modules stay in eval mode; no augmentation; seed 42.
+    - few-shot: trains on the support set (from the fold's train part); validates on the fold's whole
+      validation part; folds whose validation part cannot validate are skipped;
+    - frozen modules and BitFit's batch norm stay in eval mode; no augmentation; seed 42.
     Recorded runs in --out are read back; an interrupted run resumes from its last checkpoint.
-    Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes), or pack
+    Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes); equal to one
+    process except where batch norm trains (fft on a CNN) without CUDA's synchronised batch norm. Or pack
     many small runs into one pass with --pack N (exact where no dropout or training batch norm is active).
     `featcache results` picks the head LR by mean validation loss.
     """
@@ -147,7 +154,9 @@ def train(
                            shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
                            folds=_folds(fold), head_lrs=positive_floats(head_lr, "--head-lr"),
                            settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
-                           device=device, progress=lines, positive=positive)
+                           device=device, progress=lines, positive=positive,
+                           note=lambda line: console.print(f"[yellow]note[/] {line}", highlight=False)
+                           if rank0() else None)
     finally:
         lines.close()
     if not rank0():

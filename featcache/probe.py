@@ -17,12 +17,14 @@ Protocol defaults (each is recorded in the run records' options or provenance):
   ``INNER_FOLDS``-fold patient-grouped cross-fit on train + validation at the chosen C
   (``metrics.choose_threshold``). Without ``refit`` the train-only model is tested and its own validation
   scores give the threshold. The rule is ``options["threshold"]``.
-- Few-shot: nothing beyond the support set is used. With at least ``INNER_CV_MIN`` patients per class in the
-  support set (k >= 8 in the standard draws), C is chosen by ``INNER_FOLDS``-fold cross-validation inside it
-  (stratified, patient-grouped, pooled out-of-fold scores, same metric and tie rule). With fewer, an inner
-  fold would hold one or two images per class and the choice would be noise, so C = ``FIXED_C`` = 1,
-  scikit-learn's default; with n << D and standardised features the test metrics at k <= 4 barely move across
-  the grid. The threshold is 0.5; with no validation part ``mcc_val_thr`` is NaN.
+- Few-shot: the support set (drawn from the fold's train part, `featcache.splits`) is the only training data;
+  every C is fitted on it and scored on the fold's whole validation part, the same part every draw of the fold
+  and stage 2 validate on; C is chosen there (same metric and tie rule as full data) and the support-only model
+  at that C is tested, its own validation scores setting the MCC threshold. Not inner cross-validation on the
+  support set: at k <= 8 an inner fold holds one or two images per class, so its choice is noise, and even at
+  k = 32 the support set is smaller than a typical validation part, which is also what early stopping, the
+  head LR and the threshold of the fine-tuned runs use. No refit on support + validation: the validation
+  patients would become training data, which the few-shot rule (subsample the training data) excludes.
 """
 
 from __future__ import annotations
@@ -44,13 +46,11 @@ from featcache.manifest import Manifest, load_manifest
 from featcache.metrics import binary_metrics, evaluate
 from featcache.records import PROBE_METHOD, RunRecord, drawn_patients, read_record, record_path, run_key, write_record
 from featcache.solver import LogisticFit, fit_indexed, fit_sklearn
-from featcache.splits import SHOTS, Splits, load_splits
+from featcache.splits import SHOTS, Splits, load_splits, support_digest
 from featcache.store import default_store, find_feature_group, load_features
 
 C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))
-FIXED_C = 1.0
 INNER_FOLDS = 4
-INNER_CV_MIN = 8
 SELECT = ("mcc", "average_precision")
 SELECT_ALIASES = {"pr_auc": "average_precision", "pr-auc": "average_precision", "ap": "average_precision"}  # the
 # benchmark's name for average precision is PR-AUC
@@ -60,6 +60,7 @@ THRESHOLD_RULES = {
     True: f"cross-fit: {INNER_FOLDS}-fold patient-grouped out-of-fold scores on train+val at the chosen C",
     False: "validation scores of the tested (train-only) model",
 }
+FEWSHOT_THRESHOLD = "validation scores of the tested (support-only) model"
 TIE_BREAK = f"metric within {TIE:g} of the best, then lowest class-balanced validation log-loss, then smaller C"
 
 Progress = Callable[[str, int, int], None]  # (level label, levels done, levels in all)
@@ -67,12 +68,12 @@ Progress = Callable[[str, int, int], None]  # (level label, levels done, levels 
 
 @dataclass(frozen=True)
 class ProbeOptions:
-    """How probes are fitted; ``select`` and ``solver`` define a run (they enter its key), ``device`` not."""
+    """How probes are fitted; ``select`` and ``solver`` define a run (they enter its key), ``device`` not;
+    ``refit`` applies to full-data runs only."""
 
     select: str = "mcc"
     solver: str = "torch"
     grid: tuple[float, ...] = C_GRID
-    fixed_c: float = FIXED_C
     refit: bool = True
     device: str = "auto"
 
@@ -86,22 +87,17 @@ class ProbeOptions:
             raise ValueError(f"the C grid needs positive finite values, got {list(self.grid)}")
         object.__setattr__(self, "grid", grid)
 
-    def defining(self, view: str) -> dict:
-        """The options a run record carries and its key hashes."""
-        return {
-            "head": "l2-logreg",
-            "view": view,
-            "solver": self.solver,
-            "select": self.select,
-            "C_grid": [float(f"{c:.6g}") for c in self.grid],
-            "fixed_C": self.fixed_c,
-            "tie_break": TIE_BREAK,
-            "refit": "train+val" if self.refit else "none",
-            "threshold": THRESHOLD_RULES[self.refit],
-            "standardize": "train-rows",
-            "class_weight": "balanced",
-            "inner_cv": f"{INNER_FOLDS}-fold when >= {INNER_CV_MIN} patients per class",
-        }
+    def defining(self, view: str, regime: str = "full") -> dict:
+        """The options a run record carries and its key hashes. Few-shot runs say that C and the threshold come
+        from the validation part; full-data options are those of earlier versions, word for word, so their keys
+        change only where the split file does (the last two entries described the old few-shot rule)."""
+        common = {"head": "l2-logreg", "view": view, "solver": self.solver, "select": self.select,
+                  "C_grid": [float(f"{c:.6g}") for c in self.grid], "tie_break": TIE_BREAK,
+                  "standardize": "train-rows", "class_weight": "balanced"}
+        if regime != "full":
+            return common | {"C_on": "validation", "refit": "none", "threshold": FEWSHOT_THRESHOLD}
+        return common | {"refit": "train+val" if self.refit else "none", "threshold": THRESHOLD_RULES[self.refit],
+                         "fixed_C": 1.0, "inner_cv": f"{INNER_FOLDS}-fold when >= 8 patients per class"}
 
 
 
@@ -120,7 +116,7 @@ class Fitted:
 
     scores: np.ndarray
     C: float
-    rule: str  # "validation", "inner-cv" or "fixed"
+    rule: str  # "validation" (records of earlier versions: "inner-cv" or "fixed")
     converged: bool
     edge: str | None = None  # "lower" or "upper" when a selected C sits at that end of the grid
     thr_rows: np.ndarray | None = None
@@ -245,49 +241,27 @@ def inner_folds(y: np.ndarray, groups: np.ndarray, n_folds: int = INNER_FOLDS) -
     return fold
 
 
-def can_select(y: np.ndarray, groups: np.ndarray) -> bool:
-    """Whether a support set is large enough to choose C inside it: ``INNER_CV_MIN`` patients per class."""
-    return all(np.unique(groups[y == label]).size >= INNER_CV_MIN for label in (0, 1))
-
-
-def _inner_cv(X: np.ndarray, y: np.ndarray, groups: np.ndarray, supports: Sequence[np.ndarray],
-              options: ProbeOptions) -> np.ndarray:
-    """C per support set by cross-validation inside it: every C on each inner fold, pooled held-out scores."""
-    train, held = [], []
-    for rows in supports:
-        fold = inner_folds(y[rows], groups[rows])
-        train += [rows[fold != q] for q in range(INNER_FOLDS)]
-        held += [rows[fold == q] for q in range(INNER_FOLDS)]
-    fit = _fit(X, y, train, np.asarray(options.grid), options)
-    oof = [_proba(fit[i : i + 1], X[rows])[0] for i, rows in enumerate(held)]
-    owned = [slice(j * INNER_FOLDS, (j + 1) * INNER_FOLDS) for j in range(len(supports))]
-    pooled = [np.concatenate(oof[own], axis=1) for own in owned]
-    labels = [y[np.concatenate(held[own])] for own in owned]
-    return np.asarray(options.grid)[choose_c(pooled, labels, options.select)]
-
-
-def probe_fewshot(X: np.ndarray, y: np.ndarray, groups: np.ndarray, supports: Sequence[np.ndarray],
-                  tests: Sequence[np.ndarray], test_of: Sequence[int], options: ProbeOptions) -> list[Fitted]:
-    """Few-shot probes; support set ``supports[i]`` is scored on ``tests[test_of[i]]``, its fold's test part.
-
-    ``groups`` are patient ids (per row of X). All support sets are fitted in one batch; those of a fold are
-    scored on its test part in one product.
-    """
-    selectable = np.array([can_select(y[s], groups[s]) for s in supports], dtype=bool)
-    C = np.full(len(supports), options.fixed_c)
-    if selectable.any():
-        C[selectable] = _inner_cv(X, y, groups, [s for s, ok in zip(supports, selectable, strict=True) if ok],
-                                  options)
-    fit = _fit(X, y, supports, C[:, None], options)
-    test_of = np.asarray(test_of)
-    scores = np.empty(len(supports), dtype=object)
-    for t, rows in enumerate(tests):
-        members = np.flatnonzero(test_of == t)
-        scores[members] = list(_proba(fit[torch.from_numpy(members)], X[rows])[:, 0])
+def probe_fewshot(X: np.ndarray, y: np.ndarray, supports: Sequence[np.ndarray], vals: Sequence[np.ndarray],
+                  tests: Sequence[np.ndarray], fold_of: Sequence[int], options: ProbeOptions) -> list[Fitted]:
+    """Few-shot probes: support set ``supports[i]`` is fitted at every C of the grid (all in one batch), C is
+    chosen on its fold's validation rows ``vals[fold_of[i]]`` and the support-only model at that C is scored on
+    ``tests[fold_of[i]]``; its validation scores are kept for the MCC threshold."""
+    grid = np.asarray(options.grid)
+    fit = _fit(X, y, supports, grid, options)
+    fold_of = np.asarray(fold_of)
+    val_scores: list[np.ndarray] = [np.empty(0)] * len(supports)
+    test_scores: list[np.ndarray] = [np.empty(0)] * len(supports)
+    for f, (val, test) in enumerate(zip(vals, tests, strict=True)):
+        members = np.flatnonzero(fold_of == f)
+        if members.size:
+            of_fold = fit[torch.from_numpy(members)]
+            for i, v, t in zip(members, _proba(of_fold, X[val]), _proba(of_fold, X[test]), strict=True):
+                val_scores[i], test_scores[i] = v, t
+    choice = choose_c(val_scores, [y[vals[f]] for f in fold_of], options.select)
     return [
-        Fitted(scores[i], float(C[i]), "inner-cv" if selectable[i] else "fixed", bool(fit.converged[i].all()),
-               grid_edge(float(C[i]), options.grid) if selectable[i] else None)
-        for i in range(len(supports))
+        Fitted(test_scores[i][c], float(grid[c]), "validation", bool(fit.converged[i, c]),
+               grid_edge(float(grid[c]), options.grid), vals[fold_of[i]], val_scores[i][c])
+        for i, c in enumerate(choice)
     ]
 
 
@@ -368,7 +342,7 @@ class ProbeReport:
 
     def warn_edges(self, level: str, fitted: Sequence[Fitted], grid: Sequence[float]) -> None:
         """One line per level and grid end where a selected C landed on it."""
-        selected = sum(f.rule != "fixed" for f in fitted)
+        selected = len(fitted)
         for side, value in (("upper", grid[-1]), ("lower", grid[0])):
             hits = sum(f.edge == side for f in fitted)
             if hits:
@@ -397,7 +371,7 @@ class _Job:
         """Whether a run still has to be fitted; a recorded one is read back into the report instead. Under
         ``plan_only`` every run's key is noted and nothing is fitted or read."""
         key = run_key(task=self.task, backbone=self.data.backbone, method=PROBE_METHOD, fold=fold,
-                      seed=self.splits.seed, options=self.options.defining(self.view), regime=regime,
+                      seed=self.splits.seed, options=self.options.defining(self.view, regime), regime=regime,
                       shots=shots, draw=draw, splits_digest=self.digest, identity=self.data.identity)
         self.report.planned.append((regime, shots, key))
         if self.plan_only:
@@ -410,7 +384,8 @@ class _Job:
         return False
 
     def keep(self, fold: str, regime: str, shots: int | None, draw: int | None, fitted: Fitted,
-             test: np.ndarray, seconds: float, drawn: dict[str, int] | None = None) -> None:
+             test: np.ndarray, seconds: float, drawn: dict[str, int] | None = None,
+             support: Sequence[str] | None = None) -> None:
         """Score one fitted probe, write its record and add it to the report."""
         y_test = self.data.y[test]
         held = fitted.thr_rows is not None
@@ -419,21 +394,23 @@ class _Job:
         backbone = backbone_parameters(self.data.backbone)
         record = RunRecord(
             task=self.task, backbone=self.data.backbone, method=PROBE_METHOD, fold=fold, seed=self.splits.seed,
-            options=self.options.defining(self.view), regime=regime, shots=shots, draw=draw,
+            options=self.options.defining(self.view, regime), regime=regime, shots=shots, draw=draw,
             splits_digest=self.digest, identity=self.data.identity, test_ids=self.data.ids[test].tolist(),
             test_labels=y_test.tolist(), test_scores=fitted.scores.tolist(),
             test_patients=self.data.groups[test].tolist(),
             metrics=evaluate(y_test, fitted.scores, *scored, patients=self.data.groups[test]),
             wall_time_s=seconds, trainable_params=dim + 1,
             total_params=None if backbone is None else backbone + dim + 1,
+            support_from=None if regime == "full" else self.splits.support_from,
             provenance={"store": str(self.store), "weights": self.data.weights, "C": fitted.C,
                         "C_rule": fitted.rule, "C_edge": fitted.edge,
-                        "threshold": ("cross-fit" if self.options.refit else "validation") if held else "0.5",
+                        "threshold": "cross-fit" if regime == "full" and self.options.refit else "validation",
                         "converged": fitted.converged, "wall_time": "share of the level's batched solve",
                         "params": "trainable: the probe's coefficients and intercept; total: the frozen "
                                   "backbone as built plus the probe" + ("" if backbone is not None else
                                   " (backbone size unknown: total left empty)"),
-                        **({"drawn_patients": drawn} if drawn is not None else {})},
+                        **({"drawn_patients": drawn} if drawn is not None else {}),
+                        **({"support": support_digest(support)} if support is not None else {})},
         )
         write_record(record, self.out)
         self.report.records.append(record)
@@ -463,27 +440,29 @@ def _draws(job: _Job, fold, k: int, draws: int | None, per_center: bool) -> list
 
 
 def _run_fewshot(job: _Job, k: int, draws: int | None, per_center: bool) -> None:
+    """Every draw of level k in every fold; the draws of a fold share its validation part (C, threshold)."""
     regime, kind = ("fewshot-center", "fewshot_center") if per_center else ("fewshot", "fewshot")
-    todo, tests, drawn = [], [], {}
+    todo, vals, tests, drawn = [], [], [], {}
     for fold in job.splits.folds:
         if k in fold.skipped[kind]:
             job.report.skipped.append(f"{fold.name} k={k}: {fold.skipped[kind][k]}")
             continue
+        vals.append(job.data.rows(fold.val))
         tests.append(job.data.rows(fold.test))
         sets = _draws(job, fold, k, draws, per_center)
         pool = job.data.rows([i for ids in sets for i in ids])
         drawn[fold.name] = drawn_patients(job.data.groups[pool], job.data.y[pool])
-        todo += [(fold.name, draw, job.data.rows(ids), len(tests) - 1)
+        todo += [(fold.name, draw, ids, len(tests) - 1)
                  for draw, ids in enumerate(sets) if job.pending(fold.name, regime, k, draw)]
     if not todo:
         return
     start = time.perf_counter()
-    fitted = probe_fewshot(job.data.X, job.data.y, job.data.groups, [t[2] for t in todo], tests,
+    fitted = probe_fewshot(job.data.X, job.data.y, [job.data.rows(t[2]) for t in todo], vals, tests,
                            [t[3] for t in todo], job.options)
     share = (time.perf_counter() - start) / len(todo)
     job.report.warn_edges(f"{regime} k={k}", fitted, job.options.grid)
-    for (name, draw, _, test), fit in zip(todo, fitted, strict=True):
-        job.keep(name, regime, k, draw, fit, tests[test], share, drawn=drawn[name])
+    for (name, draw, ids, test), fit in zip(todo, fitted, strict=True):
+        job.keep(name, regime, k, draw, fit, tests[test], share, drawn=drawn[name], support=ids)
 
 
 def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path | None = None,

@@ -7,8 +7,12 @@ folder of records into one tidy CSV (one row per run) for a spreadsheet or a plo
 Records written by older versions are read through :func:`migrate`: the cached probe's old method name "lp"
 becomes "probe" (so it is never mixed up with stage 2's end-to-end LP), ``pr_auc`` is renamed
 ``average_precision`` (what it always was), and metrics added since (patient level, trapezoid PR area) are
-computed from the stored per-image scores. A migrated record's key is computed from its migrated fields, so it
-differs from its file name; :func:`load_records` keeps one record per key.
+computed from the stored per-image scores, and a few-shot record that does not say which rule drew its support
+set says the old one (``support_from`` "train+val": every record before the rule field was made under it). A
+migrated record's key is computed from its migrated fields, so it differs from its file name;
+:func:`load_records` keeps one record per key.
+
+Summaries and head-LR selection group by ``support_from`` too: runs of different few-shot rules are never pooled.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ TRACKED = {
     "zarr": "zarr",
 }
 _CORE_COLUMNS = tuple(
-    "key task backbone method regime shots draw fold seed n_test wall_time_s trainable_params total_params "
-    "identity splits_digest created".split()
+    "key task backbone method regime shots support_from draw fold seed n_test wall_time_s trainable_params "
+    "total_params identity splits_digest created".split()
 )
 _IMAGE_METRICS = tuple(
     "mcc mcc_val_thr average_precision pr_auc_trapezoid roc_auc balanced_accuracy f1 sensitivity specificity "
@@ -57,7 +61,7 @@ _METRIC_ORDER = _IMAGE_METRICS + tuple(f"patient_{m}" for m in _IMAGE_METRICS) +
 # Selection outcome of a run (from its provenance) as results.csv columns: the C a probe chose, by which rule,
 # and whether it sat at an edge of the grid. Stage 2's head LR and best epoch are opt_head_lr, train_best_epoch.
 SELECTION = {"C": "selected_C", "C_rule": "C_rule", "C_edge": "C_at_grid_edge"}
-GROUP_BY = ("task", "backbone", "method", "options", "regime", "shots")
+GROUP_BY = ("task", "backbone", "method", "options", "regime", "shots", "support_from")
 PROBE_METHOD = "probe"  # the cached logistic probe of stage 1; never "lp", the end-to-end trained head of stage 2
 
 
@@ -167,6 +171,9 @@ class RunRecord:
     # Gradient-trained runs (stage 2): best_epoch, val_loss (at the best epoch), epochs_run, stopped ("early",
     # "max-epochs"), and curves {"train_loss": [...], "val_loss": [...]}, one value per epoch. Empty for probes.
     training: dict[str, Any] = field(default_factory=dict)
+    # What few-shot support sets were drawn from (`featcache.splits.SUPPORT_FROM`, from the split file); not in
+    # the key, which hashes the split file's digest already. None for full-data runs.
+    support_from: str | None = None
     versions: dict[str, str | None] = field(default_factory=lambda: dict(versions()))
     created: str = field(default_factory=_now)
 
@@ -230,6 +237,11 @@ def migrate(record: RunRecord) -> RunRecord:
     """Bring a record of an older version up to date in place; what changed is noted in
     ``provenance["migrated"]``. Values are renamed or recomputed from the stored scores, never guessed."""
     notes = []
+    if record.regime != "full" and record.support_from is None:
+        from featcache.splits import OLD_SUPPORT_FROM  # splits imports the dataset specs: only when needed
+
+        record.support_from = OLD_SUPPORT_FROM
+        notes.append(f"support_from {OLD_SUPPORT_FROM} (made before the rule was recorded)")
     if record.method == "lp" and record.options.get("head") == "l2-logreg":  # the cached probe, before 0.x
         record.method = PROBE_METHOD
         notes.append("method lp -> probe")
@@ -359,6 +371,7 @@ def _sort_key(record: RunRecord) -> tuple:
         _canonical(record.options),
         record.regime,
         record.shots or 0,
+        record.support_from or "",
         record.fold,
         record.draw if record.draw is not None else -1,
         record.seed,
@@ -396,7 +409,7 @@ def options_label(options: dict[str, Any]) -> str:
 
 def select_head_lr(records: list[RunRecord]) -> tuple[list[RunRecord], list[str]]:
     """Model selection for gradient-trained runs, on validation data only: per task x backbone x method x
-    options (less ``head_lr``) x regime x shots, keep the runs of the head LR whose mean validation loss
+    options (less ``head_lr``) x regime x shots x few-shot rule, keep the runs of the head LR whose mean validation loss
     (``training.val_loss``) over folds and draws is lowest. Runs without ``options.head_lr`` pass through.
     Returns the kept records and one line per group saying what was chosen."""
     groups: dict[tuple, dict[float, list[RunRecord]]] = {}
@@ -406,15 +419,17 @@ def select_head_lr(records: list[RunRecord]) -> tuple[list[RunRecord], list[str]
             kept.append(record)
             continue
         rest = {k: v for k, v in record.options.items() if k != "head_lr"}
-        label = (record.task, record.backbone, record.method, options_label(rest), record.regime, record.shots)
+        label = (record.task, record.backbone, record.method, options_label(rest), record.regime, record.shots,
+                 record.support_from)
         groups.setdefault(label, {}).setdefault(float(record.options["head_lr"]), []).append(record)
     notes = []
     for label, by_lr in groups.items():
         losses = {lr: float(np.mean([_val_loss(r) for r in runs])) for lr, runs in by_lr.items()}
         best = min(sorted(losses), key=lambda lr: (not math.isfinite(losses[lr]), losses[lr]))
         kept.extend(by_lr[best])
-        task, backbone, method, _, regime, shots = label
+        task, backbone, method, _, regime, shots, support_from = label
         level = regime if shots is None else f"{regime} k={shots}"
+        level += f" (support from {support_from})" if support_from else ""
         tried = ", ".join(f"{lr:g}: {losses[lr]:.4g}" for lr in sorted(losses))
         notes.append(f"{task} {backbone} {method} {level}: head LR {best:g} by mean validation loss ({tried})")
     return sorted(kept, key=_sort_key), notes
@@ -444,6 +459,7 @@ def summarize_records(records: list[RunRecord], metrics: tuple[str, ...] = ("mcc
             options_label(record.options),
             record.regime,
             record.shots,
+            record.support_from,
         )
         groups.setdefault(label, []).append(record)
     rows = []

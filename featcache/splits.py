@@ -1,7 +1,12 @@
 """Patient-level splits and few-shot support sets, computed once and persisted next to the manifest.
 
 Both stages read the same file, so a probe and a fine-tune on a task see the same folds, validation parts
-and few-shot draws. A split is a pure function of (image ids, labels, patients, centers, options, seed):
+and few-shot draws. Few-shot support sets are drawn from each fold's training part only (``SUPPORT_FROM``, the
+benchmark's rule: it subsampled the training data), so every draw of a fold validates on the same, whole
+validation part. A fold whose validation part holds fewer than ``MIN_VAL_PATIENTS`` patients of a class cannot
+set a threshold: its few-shot levels are skipped with that reason, so neither stage trains on them.
+
+A split is a pure function of (image ids, labels, patients, centers, options, seed):
 inputs are sorted by image id first, and every random choice comes from a NumPy generator seeded from
 (seed, stream, fold, k, draw), never from global state, so the same seed gives a byte-identical file and any
 one draw can be reproduced on its own.
@@ -20,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from featcache import datasets
 from featcache.errors import ManifestError, SplitError
@@ -33,7 +37,12 @@ DRAWS = 100
 SEED = 42
 SCHEMES = ("kfold", "loco")
 VAL_FRACTION = {"kfold": 0.15, "loco": 0.10}  # LoCo: ~10 % of the remaining centers, as in the benchmark
-FORMAT = 1
+FORMAT = 2  # 1: support sets drawn from train + val (refused: see `read_splits`)
+SUPPORT_FROM = "train"  # what support sets are drawn from; records carry it and summaries group by it
+OLD_SUPPORT_FROM = "train+val"  # the rule of format-1 files, and of the records made from them
+# Patients of each class a validation part needs to validate a few-shot run: with one, any threshold between
+# the two patients' scores scores perfectly, so the choice (and early stop on it) says nothing.
+MIN_VAL_PATIENTS = 2
 
 # Independent random streams: a change to one never shifts the draws of another.
 _VAL, _FEWSHOT, _FEWSHOT_CENTER = 0, 1, 2
@@ -44,7 +53,7 @@ _KINDS = ("fewshot", "fewshot_center")
 
 @dataclass(frozen=True)
 class Fold:
-    """One fold: disjoint train / val / test image ids and the few-shot draws from its train + val patients.
+    """One fold: disjoint train / val / test image ids and the few-shot draws from its train patients.
 
     ``fewshot[k][r]`` is draw ``r`` of a support set with ``k`` images per class, one image per patient;
     ``fewshot_center[k][r]`` has ``k`` per class per center. ``skipped`` maps ``"fewshot"`` /
@@ -58,11 +67,6 @@ class Fold:
     fewshot: dict[int, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     fewshot_center: dict[int, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     skipped: dict[str, dict[int, str]] = field(default_factory=lambda: {"fewshot": {}, "fewshot_center": {}})
-
-    @property
-    def pool(self) -> tuple[str, ...]:
-        """Train + val: the images few-shot support sets are drawn from."""
-        return tuple(sorted(self.train + self.val))
 
     def to_dict(self) -> dict:
         return {
@@ -108,6 +112,7 @@ class Splits:
     manifest_digest: str
     folds: tuple[Fold, ...]
     classes: tuple[str, ...] = ()  # (negative, positive) of an ad-hoc task; its labels are defined here
+    support_from: str = SUPPORT_FROM
 
     def fold(self, which: Fold | str | int) -> Fold:
         """A fold by object, name ("fold0", "center-A") or position."""
@@ -131,11 +136,11 @@ class Splits:
         return tuple(f.name for f in self.folds)
 
     def fewshot(self, fold: Fold | str | int, k: int) -> list[list[str]]:
-        """The R support sets of ``k`` images per class drawn from ``fold``'s train + val patients."""
+        """The R support sets of ``k`` images per class drawn from ``fold``'s train patients."""
         return self._draws(self.fold(fold), k, "fewshot")
 
     def fewshot_per_center(self, fold: Fold | str | int, k: int) -> list[list[str]]:
-        """The R support sets of ``k`` images per class per center drawn from ``fold``'s train + val."""
+        """The R support sets of ``k`` images per class per center drawn from ``fold``'s train patients."""
         return self._draws(self.fold(fold), k, "fewshot_center")
 
     def _draws(self, fold: Fold, k: int, kind: str) -> list[list[str]]:
@@ -153,6 +158,7 @@ class Splits:
         """The persisted form: options, ``manifest_digest``, and per fold its parts, draws and skipped k."""
         return {
             "format": FORMAT,
+            "support_from": self.support_from,
             "task": self.task,
             "scheme": self.scheme,
             "k": self.k,
@@ -175,8 +181,9 @@ class Splits:
 
     @classmethod
     def from_dict(cls, d: dict) -> Splits:
-        if d.get("format") != FORMAT:
-            raise SplitError(f"split format {d.get('format')!r} is not the supported format {FORMAT}")
+        if d.get("format") != FORMAT or d.get("support_from") != SUPPORT_FROM:
+            raise SplitError(f"split format {d.get('format')!r} (support sets from {d.get('support_from')!r}) is "
+                             f"not the supported format {FORMAT} (support sets from {SUPPORT_FROM!r})")
         return cls(
             task=d["task"],
             scheme=d["scheme"],
@@ -189,6 +196,7 @@ class Splits:
             manifest_digest=d["manifest_digest"],
             folds=tuple(Fold.from_dict(f) for f in d["folds"]),
             classes=tuple(d.get("classes", ())),
+            support_from=d["support_from"],
         )
 
 
@@ -263,6 +271,8 @@ def _kfold(cohort: _Cohort, k: int, seed: int) -> list[tuple[str, np.ndarray, np
             f"cohort allows --k {folds_allowed(per_class, validation=False)}, with a validation part "
             f"{folds_allowed(per_class, validation=True)})"
         )
+    from sklearn.model_selection import StratifiedGroupKFold  # scikit-learn only where folds are made
+
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [
         (f"fold{i}", pool, test)
@@ -284,10 +294,25 @@ def _loco(cohort: _Cohort) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def _n_val(n: int, fraction: float) -> int:
-    """Patients of one class for validation: rounded share, at least one while one stays for training."""
+    """Patients of one class for validation: rounded share, at least ``MIN_VAL_PATIENTS`` (the fewest that can
+    set a threshold) while one stays for training; one where the class has only two."""
     if fraction == 0 or n < 2:
         return 0
-    return int(min(max(np.floor(fraction * n + 0.5), 1), n - 1))
+    return int(min(max(np.floor(fraction * n + 0.5), MIN_VAL_PATIENTS), n - 1))
+
+
+def validation_shortfall(fold: str, labels: Sequence[int], patients: Sequence[str]) -> str | None:
+    """Why a fold's validation part (its images' labels and patients) cannot validate a few-shot run, or None:
+    no part at all, or fewer than ``MIN_VAL_PATIENTS`` patients of a class (a single-class part among them)."""
+    if not len(labels):
+        return f"{fold} has no validation part (made with --val-fraction 0), and few-shot runs validate on it"
+    labels, patients = np.asarray(labels), np.asarray(patients)
+    counts = [np.unique(patients[labels == c]).size for c in (0, 1)]
+    if min(counts) >= MIN_VAL_PATIENTS:
+        return None
+    held = " and ".join(f"{n} {_CLASS_NAMES[c]}" for c, n in enumerate(counts) if n < MIN_VAL_PATIENTS)
+    return (f"{fold}'s validation part holds {held} patient(s), fewer than the {MIN_VAL_PATIENTS} of each class "
+            "a validation threshold needs")
 
 
 def _carve_val(cohort: _Cohort, pool: np.ndarray, fraction: float, rng: np.random.Generator):
@@ -332,7 +357,7 @@ def _fewshot(pool: _Pool, fold_name: str, fold_no: int, shots: Iterable[int], dr
     for k in shots:
         short = [f"class {c} ({_CLASS_NAMES[c]}) has {s.size}" for c, s in enumerate(strata) if s.size < k]
         if short:
-            skipped[k] = f"{' and '.join(short)} patients in {fold_name}'s train+val, fewer than k={k}"
+            skipped[k] = f"{' and '.join(short)} patients in {fold_name}'s train part, fewer than k={k}"
             continue
         out[k] = tuple(pool.draw(_rng(seed, _FEWSHOT, fold_no, k, r), strata, k) for r in range(draws))
     return out, skipped
@@ -347,7 +372,7 @@ def _fewshot_center(pool: _Pool, fold_name: str, fold_no: int, shots: Iterable[i
         short = [f"{c}/{_CLASS_NAMES[lab]} {s.size}" for (c, lab), s in strata.items() if s.size < k]
         if short:
             skipped[k] = (
-                f"fewer than k={k} patients per class per center in {fold_name}'s train+val "
+                f"fewer than k={k} patients per class per center in {fold_name}'s train part "
                 f"(center/class patients: {', '.join(short)})"
             )
             continue
@@ -356,6 +381,12 @@ def _fewshot_center(pool: _Pool, fold_name: str, fold_no: int, shots: Iterable[i
             for r in range(draws)
         )
     return out, skipped
+
+
+def support_digest(ids: Iterable[str]) -> str:
+    """16 hex chars naming a support set (its sorted ids): records of both stages carry it, so a reader can
+    check that a probe and a fine-tune of one fold, level and draw trained on the same images."""
+    return hashlib.sha256("\n".join(sorted(map(str, ids))).encode("utf-8")).hexdigest()[:16]
 
 
 def _ids(cohort: _Cohort, idx: np.ndarray) -> tuple[str, ...]:
@@ -383,11 +414,13 @@ def make_splits(
 
     ``groups`` are patient ids: a patient's images always land in one part. ``scheme`` is "kfold"
     (StratifiedGroupKFold, shuffled with ``seed``) or "loco" (one fold per center). ``val_fraction`` of each
-    class's training patients form the validation part (default 0.15 for k-fold, 0.10 for LoCo). Few-shot sets
-    are drawn from train + val; ``per_center`` (default: when there are several centers) adds the draws with
-    ``center_shots`` per class per center. A shot level some class cannot fill is skipped and recorded; a
-    cohort too small for a validation part with both classes, or for any requested shot level at all, is
-    refused with what it does allow (:func:`folds_allowed`). The result passes :func:`check_splits`.
+    class's training patients form the validation part (default 0.15 for k-fold, 0.10 for LoCo; at least
+    ``MIN_VAL_PATIENTS`` per class where the class allows). Few-shot sets are drawn from the train part only;
+    ``per_center`` (default: when there are several centers) adds the draws with ``center_shots`` per class per
+    center. A shot level some class cannot fill is skipped and recorded, and so is every level of a fold whose
+    validation part cannot validate (:func:`validation_shortfall`); a cohort too small for a validation part
+    with both classes, or for any requested shot level at all, is refused with what it does allow
+    (:func:`folds_allowed`). The result passes :func:`check_splits`.
     """
     if scheme not in SCHEMES:
         raise SplitError(f"unknown cv scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
@@ -405,15 +438,21 @@ def make_splits(
     if per_center is None:
         per_center = np.unique(cohort.centers).size > 1
     parts = _kfold(cohort, k, seed) if scheme == "kfold" else _loco(cohort)
-    folds, pools = [], []
+    folds, pools, supports, shortfalls = [], [], [], []
     for no, (name, pool_idx, test_idx) in enumerate(parts):
         train_idx, val_idx = _carve_val(cohort, pool_idx, fraction, _rng(seed, _VAL, no))
-        pool = _Pool(cohort, pool_idx)
-        pools.append(pool)
-        fewshot, skipped = _fewshot(pool, name, no, shots, draws, seed)
+        pools.append(_Pool(cohort, pool_idx))
+        support = _Pool(cohort, train_idx)
+        supports.append(support)
+        shortfall = validation_shortfall(name, cohort.y[val_idx], cohort.patient[val_idx])
+        shortfalls.append(shortfall)
+        fewshot, skipped = _fewshot(support, name, no, shots, draws, seed)
         center_draws, center_skipped = (
-            _fewshot_center(pool, name, no, center_shots, draws, seed) if per_center else ({}, {})
+            _fewshot_center(support, name, no, center_shots, draws, seed) if per_center else ({}, {})
         )
+        if shortfall:  # drawn, then dropped: the other folds' draws do not depend on this one
+            fewshot, skipped = {}, dict.fromkeys(shots, shortfall)
+            center_draws, center_skipped = {}, dict.fromkeys(center_shots if per_center else (), shortfall)
         folds.append(
             Fold(
                 name,
@@ -437,7 +476,7 @@ def make_splits(
         manifest_digest=manifest_digest,
         folds=tuple(folds),
     )
-    _check_capacity(made, cohort, pools, explicit_center)
+    _check_capacity(made, cohort, pools, supports, explicit_center, shortfalls)
     check_splits(made, f"task {task}" if task else "splits", TaskLabels.of(ids, y, groups, centers))
     return made
 
@@ -453,25 +492,31 @@ def folds_allowed(per_class: Sequence[int], validation: bool) -> str:
     return str(fits[0]) if fits[0] == fits[-1] else f"{fits[0]}..{fits[-1]}"
 
 
-def _check_capacity(splits: Splits, cohort: _Cohort, pools: list[_Pool], explicit_center: bool) -> None:
+def _check_capacity(splits: Splits, cohort: _Cohort, pools: list[_Pool], supports: list[_Pool],
+                    explicit_center: bool, shortfalls: list[str | None]) -> None:
     """Refuse, with what the cohort does allow, splits a small cohort cannot fill: a validation part without
-    both classes, or few-shot levels of which not one could be drawn in any fold."""
+    both classes, few-shot levels no fold can validate, or few-shot levels of which not one could be drawn in
+    any fold."""
     where = f"task {splits.task}" if splits.task else "splits"
     per_class = np.bincount(cohort.patient_label, minlength=2)
     size = f"{per_class[0]} negative / {per_class[1]} positive patients"
     if splits.val_fraction > 0:
         _check_validation_room(splits, pools, per_class, where, size)
+    if (splits.shots or splits.center_shots) and all(shortfalls):
+        hint = "pass a validation share" if splits.val_fraction == 0 else "pass a larger --val-fraction"
+        raise SplitError(f"{where}: no fold can validate a few-shot run ({shortfalls[0]}); {hint}, or --shots '' "
+                         "--no-per-center for no few-shot draws")
     if splits.shots and not any(fold.fewshot for fold in splits.folds):
-        best = max(min(pool.patients_of(c).size for c in (0, 1)) for pool in pools)
+        best = max(min(pool.patients_of(c).size for c in (0, 1)) for pool in supports)
         raise SplitError(f"{where}: no few-shot level k={','.join(map(str, splits.shots))} can be drawn in any fold: "
-                         f"the folds' train+val hold at most {best} patient(s) of the smaller class ({size}); "
+                         f"the folds' train parts hold at most {best} patient(s) of the smaller class ({size}); "
                          + (f"pass --shots with k <= {best}, or --shots '' for none" if best else "pass --shots ''"))
     if explicit_center and splits.center_shots and not any(fold.fewshot_center for fold in splits.folds):
         best = max(min((pool.patients_of(c, site).size for site in np.unique(cohort.patient_center[pool.patients])
-                        for c in (0, 1)), default=0) for pool in pools)
+                        for c in (0, 1)), default=0) for pool in supports)
         levels = ",".join(map(str, splits.center_shots))
         raise SplitError(f"{where}: no per-center few-shot level k={levels} can be drawn in any fold: the folds' "
-                         f"train+val hold at most {best} patient(s) per class per center; "
+                         f"train parts hold at most {best} patient(s) per class per center; "
                          + (f"pass --center-shots with k <= {best}" if best else "pass --no-per-center"))
 
 
@@ -488,8 +533,8 @@ def _check_validation_room(splits: Splits, pools: list[_Pool], per_class: np.nda
         else:
             hint = f"with a validation part it allows --k {fits}" if fits != "none" else "too few for a validation part"
         raise SplitError(f"{where}: {fold.name}'s train+val holds {counts[c]} {_CLASS_NAMES[c]} patient(s), too few "
-                         f"to keep one for validation and one for training; the cohort has {size}, {hint}; or pass "
-                         "--val-fraction 0 (no validation part, few-shot only)")
+                         f"to keep one for validation and one for training; the cohort has {size}, {hint} (every "
+                         "run, full-data or few-shot, validates on its fold's validation part)")
 
 
 def describe(splits: Splits, ids: Sequence[str], y: Sequence[int], groups: Sequence[str]) -> list[dict]:
@@ -540,10 +585,11 @@ def _shown(items: Iterable[object]) -> str:
 def check_splits(splits: Splits, where: str, cohort: TaskLabels | None = None) -> None:
     """Refuse, in one line naming ``where``, the fold and the ids, a split file that could leak or mislead.
 
-    Without a cohort: parts share no image, few-shot draws lie inside their fold's train + val, train and
+    Without a cohort: parts share no image, few-shot draws lie inside their fold's train part, train and
     test are non-empty (val too when a validation share was asked for). With one (the manifest's task
     labels): every id is labelled for the task, parts share no patient, train and test hold both classes (val
-    too), and each draw has k patients of each class (per center for per-center draws), one image each.
+    too), each draw has k patients of each class (per center for per-center draws), one image each, and a fold
+    with draws has a validation part that can validate them (:func:`validation_shortfall`).
     """
     names = [fold.name for fold in splits.folds]
     if not names or len(set(names)) != len(names):
@@ -564,14 +610,15 @@ def _check_fold(fold: Fold, has_val: bool, where: str, cohort: TaskLabels | None
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         if both := set(parts[a]) & set(parts[b]):
             raise SplitError(f"{where}: ids in both {a} and {b}: {_shown(both)}")
-    pool = set(fold.train) | set(fold.val)
+    pool = set(fold.train)
     for kind in _KINDS:
         for k, draws in getattr(fold, kind).items():
             for r, ids in enumerate(draws):
                 if not all(isinstance(i, str) for i in ids):
                     raise SplitError(f"{where}: {kind} k={k} draw {r} holds ids that are not strings")
                 if outside := set(ids) - pool:
-                    raise SplitError(f"{where}: {kind} k={k} draw {r} holds ids outside train + val: {_shown(outside)}")
+                    raise SplitError(f"{where}: {kind} k={k} draw {r} holds ids outside the train part: "
+                                     f"{_shown(outside)}")
     if cohort is not None:
         _check_fold_labels(fold, parts, has_val, where, cohort)
 
@@ -590,6 +637,11 @@ def _check_fold_labels(fold: Fold, parts: dict, has_val: bool, where: str, cohor
         if lacking := {0, 1} - {cohort.label[i] for i in members}:
             c = lacking.pop()
             raise SplitError(f"{where}: the {part} part has no {_CLASS_NAMES[c]} (class {c}) patients")
+    if fold.fewshot or fold.fewshot_center:
+        shortfall = validation_shortfall(fold.name, [cohort.label[i] for i in fold.val],
+                                         [cohort.patient[i] for i in fold.val])
+        if shortfall:
+            raise SplitError(f"{where}: holds few-shot draws, but {shortfall}")
     for kind in _KINDS:
         for k, draws in getattr(fold, kind).items():
             for r, ids in enumerate(draws):
@@ -625,11 +677,16 @@ def save_splits(splits: Splits, manifest_path: str | Path) -> Path:
     return path
 
 
-def read_splits(path: str | Path) -> Splits:
-    """A split file, checked on its own (:func:`check_splits` without a cohort), not against a manifest."""
+def read_splits(path: str | Path, manifest: str | Path | None = None) -> Splits:
+    """A split file, checked on its own (:func:`check_splits` without a cohort), not against a manifest; a
+    file made under the old few-shot rule is refused with the command that remakes it (for ``manifest``)."""
     path = Path(path)
     try:
-        splits = Splits.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("format") == 1:
+            raise SplitError(f"{path}: made under the old few-shot rule (support sets drawn from train + "
+                             f"validation patients); remake it with {_remake(path, data, manifest)}")
+        splits = Splits.from_dict(data)
     except OSError as err:
         raise SplitError(f"{path}: cannot read split file ({err.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
@@ -640,6 +697,29 @@ def read_splits(path: str | Path) -> Splits:
 
 def _command(manifest_path: str | Path, task: str) -> str:
     return f"`featcache splits --manifest {manifest_path} --task {task}`"
+
+
+def _remake(path: Path, old: dict, manifest: str | Path | None) -> str:
+    """The `featcache splits` command that remakes an old file with its own options (folds, seed, validation
+    share, levels, draws): the same folds and validation parts, new support sets."""
+    if manifest is None:  # `<dir>/<stem>.splits/<task>.json` sits beside `<dir>/<stem>.<ext>`
+        stem = path.parent.name.removesuffix(".splits")
+        found = sorted(p for p in path.parent.parent.glob(f"{stem}.*") if p.is_file())
+        manifest = found[0] if len(found) == 1 else path.parent.parent / f"{stem}.csv"
+    words = [f"--task {old.get('task') or path.stem}"]
+    if len(old.get("classes") or ()) == 2:
+        words.append(f"--positive {old['classes'][1]}")
+    for flag, name in (("--scheme", "scheme"), ("--k", "k"), ("--val-fraction", "val_fraction")):
+        if old.get(name) is not None:
+            words.append(f"{flag} {old[name]}")
+    if isinstance(old.get("shots"), list):
+        words.append(f"--shots '{','.join(map(str, old['shots']))}'")
+    if isinstance(old.get("center_shots"), list):
+        centers = ",".join(map(str, old["center_shots"]))
+        words.append(f"--center-shots {centers}" if centers else "--no-per-center")
+    words += [f"{flag} {old[name]}" for flag, name in (("--draws", "draws"), ("--seed", "seed"))
+              if old.get(name) is not None]
+    return f"`featcache splits --manifest {manifest} {' '.join(words)}`"
 
 
 def build_splits(
@@ -685,9 +765,9 @@ def build_splits(
 
 
 @functools.lru_cache(maxsize=8)
-def _read_unchanged(path: Path, size: int, mtime_ns: int) -> Splits:
+def _read_unchanged(path: Path, size: int, mtime_ns: int, manifest: str) -> Splits:
     """`read_splits` memoised on the file's size and mtime: a study plan reads one file thousands of times."""
-    return read_splits(path)
+    return read_splits(path, manifest)
 
 
 def load_splits(manifest_path: str | Path, task: str) -> Splits:
@@ -697,7 +777,7 @@ def load_splits(manifest_path: str | Path, task: str) -> Splits:
     if not path.is_file():
         raise SplitError(f"{path}: no splits for task {task}; make them with {_command(manifest_path, task)}")
     stat = path.stat()
-    splits = _read_unchanged(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    splits = _read_unchanged(path.resolve(), stat.st_size, stat.st_mtime_ns, str(manifest_path))
     if splits.task != task:
         raise SplitError(f"{path}: holds splits of task {splits.task!r}, not {task!r}")
     manifest = load_manifest(manifest_path)

@@ -6,7 +6,9 @@ What it shows and how it chooses, stated again at the top of every report:
   patient-level bootstrap interval of the folds' pooled test predictions (MCC at each run's threshold, AP);
 - gradient-trained runs: per group, the head LR with the lowest mean validation loss
   (`records.select_head_lr`); test data never chooses;
-- few-shot: MCC at 0.5 against k, median and interquartile range over backbones, folds and draws;
+- few-shot: MCC at the validation threshold (as the tables) against k, median and interquartile range over
+  backbones, folds and draws; runs of the old few-shot rule (support sets from train + val) are left out of the
+  figure and counted in a line, never pooled with the current rule's;
 - runs made with random weights are marked in every table and figure title.
 """
 
@@ -36,6 +38,7 @@ from featcache.records import (
     select_head_lr,
     summarize_records,
 )
+from featcache.splits import SUPPORT_FROM
 from featcache.text import duration, plural
 from study.studyfile import Study
 
@@ -50,18 +53,29 @@ def is_random(record: RunRecord) -> bool:
                                                                                                    TINY_RANDOM)
 
 
+def _val_threshold(record: RunRecord) -> float | None:
+    value = record.metrics.get("val_threshold")
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
 def threshold(record: RunRecord) -> float:
-    """The threshold behind `mcc`: the validation-chosen one for full-data runs that have it, else 0.5."""
-    value = record.metrics.get("val_threshold") if record.regime == "full" else None
-    return 0.5 if value is None or not math.isfinite(float(value)) else float(value)
+    """The threshold behind `mcc`: the validation-chosen one where the run has it (full data and few-shot of
+    both stages), else 0.5 (few-shot probes of earlier versions had no validation part)."""
+    value = _val_threshold(record)
+    return 0.5 if value is None else value
 
 
 def mcc(record: RunRecord) -> float:
-    """MCC at the validation threshold for full-data runs that have one, else at 0.5."""
-    value = record.metrics.get("mcc_val_thr") if record.regime == "full" else None
+    """MCC at the validation threshold where the run has one, else at 0.5 (see `threshold`)."""
+    value = record.metrics.get("mcc_val_thr") if _val_threshold(record) is not None else None
     if value is None or not math.isfinite(float(value)):
         value = record.metrics.get("mcc")
     return math.nan if value is None else float(value)
+
+
+def at_half(records: Iterable[RunRecord]) -> int:
+    """How many runs have no validation threshold, so `mcc` is at 0.5 for them."""
+    return sum(_val_threshold(r) is None for r in records)
 
 
 def _order(methods: Iterable[str]) -> list[str]:
@@ -304,8 +318,10 @@ def fewshot_table(records: list[RunRecord]) -> list[list[Any]]:
 
 
 def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
-    """MCC at 0.5 against k per method (dashed: k per class per center): median line and interquartile band
-    (and bar) over draws and folds; the first panel pools every backbone, the others show one each."""
+    """MCC at the validation threshold (`mcc`, as the tables) against k per method (dashed: k per class per
+    center): median line and interquartile band (and bar) over draws and folds; the first panel pools every
+    backbone, the others show one each. Runs without a validation threshold are at 0.5, and the title says how
+    many."""
     plt = _pyplot()
     backbones = sorted({r.backbone for r in records})
     each = [(b, [r for r in records if r.backbone == b]) for b in backbones]
@@ -335,11 +351,12 @@ def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
         ax.set_xlabel("k (images per class)")
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
-        ax.set_ylabel("MCC at 0.5")
+        ax.set_ylabel("MCC at the validation threshold")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(_title(f"{task}: few-shot MCC against k, median and interquartile range over folds and draws",
-                        records))
+    half = at_half(records)
+    fig.suptitle(_title(f"{task}: few-shot MCC (validation threshold) against k, median and interquartile range "
+                        f"over folds and draws" + (f"; {half} runs without one at 0.5" if half else ""), records))
     labels: dict[str, Any] = {}  # every method and regime drawn in any panel, once
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -383,10 +400,11 @@ def write_report(results: str | Path, out: str | Path, study: Study | None = Non
         md += _cohort_section(study, sorted({r.task for r in everything}))
     md += ["How to read it: metrics are image-level, as the benchmark reported them (records also hold "
            "patient-level ones: `featcache results`). MCC is at the threshold chosen on held-out scores of the "
-           "tested model (full data; 0.5 where a run had none, and in few-shot); AP is average precision, the "
-           f"benchmark's PR-AUC. {NA}: a statistic that cannot be computed (a spread of one run; MCC where every "
-           "test image was called one class). Gradient-trained runs keep, per task x backbone x method x regime, "
-           "the head LR with the lowest mean validation loss; test data never chooses.", ""]
+           "tested model, in tables and figures, full data and few-shot (0.5 only where a run had none); AP is "
+           f"average precision, the benchmark's PR-AUC. {NA}: a statistic that cannot be computed (a spread of one "
+           "run; MCC where every test image was called one class). Gradient-trained runs keep, per task x "
+           "backbone x method x regime, the head LR with the lowest mean validation loss; test data never "
+           "chooses.", ""]
     if choices:
         md += ["<details><summary>Head-LR choices (by mean validation loss)</summary>", ""]
         md += [f"- {line}" for line in choices] + ["", "</details>", ""]
@@ -397,7 +415,11 @@ def write_report(results: str | Path, out: str | Path, study: Study | None = Non
         mine = [r for r in full if r.task == task]
         if mine:
             md += _full_section(task, mine, figures, report)
-        shots = [r for r in few if r.task == task]
+        shots = [r for r in few if r.task == task and r.support_from == SUPPORT_FROM]
+        if old := sum(r.task == task and r.support_from != SUPPORT_FROM for r in few):
+            md += [f"{old} few-shot runs of {task} were made under the old rule (support sets drawn from train + "
+                   "validation patients) and are left out: remake the splits (`featcache splits`) and rerun "
+                   "them.", ""]
         if shots:
             md += _fewshot_section(task, shots, figures, report)
     md += _compute_section(everything)
@@ -521,10 +543,12 @@ def _fewshot_section(task: str, records: list[RunRecord], figures: Path, report:
     path = fewshot_figure(task, records, figures / f"{task}_fewshot.png")
     report.figures.append(path)
     lines = ["### Few-shot", "",
-             *_table(("backbone", "method", "regime", "k", "runs", "MCC at 0.5, median (IQR)",
+             *_table(("backbone", "method", "regime", "k", "runs", "MCC, median (IQR)",
                       "AP, median (IQR)"), fewshot_table(records)), "",
              "Runs: folds x draws of the level (the head LR chosen on validation loss); median and interquartile "
-             "range over them.", "", f"![{task} few-shot]({path.relative_to(report.markdown.parent)})", ""]
+             "range over them. MCC at the validation threshold, as in the full-data table and the figure"
+             + (f" ({half} runs without one: at 0.5)" if (half := at_half(records)) else "") + ".", "",
+             f"![{task} few-shot]({path.relative_to(report.markdown.parent)})", ""]
     if len({r.backbone for r in records}) > 1 and not equal_runs(records):
         note = (f"{task}: the backbones have unequal numbers of few-shot runs, so no curve pools them; each "
                 "backbone has its own panel.")

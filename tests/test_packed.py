@@ -70,7 +70,7 @@ def _same(packed, alone) -> None:
 @pytest.mark.parametrize(("model", "method"), [
     ("dinov2-s-tiny", "bitfit"), ("dinov2-s-tiny", "lora"), ("dinov2-s-tiny", "ia3"), ("dinov2-s-tiny", "lp"),
     ("dinov2-s-tiny", "vera"), ("dinov2-s-tiny", "fft"),
-    ("resnet18-tiny", "lora"), ("resnet18-tiny", "ia3"), ("resnet18-tiny", "lp"),
+    ("resnet18-tiny", "lora"), ("resnet18-tiny", "ia3"), ("resnet18-tiny", "lp"), ("resnet18-tiny", "bitfit"),
 ])
 def test_packed_equals_one_at_a_time(cohort, tmp_path, model, method):
     """Four few-shot runs (two draws x two head LRs) in slots of three: the fourth takes a freed slot."""
@@ -94,12 +94,12 @@ def test_other_vit_families_pack_exactly(cohort, tmp_path, model):
 
 
 def test_inexact_packing_runs_one_at_a_time_and_says_why(cohort, tmp_path):
-    """BitFit on a CNN trains batch norm; LoRA at the benchmark's dropout draws masks, and so does the Swin's
+    """FFT on a CNN trains batch norm; LoRA at the benchmark's dropout draws masks, and so does the Swin's
     stochastic depth: one line each, unpacked runs."""
     settings = dataclasses.replace(QUICK, max_epochs=2)
-    bitfit = _train(cohort, tmp_path / "b", "resnet18-tiny", "bitfit", pack=4, settings=settings, head_lrs=(1e-2,))
-    assert len(bitfit.notes) == 1 and "batch norm trains" in bitfit.notes[0]
-    assert all("packed" not in r.provenance for r in bitfit.records)
+    fft = _train(cohort, tmp_path / "b", "resnet18-tiny", "fft", pack=4, settings=settings, head_lrs=(1e-2,))
+    assert len(fft.notes) == 1 and "batch norm trains" in fft.notes[0]
+    assert all("packed" not in r.provenance for r in fft.records)
     lora = _train(cohort, tmp_path / "l", "dinov2-s-tiny", "lora", pack=4, head_lrs=(1e-2,),
                   settings=dataclasses.replace(settings, adapter_dropout=None))
     assert len(lora.notes) == 1 and "dropout 0.1 is active" in lora.notes[0]

@@ -21,13 +21,10 @@ from featcache.manifest import write_manifest
 from featcache.metrics import binary_metrics, choose_threshold
 from featcache.probe import (
     C_GRID,
-    FIXED_C,
-    INNER_CV_MIN,
     INNER_FOLDS,
     Part,
     ProbeOptions,
     balanced_log_loss,
-    can_select,
     choose_c,
     grid_edge,
     inner_folds,
@@ -36,7 +33,7 @@ from featcache.probe import (
     run_probe,
 )
 from featcache.records import load_records
-from featcache.splits import build_splits, save_splits
+from featcache.splits import build_splits, load_splits, save_splits, support_digest
 from featcache.synth import make_cohort
 
 MODEL = "dinov2-s-tiny"  # builds instantly offline; 16-dim cls features
@@ -186,29 +183,35 @@ def test_inner_folds_are_stratified_grouped_and_deterministic():
         assert max(per_fold) - min(per_fold) <= 1
 
 
-def test_small_support_sets_use_the_fixed_c_and_larger_ones_inner_cv():
+VAL, TEST = np.arange(200, 300), np.arange(300, 400)  # few-shot: supports from the first 200 rows
+
+
+def test_fewshot_chooses_c_on_the_validation_part_like_sklearn():
+    """Every C fitted on the support set alone, chosen on the fold's validation part (the full-data tie rule),
+    the support-only model tested, its validation scores kept for the threshold."""
     X, y = _gaussian()
+    X64 = X.astype(np.float64)
     rng = np.random.default_rng(2)
-    small, large = [_support(y, INNER_CV_MIN - 1, rng)], [_support(y, INNER_CV_MIN, rng)]
-    groups = np.arange(len(y)).astype(str)
-    assert not can_select(y[small[0]], groups[small[0]]) and can_select(y[large[0]], groups[large[0]])
-    fitted = probe_fewshot(X, y, groups, small + large, [np.arange(300, 400)], [0, 0], ProbeOptions())
-    assert (fitted[0].rule, fitted[0].C) == ("fixed", FIXED_C)
-    assert fitted[1].rule == "inner-cv" and fitted[1].C in C_GRID
-    assert all(f.scores.shape == (100,) and f.converged for f in fitted)
+    supports = [_support(y, k, rng, pool=200) for k in (2, 8)]
+    fitted = probe_fewshot(X, y, supports, [VAL], [TEST], [0, 0], ProbeOptions())
+    for support, fit in zip(supports, fitted, strict=True):
+        val = np.array([_sklearn_scores(X64, y, support, VAL, C) for C in C_GRID])
+        assert fit.C == C_GRID[choose_c([val], [y[VAL]], "mcc")[0]] and fit.rule == "validation"
+        np.testing.assert_allclose(fit.scores, _sklearn_scores(X64, y, support, TEST, fit.C), atol=1e-4)
+        np.testing.assert_allclose(fit.thr_scores, val[C_GRID.index(fit.C)], atol=1e-4)
+        assert fit.thr_rows.tolist() == VAL.tolist() and fit.scores.shape == (100,) and fit.converged
 
 
-def test_fewshot_uses_nothing_beyond_the_support_set():
+def test_fewshot_trains_on_the_support_set_only():
     """Features of every other training image may change: the support-set models and test scores do not."""
     X, y = _gaussian()
     rng = np.random.default_rng(3)
-    supports = [_support(y, k, rng) for k in (2, 8, 16)]
-    groups, test = np.arange(len(y)).astype(str), np.arange(300, 400)
-    before = probe_fewshot(X, y, groups, supports, [test], [0, 0, 0], ProbeOptions())
-    others = np.setdiff1d(np.arange(300), np.concatenate(supports))
+    supports = [_support(y, k, rng, pool=200) for k in (2, 8, 16)]
+    before = probe_fewshot(X, y, supports, [VAL], [TEST], [0, 0, 0], ProbeOptions())
+    others = np.setdiff1d(np.arange(200), np.concatenate(supports))
     X2 = X.copy()
     X2[others] = rng.normal(size=(others.size, X.shape[1])) * 50
-    after = probe_fewshot(X2, y, groups, supports, [test], [0, 0, 0], ProbeOptions())
+    after = probe_fewshot(X2, y, supports, [VAL], [TEST], [0, 0, 0], ProbeOptions())
     for a, b in zip(before, after, strict=True):
         assert a.C == b.C
         np.testing.assert_array_equal(a.scores, b.scores)
@@ -217,13 +220,14 @@ def test_fewshot_uses_nothing_beyond_the_support_set():
 def test_torch_and_sklearn_paths_choose_the_same():
     X, y = _gaussian(D=12)
     rng = np.random.default_rng(4)
-    supports = [_support(y, k, rng) for k in (4, 8, 8)]
-    groups, tests = np.arange(len(y)).astype(str), [np.arange(300, 400)]
-    runs = {s: probe_fewshot(X, y, groups, supports, tests, [0, 0, 0], ProbeOptions(solver=s))
+    supports = [_support(y, k, rng, pool=200) for k in (4, 8, 8)]
+    vals, tests = [VAL, VAL[:60]], [TEST, TEST[:50]]
+    runs = {s: probe_fewshot(X, y, supports, vals, tests, [0, 1, 0], ProbeOptions(solver=s))
             for s in ("torch", "sklearn")}
     for a, b in zip(runs["torch"], runs["sklearn"], strict=True):
         assert (a.C, a.rule) == (b.C, b.rule)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+    assert runs["torch"][1].scores.shape == (50,) and runs["torch"][1].thr_rows.tolist() == VAL[:60].tolist()
 
 
 # ----------------------------------------------------------------------------------------- stores and records
@@ -241,7 +245,12 @@ def test_cli_fewshot_16_prints_its_table_and_skips_recorded_runs(cohort, tmp_pat
     records = load_records(tmp_path / "runs")
     assert len(records) == 15 and {(r.regime, r.shots) for r in records} == {("fewshot", 16)}
     first = records[0]
-    assert first.provenance["C_rule"] == "inner-cv" and first.provenance["threshold"] == "0.5"
+    assert first.provenance["C_rule"] == "validation" and first.provenance["threshold"] == "validation"
+    assert first.support_from == "train" and first.options["C_on"] == "validation"
+    assert np.isfinite(first.metrics["mcc_val_thr"]) and "inner_cv" not in first.options
+    splits = load_splits(cohort, TASK)
+    for record in records:  # the record names the support set it trained on: the split file's draw
+        assert record.provenance["support"] == support_digest(splits.fewshot(record.fold, 16)[record.draw])
     drawn = first.provenance["drawn_patients"]
     assert drawn["positive"] >= 16 and drawn["negative"] >= 16 and first.method == "probe"
     assert first.options["solver"] == "torch" and first.identity.startswith(MODEL)
@@ -268,7 +277,8 @@ def test_full_data_records_and_determinism(cohort, tmp_path):
 
 
 def test_skipped_levels_are_reported_not_fatal(cohort, tmp_path):
-    """This cohort's fold0 has 31 positive patients in train+val: k=32 is skipped there, run elsewhere."""
+    """Some folds of this cohort hold fewer than 32 positive patients in their train part: k=32 is skipped
+    there, run elsewhere."""
     report = run_probe(cohort, TASK, MODEL, shots=(2, 32), draws=1, out=tmp_path)
     assert report.skipped and all("k=32" in line and "fewer than k=32" in line for line in report.skipped)
     runs = [r.shots for r in report.records]

@@ -19,6 +19,7 @@ from featcache.records import (
     load_records,
     record_exists,
     run_key,
+    select_head_lr,
     summarize_records,
     versions,
     write_record,
@@ -375,3 +376,31 @@ def test_cli_results_selects_head_lr_shows_patient_level_and_writes_selection(tm
     assert any(line.startswith("wrote ") and line.endswith("(one row per configuration)")
                for line in text.splitlines())  # off a terminal (a log) a line is written whole, never wrapped
     assert CliRunner().invoke(app, ["results", str(folder), "--level", "study"]).exit_code == 2
+
+
+def test_fewshot_records_of_different_rules_are_never_pooled(tmp_path):
+    """A few-shot record made before the rule was recorded reads back as the old rule (support sets from
+    train + val); summaries, head-LR selection and `featcache results` keep the two rules apart."""
+    new = [make_record(fold=f"fold{f}", draw=d, support_from="train", rng_seed=f * 3 + d)
+           for f in range(2) for d in range(3)]
+    old = []
+    for record in new[:3]:
+        data = record.to_dict()
+        del data["support_from"]
+        data["splits_digest"] = "ef" * 32  # another split file: another key
+        old.append(RunRecord.from_dict(data))
+    assert {r.support_from for r in old} == {"train+val"} and "support_from train+val" in old[0].provenance["migrated"]
+    rows = summarize_records(new + old, metrics=("mcc",))
+    assert sorted((row["support_from"], row["runs"]) for row in rows) == [("train", 6), ("train+val", 3)]
+    for record in new + old:
+        record.options = {**record.options, "head_lr": 1e-3}
+        record.training = {"val_loss": 0.3}
+    kept, notes = select_head_lr(new + old)
+    assert len(kept) == 9 and len(notes) == 2 and any("(support from train+val)" in n for n in notes)
+    for record in new + old:
+        write_record(record, tmp_path)
+    result = CliRunner().invoke(app, ["results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "fewshot k=8 (old rule)" in result.output and "remake the splits" in " ".join(result.output.split())
+    full = make_record(regime="full", shots=None, draw=None)
+    assert RunRecord.from_dict(full.to_dict()).support_from is None  # full data: no support set, no rule

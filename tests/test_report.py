@@ -17,14 +17,17 @@ PRETRAINED = "hf:timm/resnet18@abc/model.safetensors"
 
 def _record(backbone: str, method: str, fold: int, mcc: float, ap: float, *, weights: str = PRETRAINED,
             regime: str = "full", shots: int | None = None, draw: int | None = None, options: dict | None = None,
-            val_loss: float | None = None, wall: float = 1.0, trainable: int = 513, total: int = 513) -> RunRecord:
+            val_loss: float | None = None, wall: float = 1.0, trainable: int = 513, total: int = 513,
+            support_from: str | None = "train") -> RunRecord:
     rng = np.random.default_rng(fold)
     ids = [f"{fold}-{i}" for i in range(8)]
     return RunRecord(
         task="AFC", backbone=backbone, method=method, fold=f"fold{fold}", seed=42, options=options or {},
         regime=regime, shots=shots, draw=draw, identity=weights, test_ids=ids, test_labels=[0, 1] * 4,
         test_scores=rng.random(8).tolist(), test_patients=ids,
-        metrics={"mcc_val_thr": mcc if regime == "full" else None, "mcc": mcc, "average_precision": ap},
+        metrics={"mcc_val_thr": mcc if regime == "full" else None, "mcc": mcc, "average_precision": ap,
+                 "val_threshold": 0.4 if regime == "full" else None},
+        support_from=None if regime == "full" else support_from,
         wall_time_s=wall, trainable_params=trainable, total_params=total, provenance={"weights": weights},
         training={} if val_loss is None else {"val_loss": val_loss, "best_epoch": 3},
     )
@@ -45,6 +48,8 @@ def records(tmp_path):
         *(_record("dinov2-s", "probe", f, 0.1, 0.5, weights="random-init") for f in (0, 1)),
         *(_record("resnet18", "probe", f, 0.1 * k, 0.5, regime="fewshot", shots=k, draw=d)
           for f in (0, 1) for k in (2, 4, 8) for d in range(3)),
+        # made before the rule was recorded: the old rule (support from train + val), never pooled with these
+        _record("resnet18", "probe", 0, 0.9, 0.9, regime="fewshot", shots=2, draw=3, support_from=None),
     ]
     for record in made:
         write_record(record, folder)
@@ -74,13 +79,16 @@ def test_report_tables_hold_the_known_numbers(records, tmp_path, monkeypatch):
     assert "random weights" in _row(text, "dinov2-s *(random weights)*", "probe")
     assert "AFC resnet18 lp full: head LR 0.001 by mean validation loss" in text
     assert _row(text, "AFC", "resnet18").endswith("| 100× |")  # LP 50 s against the probe's 0.5 s per run
-    assert "| 1 (cached probe) | 22 | 2 |" in text and "| 2 (trained end to end) | 6 | 0 |" in text
+    assert "| 1 (cached probe) | 23 | 2 |" in text and "| 2 (trained end to end) | 6 | 0 |" in text
     assert len(made.figures) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in made.figures)
     for figure in made.figures:
         assert f"]({figure.relative_to(made.markdown.parent)})" in text
     marked = {t.split(":")[1].split(",")[0].strip(): "(random weights)" in t for t in titles if t.startswith("AFC")}
     # the full-data figures hold dinov2-s's random-weight runs; the few-shot one has pretrained runs only
-    assert marked == {"MCC per method": True, "MCC against trainable share": True, "few-shot MCC against k": False}
+    assert marked == {"MCC per method": True, "MCC against trainable share": True,
+                      "few-shot MCC (validation threshold) against k": False}
+    assert "18 runs without one at 0.5" in " ".join(titles)  # these hand-made few-shot runs have no threshold
+    assert "1 few-shot runs of AFC were made under the old rule" in text
 
 
 def test_report_share_plot_places_the_probe_on_its_backbone(records):

@@ -35,43 +35,47 @@ def test_four_patients_are_refused_with_what_they_allow(four):
     assert folds.exit_code != 0 and "lower --k (this cohort allows --k 2, with a validation part none)" \
         in str(folds.exception)
     val = _splits(four, "--k", "2")
-    assert isinstance(val.exception, SplitError) and "--val-fraction 0" in str(val.exception)
+    assert isinstance(val.exception, SplitError) and "too few for a validation part" in str(val.exception)
     assert "0 patient" not in val.output and not (four.parent / "manifest.splits").exists()
     shots = _splits(four, "--k", "2", "--val-fraction", "0", "--no-per-center")
-    assert "no few-shot level k=2,4,8,16,32 can be drawn" in str(shots.exception)
-    assert "--shots with k <= 1" in str(shots.exception)
+    assert "no fold can validate a few-shot run (fold0 has no validation part" in str(shots.exception)
+    none = _splits(four, "--k", "2", "--val-fraction", "0", "--no-per-center", "--shots", "")
+    assert none.exit_code == 0 and "no few-shot draws" in " ".join(none.output.split())
 
 
-def test_what_the_cohort_allows_is_written_and_said(four):
-    ok = _splits(four, "--k", "2", "--val-fraction", "0", "--no-per-center", "--shots", "1,2", "--draws", "3")
+def test_what_the_cohort_allows_is_written_and_said(tmp_path):
+    manifest = make_cohort(tmp_path, patients=12, positive_rate=0.5, size=32, seed=0)
+    ok = _splits(manifest, "--k", "2", "--no-per-center", "--shots", "1,2", "--draws", "3")
     assert ok.exit_code == 0, ok.output
     said = " ".join(ok.output.split())
     assert "skipped fewshot k=2" in said and "2 folds; few-shot k=1 (3 draws each)" in said
-    made = load_splits(four, "SYN")
-    assert all(not fold.val and len(fold.fewshot[1]) == 3 for fold in made.folds)
-    none = _splits(four, "--k", "2", "--val-fraction", "0", "--no-per-center", "--shots", "")
-    assert none.exit_code == 0 and "no few-shot draws" in " ".join(none.output.split())
+    made = load_splits(manifest, "SYN")
+    assert all(fold.val and len(fold.fewshot[1]) == 3 for fold in made.folds)
+    shots = _splits(manifest, "--k", "2", "--no-per-center", "--shots", "4")
+    assert "no few-shot level k=4 can be drawn in any fold: the folds' train parts hold at most 1 patient(s)" \
+        in str(shots.exception) and "--shots with k <= 1" in str(shots.exception)
 
 
 def test_probe_says_why_nothing_ran(tmp_path):
     from featcache.extract import extract_features
 
     manifest = make_cohort(tmp_path / "c", patients=12, positive_rate=0.5, size=32, seed=2)
-    made = build_splits(manifest, "SYN", k=2, val_fraction=0, shots=(2, 8), draws=2, per_center=False)
-    assert all(8 in fold.skipped["fewshot"] for fold in made.folds)
-    save_splits(made, manifest)
+    save_splits(build_splits(manifest, "SYN", k=2, val_fraction=0, shots=(), per_center=False), manifest)
     extract_features(manifest, "resnet18-tiny")
     base = ["probe", "--model", "resnet18-tiny", "--task", "SYN", "--manifest", str(manifest), "--out",
             str(tmp_path / "runs")]
+    full = CliRunner().invoke(app, [*base, "--full"])
+    assert isinstance(full.exception, SplitError) and "no validation part" in str(full.exception)
+    made = build_splits(manifest, "SYN", k=2, shots=(1, 8), draws=2, per_center=False)
+    assert all(8 in fold.skipped["fewshot"] for fold in made.folds)
+    save_splits(made, manifest)
     skipped = CliRunner().invoke(app, [*base, "--shots", "8"])
     assert skipped.exit_code != 0 and isinstance(skipped.exception, SplitError)
     assert "no probe ran for SYN: every requested level was skipped" in str(skipped.exception)
-    full = CliRunner().invoke(app, [*base, "--full"])
-    assert isinstance(full.exception, SplitError) and "no validation part" in str(full.exception)
-    tpu = CliRunner().invoke(app, [*base, "--shots", "2", "--device", "tpu"])
+    tpu = CliRunner().invoke(app, [*base, "--shots", "1", "--device", "tpu"])
     assert isinstance(tpu.exception, UsageError) and "'tpu' is not supported" in str(tpu.exception)
     assert not list(tmp_path.glob("runs/*.json"))
-    assert CliRunner().invoke(app, [*base, "--shots", "2"]).exit_code == 0
+    assert CliRunner().invoke(app, [*base, "--shots", "1"]).exit_code == 0
 
 
 def test_a_leave_one_center_out_pool_without_validation_room_is_refused():

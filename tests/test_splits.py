@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from cli.featcache_app import app
 from featcache.errors import SplitError
 from featcache.splits import (
+    MIN_VAL_PATIENTS,
+    SUPPORT_FROM,
     build_splits,
     describe,
     load_splits,
@@ -86,7 +88,7 @@ def test_fewshot_drawn_from_fold_training_patients(which, data, kfold, loco):
     splits = kfold if which == "kfold" else loco
     label, patient, _ = lookup(*data)
     for fold in splits.folds:
-        pool = set(fold.train) | set(fold.val)
+        pool = set(fold.train)
         assert set(fold.fewshot) | set(fold.skipped["fewshot"]) == set(splits.shots)
         assert {2, 4, 8, 16} <= set(fold.fewshot)
         for k in fold.fewshot:
@@ -126,7 +128,7 @@ def test_fewshot_per_center(data, loco):
         assert {2, 4} <= set(fold.fewshot_center)
         for k in fold.fewshot_center:
             for support in loco.fewshot_per_center(fold, k):
-                assert set(support) <= set(fold.train) | set(fold.val)
+                assert set(support) <= set(fold.train)
                 assert len(patients_of(support, patient)) == len(support)
                 counts = Counter((site[i], label[i]) for i in support)
                 assert counts == {(c, lab): k for c in others for lab in (0, 1)}
@@ -137,11 +139,11 @@ def test_short_class_skips_k_and_records_why(tmp_path):
     label, patient, _ = lookup(ids, y, groups, sites)
     splits = make_splits(ids, y, groups, sites, task="T", k=3, draws=2, seed=1, per_center=False)
     for fold in splits.folds:
-        positives = len({patient[i] for i in fold.pool if label[i]})
+        positives = len({patient[i] for i in fold.train if label[i]})
         skipped = fold.skipped["fewshot"]
         assert sorted(skipped) == [k for k in splits.shots if k > positives]
         assert all("class 1 (positive)" in why and fold.name in why for why in skipped.values())
-        with pytest.raises(SplitError, match="skipped: class 1"):
+        with pytest.raises(SplitError, match="skipped: .*class 1 \\(positive\\) has"):
             splits.fewshot(fold, 32)
     manifest = tmp_path / "m.csv"
     saved = json.loads(save_splits(splits, manifest).read_text())
@@ -284,9 +286,22 @@ def _test_image_into_a_draw(fold, _data):
     draw[0] = fold["test"][0]
 
 
+def _val_image_into_a_draw(fold, _data):
+    fold["fewshot"]["2"][0][0] = fold["val"][0]  # the old rule's leak: a validation patient in a support set
+
+
 def _only_negatives_in_train(fold, _data):
-    fold["val"] += [i for i in fold["train"] if i in _POSITIVES]  # draws stay inside train + val
+    fold["val"] += [i for i in fold["train"] if i in _POSITIVES]
     fold["train"] = [i for i in fold["train"] if i not in _POSITIVES]
+    fold["fewshot"] = {}  # else the draws' positives, now in val, are refused first
+
+
+def _thin_val(fold, _data):
+    """All but one positive validation patient moved to train: too few to set a threshold, draws kept."""
+    patients = sorted({i.split("_")[0] for i in fold["val"] if i in _POSITIVES})
+    moved = [i for i in fold["val"] if i in _POSITIVES and i.split("_")[0] != patients[0]]
+    fold["val"] = [i for i in fold["val"] if i not in moved]
+    fold["train"] = sorted(fold["train"] + moved)
 
 
 def _unknown_id(fold, _data):
@@ -305,9 +320,12 @@ def _one_class_draw(fold, _data):
 _POSITIVES: set[str] = set()
 EDITS = {
     "test patient in train": (_move_one_test_image_to_train, "patients in both train and test"),
-    "test image in a draw": (_test_image_into_a_draw, "fewshot k=2 draw 0 holds ids outside train + val"),
+    "test image in a draw": (_test_image_into_a_draw, "fewshot k=2 draw 0 holds ids outside the train part"),
+    "val image in a draw": (_val_image_into_a_draw, "fewshot k=2 draw 0 holds ids outside the train part"),
     "one class in train": (_only_negatives_in_train, "the train part has no positive"),
     "unknown id": (_unknown_id, "does not label for this task: img_nobody"),
+    "thin val": (_thin_val, "holds few-shot draws, but fold0's validation part holds 1 positive patient(s), fewer "
+                            f"than the {MIN_VAL_PATIENTS} of each class"),
     "empty val": (_empty_val, "the val part is empty"),
     "draw of one class": (_one_class_draw, "not 2 patients per class"),
 }
@@ -342,7 +360,7 @@ def test_split_file_checked_on_its_own(tmp_path, kfold):
     path.write_text(json.dumps(data))
     with pytest.raises(SplitError, match="fold1: fewshot k=2 draw 0 holds ids that are not strings"):
         read_splits(path)
-    for garbage in ("{not json", '{"format": 1, "folds": [{"name": 3}]}', "[]"):
+    for garbage in ("{not json", '{"format": 2, "support_from": "train", "folds": [{"name": 3}]}', "[]"):
         path.write_text(garbage)
         with pytest.raises(SplitError, match="not a valid split file"):
             read_splits(path)
@@ -350,3 +368,82 @@ def test_split_file_checked_on_its_own(tmp_path, kfold):
     data["folds"][0]["skipped"] = {}  # a kind left out reads as nothing skipped, not a KeyError later
     path.write_text(json.dumps(data))
     assert read_splits(path).folds[0].skipped == {"fewshot": {}, "fewshot_center": {}}
+
+
+# --- the few-shot rule: support sets from the train part, one whole validation part per fold --------------
+
+
+COHORTS = {
+    "kfold, 3 centers": (dict(patients=120), dict(scheme="kfold", k=5, per_center=True)),
+    "loco, 3 centers": (dict(patients=120), dict(scheme="loco")),
+    "kfold, imbalanced": (dict(patients=90, positive_rate=0.15, seed=4), dict(k=3, per_center=False)),
+    "kfold, small": (dict(patients=24, positive_rate=0.4, seed=2), dict(k=3, per_center=False, shots=(1, 2, 4))),
+    "loco, 4 centers": (dict(patients=80, seed=5, centers=("A", "B", "C", "D")), dict(scheme="loco")),
+}
+
+
+@pytest.mark.parametrize("name", list(COHORTS))
+def test_support_sets_come_from_the_train_part_and_every_draw_validates_on_one_whole_part(name):
+    made_with, options = COHORTS[name]
+    data = cohort(**made_with)
+    label, patient, site = lookup(*data)
+    splits = make_splits(*data, task="T", draws=5, seed=9, **options)
+    assert splits.support_from == SUPPORT_FROM == "train"
+    drawn = 0
+    for fold in splits.folds:
+        val_patients = patients_of(fold.val, patient)
+        for per_center, kind in ((False, "fewshot"), (True, "fewshot_center")):
+            for k, draws in getattr(fold, kind).items():
+                for support in draws:
+                    drawn += 1
+                    assert set(support) <= set(fold.train) and not patients_of(support, patient) & val_patients
+                    strata = Counter((site[i] if per_center else "", label[i]) for i in support)
+                    assert set(strata.values()) == {k}
+        if fold.fewshot or fold.fewshot_center:  # the one validation part all draws of the fold share
+            for c in (0, 1):
+                assert len({patient[i] for i in fold.val if label[i] == c}) >= MIN_VAL_PATIENTS, fold.name
+    assert drawn
+
+
+def test_a_fold_whose_validation_part_cannot_validate_skips_its_levels_with_why():
+    ids = [f"i{p:02d}" for p in range(30)]
+    y = [1 if p < 5 else 0 for p in range(30)]  # 5 positive patients: a 2-fold pool of 2 keeps 1 for validation
+    splits = make_splits(ids, y, ids, task="T", k=2, draws=2, seed=0, shots=(1,), per_center=False)
+    short = [fold for fold in splits.folds if fold.skipped["fewshot"]]
+    assert short and all(not fold.fewshot for fold in short)
+    why = short[0].skipped["fewshot"][1]
+    assert why == (f"{short[0].name}'s validation part holds 1 positive patient(s), fewer than the "
+                   f"{MIN_VAL_PATIENTS} of each class a validation threshold needs")
+    with pytest.raises(SplitError, match=f"{short[0].name}: fewshot k=1 was skipped: {short[0].name}'s validation"):
+        splits.fewshot(short[0], 1)
+
+
+def test_few_shot_without_a_validation_part_is_refused():
+    data = cohort(patients=40)
+    with pytest.raises(SplitError) as err:
+        make_splits(*data, task="T", val_fraction=0, draws=2, per_center=False)
+    assert "no fold can validate a few-shot run (fold0 has no validation part" in str(err.value)
+    assert "--shots '' --no-per-center" in str(err.value)
+    folds_only = make_splits(*data, task="T", val_fraction=0, shots=(), per_center=False)
+    assert all(not fold.val and not fold.fewshot for fold in folds_only.folds)
+
+
+def test_a_file_made_under_the_old_rule_is_refused_with_the_command_that_remakes_it(tmp_path):
+    manifest = write_manifest_csv(tmp_path / "cohort.csv", patients=60)
+    path = save_splits(build_splits(manifest, "SYN", draws=3, shots=(2, 4), per_center=False), manifest)
+    old = json.loads(path.read_text())
+    old["format"] = 1
+    del old["support_from"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(SplitError) as err:
+        load_splits(manifest, "SYN")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: made under the old few-shot rule (support sets "
+                                                      "drawn from train + validation patients); remake it with")
+    assert (f"`featcache splits --manifest {manifest} --task SYN --scheme kfold --k 5 --val-fraction 0.15 "
+            "--shots '2,4' --no-per-center --draws 3 --seed 42`") in message
+    with pytest.raises(SplitError, match=f"remake it with `featcache splits --manifest {manifest} "):
+        read_splits(path)  # without the manifest: the one beside the split folder
+    result = CliRunner().invoke(app, ["probe", "--model", "resnet18-tiny", "--task", "SYN", "--manifest",
+                                      str(manifest), "--shots", "2", "--out", str(tmp_path / "runs")])
+    assert result.exit_code != 0 and "old few-shot rule" in str(result.exception)

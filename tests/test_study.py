@@ -287,11 +287,11 @@ def _verbatim(tmp_path: Path, monkeypatch) -> None:
     extracted = runner.invoke(featcache_app, ["extract", "--model", "medclip"])
     assert extracted.exit_code == 0, extracted.output
     assert "medclip-vit" in extracted.output and "random-init" in extracted.output
-    probed = runner.invoke(featcache_app, ["probe", "--shots", "16"])
+    probed = runner.invoke(featcache_app, ["probe", "--shots", "8"])  # support sets from the train part only
     assert probed.exit_code == 0, probed.output
     records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
     backbone = get_spec("medclip").name
-    assert records and {(r["backbone"], r["task"], r["shots"]) for r in records} == {(backbone, "SYN", 16)}
+    assert records and {(r["backbone"], r["task"], r["shots"]) for r in records} == {(backbone, "SYN", 8)}
     assert {r["provenance"]["weights"] for r in records} <= {"random-init", "tiny-random"}
     trained = runner.invoke(adapters_app, ["train", "--method", "bitfit"])
     assert trained.exit_code == 0, trained.output
@@ -328,3 +328,24 @@ def test_study_run_trains_stage_two_entries_by_their_keys(cohort, tmp_path):
     keys = {k for e in entries for k in planned_keys(**train_arguments(study, grid, e))}
     assert keys == {p.stem for p in study.runs.glob("*.json")}
     assert all(r.missing == 0 for r in plan(study, grid, entries))
+
+
+def test_a_level_whose_validation_part_cannot_validate_is_excluded_with_the_reason():
+    """Issue 17: a fold whose validation part holds one positive patient skips its few-shot levels in the split
+    file; a grid that trains on that fold only lists the level as excluded with that reason."""
+    from types import SimpleNamespace
+
+    from featcache.splits import make_splits
+    from study.expand import Entry
+    from study.plan import _undrawable
+
+    ids = [f"i{p:02d}" for p in range(30)]
+    splits = make_splits(ids, [int(p < 5) for p in range(30)], ids, task="T", k=2, draws=1, shots=(1,),
+                         per_center=False)
+    short = next(fold for fold in splits.folds if fold.skipped["fewshot"])
+    why = _undrawable(splits, SimpleNamespace(train_folds=(short.name,)), Entry("resnet18-tiny", "T", "lp", None,
+                                                                              "fewshot", 1))
+    assert why == (f"no fold can draw k=1: {short.name}'s validation part holds 1 positive patient(s), fewer than "
+                   "the 2 of each class a validation threshold needs")
+    assert _undrawable(splits, SimpleNamespace(train_folds=()), Entry("resnet18-tiny", "T", "lp", None, "fewshot",
+                                                                      1)) is None  # the other fold runs it

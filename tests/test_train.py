@@ -24,15 +24,17 @@ from adapters.images import load_images
 from adapters.methods import METHODS, apply_method
 from adapters.plan import TrainSettings, planned_keys
 from adapters.train import run_train
-from adapters.trainer import CHECKPOINT
+from adapters.trainer import CHECKPOINT, _State, batch_norm_note, make_plateau, observe
 from cli.adapters_app import app as adapters_app
 from cli.featcache_app import app as featcache_app
 from featcache.backbones import build_backbone, count_parameters, get_spec
 from featcache.errors import FeatcacheError, SplitError, StoreError, UsageError
+from featcache.extract import extract_features
 from featcache.manifest import load_manifest
 from featcache.pixels import cache_pixels
+from featcache.probe import run_probe
 from featcache.records import load_records
-from featcache.splits import build_splits, save_splits
+from featcache.splits import build_splits, save_splits, support_digest
 from featcache.synth import make_cohort
 
 TASK = "SYN"
@@ -163,19 +165,49 @@ def test_record_has_protocol_settings_and_results_gather_it_beside_probes(cohort
     assert "selected SYN dinov2-s-tiny bitfit full: head LR" in result.output  # chosen by validation loss
 
 
-def test_fewshot_trains_on_support_and_validates_without_its_patients(cohort, tmp_path):
+def test_fewshot_trains_on_support_and_validates_on_the_whole_validation_part(cohort, tmp_path):
+    """Every draw of a fold trains on its support set (from the train part) and validates on the fold's whole
+    validation part; the probe of stage 1 reads the same support sets (their digests in both records)."""
     report = _train(cohort, tmp_path, method="lp", full=False, shots=(2,), draws=2)
     assert {(r.regime, r.shots, r.draw) for r in report.records} == {("fewshot", 2, 0), ("fewshot", 2, 1)}
     splits_file = json.loads((cohort.parent / "manifest.splits" / f"{TASK}.json").read_text())
     fold = splits_file["folds"][0]
-    manifest = load_manifest(cohort)
     for record in report.records:
         support = fold["fewshot"]["2"][record.draw]
-        assert record.provenance["n_train"] == 4 == len(support)
-        patients = set(manifest.patients(support))
-        val = [i for i in fold["val"] if manifest.patients([i])[0] not in patients]
-        assert record.provenance["n_val"] == len(val)
-        assert "less the support" in record.options["validation"]
+        assert set(support) <= set(fold["train"]) and record.provenance["n_train"] == 4 == len(support)
+        assert record.provenance["n_val"] == len(fold["val"])  # every draw: the same, whole part
+        assert record.options["validation"].startswith("fold validation part, whole")
+        assert record.support_from == "train" and record.provenance["support"] == support_digest(support)
+    copy = tmp_path / "stage1"
+    shutil.copytree(cohort.parent, copy)
+    extract_features(copy / cohort.name, "dinov2-s-tiny")
+    probes = run_probe(copy / cohort.name, TASK, "dinov2-s-tiny", shots=(2,), draws=2, out=tmp_path / "probe")
+    probed = {(r.fold, r.draw): r.provenance["support"] for r in probes.records}
+    assert all(probed[(r.fold, r.draw)] == r.provenance["support"] for r in report.records)
+
+
+def test_a_fold_whose_validation_part_cannot_validate_is_not_trained(tmp_path):
+    """14 patients, 2 folds: fold1's validation part holds one positive patient. Its level is skipped with the
+    split file's reason (fold0 trains); a hand edit that keeps draws beside a thin part is refused in one line."""
+    manifest = make_cohort(tmp_path / "c", patients=14, positive_rate=0.35, size=40, seed=0)
+    path = save_splits(build_splits(manifest, TASK, k=2, shots=(1,), draws=1, per_center=False), manifest)
+    report = run_train(manifest, TASK, "resnet18-tiny", method="lp", full=False, shots=(1,), head_lrs=(1e-2,),
+                       settings=QUICK, out=tmp_path / "runs", device="cpu")
+    assert {r.fold for r in report.records} == {"fold0"}
+    assert report.skipped == ["fold1 k=1: fold1's validation part holds 1 positive patient(s), fewer than the 2 "
+                              "of each class a validation threshold needs"]
+    edited = json.loads(path.read_text())
+    from featcache.datasets import get_task
+
+    ids, codes = load_manifest(manifest).labels(get_task(TASK))
+    label = dict(zip(ids, codes.tolist(), strict=True))
+    one_each = {label[i]: i for i in reversed(edited["folds"][1]["train"])}  # a k=1 draw from fold1's train
+    edited["folds"][1]["fewshot"] = {"1": [sorted(one_each.values())]}  # beside a part that cannot validate
+    edited["folds"][1]["skipped"] = {}
+    path.write_text(json.dumps(edited))
+    message = _refused(["train", "--method", "lp", "--model", "resnet18-tiny", "--task", TASK, "--manifest",
+                        str(manifest), "--shots", "1", "--device", "cpu", "--out", str(tmp_path / "runs")])
+    assert "fold1: " in message and "validation part holds 1 positive patient(s)" in message, message
 
 
 def test_same_seed_same_record_and_accumulation_changes_nothing(cohort, tmp_path):
@@ -189,6 +221,53 @@ def test_same_seed_same_record_and_accumulation_changes_nothing(cohort, tmp_path
         checkpoint_every_s=0)).records[0]
     np.testing.assert_allclose(acc.test_scores, one.test_scores, atol=1e-5)
     np.testing.assert_allclose(acc.training["curves"]["val_loss"], one.training["curves"]["val_loss"], atol=1e-5)
+
+
+def test_accumulation_is_exact_unless_batch_norm_trains_and_then_says_so(cohort, tmp_path):
+    """resnet18-tiny: BitFit keeps batch norm in eval mode (its biases train on fixed statistics), so
+    accumulation changes nothing; FFT trains batch norm, each micro-batch normalises with its own statistics,
+    and the run says so in one line and in its record."""
+    def quick(accumulate: int) -> TrainSettings:
+        return TrainSettings(max_epochs=1, warmup=0, patience=1, plateau_patience=1, batch_size=8 // accumulate,
+                             accumulate=accumulate, checkpoint_every_s=0)
+
+    said: list[str] = []
+    runs = {(method, acc): run_train(cohort, TASK, "resnet18-tiny", method=method, folds=["fold0"],
+                                     head_lrs=(1e-2,), settings=quick(acc), out=tmp_path / f"{method}{acc}",
+                                     device="cpu", note=said.append).records[0]
+            for method in ("bitfit", "fft") for acc in (1, 2)}
+    np.testing.assert_allclose(runs["bitfit", 2].test_scores, runs["bitfit", 1].test_scores, atol=1e-5)
+    assert "batch_norm" not in runs["bitfit", 2].provenance
+    assert not np.allclose(runs["fft", 2].test_scores, runs["fft", 1].test_scores, atol=1e-7)
+    assert said == ["fft on resnet18-tiny: batch norm trains in this run, so its numbers differ slightly from one "
+                    "process without accumulation: --accumulate 2 (statistics per micro-batch)"]
+    assert runs["fft", 2].provenance["batch_norm"] == said[0].split(": ", 1)[1]
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    assert batch_norm_note(model, 1, 2, synced=True) is None and batch_norm_note(model, 1, 1, False) is None
+    assert "2 processes without synchronised batch norm" in batch_norm_note(model, 1, 2, synced=False)
+    assert batch_norm_note(model.eval(), 4, 2, synced=False) is None
+
+
+def test_plateau_cuts_and_early_stop_fall_on_pinned_epochs():
+    """A fixed curve: down to 0.1 at epoch 9, flat, then 0.005 % lower at epoch 20 and flat again. Early stop
+    counts that as better (strictly lower) and stops 40 epochs later; the plateau (relative 1e-4) does not, so
+    it cuts on the 11th epoch without its own improvement (patience 10: epoch 20), then every 11 epochs."""
+    settings = TrainSettings(warmup=5, patience=40, plateau_patience=10)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=1.0)
+    plateau, state = make_plateau(optimizer, settings), _State()
+    curve = [1 - 0.1 * e for e in range(10)] + [0.1] * 10 + [0.1 * (1 - 5e-5)] * 200
+    cuts, best = [], []
+    while state.bad_epochs < settings.patience:
+        before = optimizer.param_groups[0]["lr"]
+        if observe(state, plateau, curve[state.epoch], settings):
+            best.append(state.epoch - 1)
+        if optimizer.param_groups[0]["lr"] < before:
+            cuts.append(state.epoch - 1)
+    assert best == list(range(10)) + [20] and state.best_epoch == 20
+    assert state.epoch == 61  # epochs 21..60 are the 40 without a strictly lower loss
+    assert cuts == [20, 31, 42, 53]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
 def test_pixel_cache_and_decoding_give_identical_images(cohort, tmp_path):
@@ -304,8 +383,9 @@ def test_sigkill_then_same_command_ends_with_the_uninterrupted_record(cohort, tm
 # ------------------------------------------------------------------------------------------ scale-out
 
 
-def test_two_process_ddp_matches_one_process(cohort, tmp_path):
-    args = ["--method", "bitfit", "--model", "dinov2-s-tiny", "--task", TASK, "--manifest", str(cohort),
+@pytest.mark.parametrize("model", ["dinov2-s-tiny", "resnet18-tiny"])  # LayerNorm; batch norm (eval in BitFit)
+def test_two_process_ddp_matches_one_process(cohort, tmp_path, model):
+    args = ["--method", "bitfit", "--model", model, "--task", TASK, "--manifest", str(cohort),
             "--fold", "fold0", "--head-lr", "1e-2", "--max-epochs", "4", "--warmup", "1", "--batch-size", "8",
             "--device", "cpu", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
@@ -343,7 +423,7 @@ def test_bad_input_is_one_line(cohort, tmp_path):
     assert "--rank applies to lora and vera only" in _refused([*base, "--method", "bitfit", "--rank", "4"])
     with pytest.raises(UsageError, match="use lora, ia3 or bitfit"):
         _train(cohort, tmp_path, "resnet18-tiny", "vera")
-    with pytest.raises(SplitError, match="fold0 k=16: .*class 1 .positive. has 8 patients"):
+    with pytest.raises(SplitError, match="fold0 k=16: .*class 1 .positive. has 6 patients in fold0's train part"):
         _train(cohort, tmp_path, method="lp", full=False, shots=(16,))
     with pytest.raises(SplitError, match="featcache splits"):
         run_train(cohort, "SYN_missing", "dinov2-s-tiny", method="lp", out=tmp_path)
