@@ -18,6 +18,7 @@ class Classifier(nn.Module):
         spec = backbone.spec
         self.backbone = backbone
         self.head_view = spec.head_view
+        self.base_fingerprint: str | None = None  # set by `adapters.model.build_classifier` for random bases
         head = nn.Linear(backbone.view_dims[spec.head_view], n_out)
         if spec.head:
             parent, _, attr = spec.head.rpartition(".")

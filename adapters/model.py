@@ -10,6 +10,7 @@ buffers of modules in train mode are mutable.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from adapters.classifier import Classifier
 from adapters.methods import Method, apply_method
-from featcache.backbones import BackboneSpec, build_backbone
+from featcache.backbones import BackboneSpec, build_backbone, count_parameters
 from featcache.errors import UsageError
 
 
@@ -69,12 +70,34 @@ def build_classifier(spec: BackboneSpec, method: Method, rank: int | None, *, we
     the head and adapters are initialised from ``seed`` (the backbone's random weights, where it has them, are
     the same as stage 1's)."""
     backbone = build_backbone(spec, weights=weights, random_init=random_init)
+    fingerprint = base_fingerprint(backbone.model) if backbone.random_weights else None
     if grad_ckpt:
         _enable_grad_ckpt(backbone.model, spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         classifier = Classifier(backbone, n_out=2)
+        classifier.base_fingerprint = fingerprint
         return apply_method(classifier, method, rank, dropout)
+
+
+def base_fingerprint(module: nn.Module) -> str:
+    """sha256 of a backbone's weights, by name: what identifies a random-init base, which is rebuilt from its
+    seed rather than saved (a run records it; loading a run onto a rebuilt base compares it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def counted_parameters(model: Classifier) -> tuple[int, int]:
+    """(trainable, total) parameters with the head counted as ONE logit, ``D + 1``: a two-logit softmax head has
+    one logit's freedom (only the logits' difference matters) and the stage-1 probe is one logit, so LP on
+    features, LP end to end and every method's head count alike in `adapters methods`, records and figures."""
+    trainable, total = count_parameters(model)
+    head = head_module(model)
+    extra = (head.out_features - 1) * (head.in_features + 1)
+    return trainable - extra, total - extra
 
 
 def head_module(model: Classifier) -> nn.Linear:

@@ -26,18 +26,24 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
+from filelock import FileLock
 from torch import nn
 from torch.func import functional_call, vmap
 
 from adapters.classifier import Classifier
 from adapters.images import Images
-from adapters.model import build_classifier, frozen_modules, mutable_names, set_train_mode
+from adapters.model import frozen_modules, mutable_names, set_train_mode
 from adapters.plan import Run, TrainPlan
 from adapters.trainer import Trainer, TrainProgress, _augment, _placed, batches
-from featcache.records import RunRecord
+from featcache.locks import Claims
+from featcache.records import record_path
+
+if TYPE_CHECKING:
+    from adapters.train import TrainReport
 
 Note = Callable[[str], None]
 
@@ -201,38 +207,67 @@ class Packer:
 
 
 def train_packed(plan: TrainPlan, runs: Sequence[Run], images: Images, out: Path, accelerator: Accelerator,
-                 weights: str | Path | None, random_init: bool, progress: TrainProgress | None,
-                 note: Note) -> tuple[list[RunRecord], list[str]]:
-    """Train ``runs`` (none recorded yet) ``plan.settings.pack`` at a time; the records, and notes on how
-    (``note`` gets the trainers' own notes, as unpacked)."""
-    from adapters.train import _train_run, end_run, start_run
+                 claims: Claims, report: TrainReport, weights: str | Path | None, random_init: bool,
+                 progress: TrainProgress | None, note: Note) -> list[Run]:
+    """Train ``runs`` (none recorded when planned) ``plan.settings.pack`` at a time into ``report``, each while
+    holding its claim (as `adapters.train.claimed_run`); returns the runs another process holds."""
+    from adapters.train import _classifier, claimed_run
 
-    settings = plan.settings
-    notes: list[str] = []
-    torch.manual_seed(settings.seed)
-    base = build_classifier(plan.spec, plan.method, plan.rank, weights=weights, random_init=random_init,
-                            seed=settings.seed, grad_ckpt=settings.grad_ckpt, dropout=settings.adapter_dropout)
+    def alone(run: Run) -> bool:
+        return claimed_run(plan, run, images, out, accelerator, claims, report, weights, random_init, progress,
+                           note, wait=False)
+
+    base = _classifier(plan, weights, random_init)
     why = why_not_packable(base, accelerator)
     if why is not None:
-        notes.append(f"--pack: {plan.spec.name} {plan.method.name} runs one at a time: {why}")
+        report.notes.append(f"--pack: {plan.spec.name} {plan.method.name} runs one at a time: {why}")
         del base
-        return [_train_run(plan, run, images, out, accelerator, weights, random_init, progress, note)
-                for run in runs], notes
-    packer = Packer(plan, images, out, accelerator, base, min(settings.pack, len(runs)), notes.append)
-    queue = list(runs)
+        return [run for run in runs if not alone(run)]
+    packer = Packer(plan, images, out, accelerator, base, min(plan.settings.pack, len(runs)), report.notes.append)
+    queue, deferred = list(runs), []
+    locks: dict[Trainer, FileLock] = {}
+    try:
+        _pack_loop(packer, queue, deferred, locks, claims, report, weights, progress, note)
+    finally:
+        for lock in locks.values():
+            lock.release()
+    return deferred
+
+
+def _pack_loop(packer: Packer, queue: list[Run], deferred: list[Run], locks: dict[Trainer, FileLock], claims: Claims,
+               report: TrainReport, weights: str | Path | None, progress: TrainProgress | None, note: Note) -> None:
+    """Fill the slots with claimed runs, train the pack an epoch at a time, retire stopped runs."""
+    from adapters.train import end_run, read_back, start_run
+
+    plan, out, acc, settings = packer.plan, packer.out, packer.acc, packer.plan.settings
     active: list[Trainer] = []
-    records: list[RunRecord] = []
     last_save = time.monotonic()
     while queue or active:
         while True:  # retire stopped runs (also resumed ones that had stopped), fill the freed slots
             for t in [t for t in active if t.done]:
                 t.finish(progress)
-                records.append(end_run(t, out, weights, packed=packer.width))
+                report.records.append(end_run(t, out, weights, packed=packer.width))
+                report.written += 1
+                locks.pop(t).release()
                 active.remove(t)
             if not queue or len(active) >= packer.width:
                 break
             while queue and len(active) < packer.width:
-                active.append(start_run(plan, queue.pop(0), packer.shell(), images, out, accelerator, note))
+                run = queue.pop(0)
+                lock = claims.claim(run.key, wait=False)
+                if lock is None:  # another process trains it
+                    deferred.append(run)
+                elif record_path(out, run.key).is_file():  # written meanwhile by another process
+                    read_back(out, run, report)
+                    lock.release()
+                else:
+                    try:
+                        trainer = start_run(plan, run, packer.images, out, acc, report.notes, note, packer.shell)
+                    except BaseException:
+                        lock.release()
+                        raise
+                    locks[trainer] = lock
+                    active.append(trainer)
         if not active:
             continue
         started = time.perf_counter()
@@ -247,5 +282,3 @@ def train_packed(plan: TrainPlan, runs: Sequence[Run], images: Images, out: Path
             last_save = time.monotonic()
         for t in active:
             t.report(progress)
-    by_key = {r.key: r for r in records}
-    return [by_key[run.key] for run in runs], notes

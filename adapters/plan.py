@@ -191,5 +191,5 @@ def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str 
 
 def planned_keys(manifest: str | Path, task: str, model: str, **kwargs: Any) -> list[str]:
     """Run keys `run_train` with the same arguments would write (to see what a grid has done)."""
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("pixels", "out", "progress")}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("pixels", "out", "progress", "inputs", "features")}
     return [run.key for run in plan(manifest, task, model, **kwargs).runs]

@@ -27,7 +27,11 @@ Protocol defaults (the benchmark's, Ruffini et al. 2025; each is in every record
   several processes give a run of equal standing, not equal numbers. A trailing batch of one image joins the
   previous one (batch norm needs two).
 - Each epoch visits the training images in the order ``randperm(seed, epoch)``, so a resumed run sees the same
-  batches; checkpoints hold the mutable weights, optimiser, scheduler, early-stopping state and RNG.
+  batches; checkpoints hold the mutable weights, optimiser, scheduler, early-stopping state and RNG. A checkpoint
+  is a cache: a damaged one (garbage, truncated, empty, of another model) is named in `TrainReport.notes`,
+  removed, and the run starts from scratch.
+- Requests sharing an ``out`` (two `study run`s) share its runs: each run is trained under a claim of its key
+  (``out/.claims/``, `featcache.locks.Claims`); runs another process holds are done last, after waiting for it.
 
 Accelerate supplies device placement, DDP (gloo on CPU, NCCL on GPUs), bf16 autocast on CUDA and ``no_sync``;
 the images are held in memory (`adapters.images`), so no DataLoader or sampler state is needed.
@@ -38,27 +42,28 @@ The request is planned by `adapters.plan`, each run's model is built by `adapter
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
-from adapters.artifacts import save_artifacts
+from adapters.artifacts import check_run_folder, save_artifacts, save_seen
 from adapters.classifier import Classifier
+from adapters.heads import train_heads, use_features
 from adapters.images import Images, load_images
 from adapters.methods import HEAD_LRS, Method
 from adapters.model import build_classifier
 from adapters.plan import Run, TrainPlan, TrainSettings, plan
-from adapters.trainer import CHECKPOINT, Trainer, TrainProgress
+from adapters.trainer import CHECKPOINT, DamagedCheckpoint, Trainer, TrainProgress
 from featcache.device import resolve_device
-from featcache.errors import UsageError
-from featcache.fileio import atomic_write
-from featcache.records import RunRecord, record_path, write_record
+from featcache.locks import Claims
+from featcache.records import RunRecord, read_record, record_path, write_record
 
-CONFIG = "config.json"
+CLAIMS = ".claims"  # inside --out: one claim per run key being trained (`featcache.locks.Claims`)
 
 
 @dataclass
@@ -69,25 +74,8 @@ class TrainReport:
     written: int = 0
     existing: int = 0
     skipped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # how the runs were trained, where it is worth a line
-
-
-def _check_folder(folder: Path, run: Run, plan: TrainPlan) -> None:
-    """A run folder is this run's or refused: written with the run's defining fields, compared on resume."""
-    config = {"key": run.key, "task": plan.task, "backbone": plan.spec.name, "method": plan.method.name,
-              "fold": run.fold, "regime": run.regime, "shots": run.shots, "draw": run.draw,
-              "options": run.options, "identity": plan.identity, "splits_digest": plan.splits.digest()}
-    path = folder / CONFIG
-    if path.is_file():
-        try:
-            found = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            found = None
-        if found != json.loads(json.dumps(config)):
-            raise UsageError(f"{folder}: a run folder of another configuration sits under this run's key; "
-                             "move it away or use another --out")
-    else:
-        atomic_write(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    notes: list[str] = field(default_factory=list)  # what was repaired on the way (a damaged checkpoint), how
+    # the runs were packed (`adapters.packed`)
 
 
 def run_train(manifest: str | Path, task: str, model: str, *, method: str | Method, rank: int | None = None,
@@ -97,27 +85,36 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str | Meth
               random_init: bool = False, pixels: str | Path | None = None, out: str | Path = "runs",
               device: str = "auto", progress: TrainProgress | None = None,
               load_progress: Callable[[int, int], None] | None = None, positive: str | None = None,
-              note: Callable[[str], None] | None = None) -> TrainReport:
+              note: Callable[[str], None] | None = None, inputs: str = "auto",
+              features: str | Path | None = None) -> TrainReport:
     """Train ``model`` adapted by ``method`` on ``task``: every fold (``full``) or fold x draw of each shot
     level, for each head LR; one record per run in ``out`` (artefacts in ``out/<key>/``). Recorded runs are
     read back, not retrained; an interrupted run resumes from its last checkpoint. ``note`` gets, once per
     distinct text, why a run's numbers depend on accumulation or processes (`adapters.trainer.batch_norm_note`).
-    See the module doc."""
+    See the module doc.
+
+    ``inputs`` (``--from``): ``auto`` trains LP without augmentation on exact stored features (the feature
+    store ``features``, default beside the manifest; `adapters.heads`), ``features`` insists on it,
+    ``images`` always trains through the backbone."""
     the_plan = plan(manifest, task, model, method=method, rank=rank, full=full, shots=shots, draws=draws,
                     per_center=per_center, folds=folds, head_lrs=head_lrs, settings=settings, weights=weights,
                     random_init=random_init, device=device, positive=positive)
+    on_features = use_features(the_plan, inputs, int(os.environ.get("WORLD_SIZE", "1")))
     out = Path(out)
     report = TrainReport(skipped=list(the_plan.skipped))
     todo = []
     for run in the_plan.runs:
-        path = record_path(out, run.key)
-        if path.is_file():
-            report.records.append(RunRecord.from_dict(json.loads(path.read_text(encoding="utf-8"))))
-            report.existing += 1
-            (out / run.key / CHECKPOINT).unlink(missing_ok=True)  # a kill between record and cleanup
+        if record_path(out, run.key).is_file():
+            read_back(out, run, report)
         else:
             todo.append(run)
     if not todo:
+        return report
+    if on_features:
+        report.records += train_heads(the_plan, todo, out, weights=weights, random_init=random_init,
+                                      store=features, device=device, progress=progress, load_progress=load_progress,
+                                      notes=report.notes)
+        report.written = len(todo)
         return report
     ids = sorted({i for run in todo for i in run.train + run.val + run.test})
     images = load_images(the_plan.manifest, ids, the_plan.spec.preprocess, pixels, progress=load_progress)
@@ -129,20 +126,51 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str | Meth
             said.add(line)
             note(line)
 
+    claims = Claims(out / CLAIMS)
     if the_plan.settings.pack > 1 and len(todo) > 1:
         from adapters.packed import train_packed
 
-        records, notes = train_packed(the_plan, todo, images, out, accelerator, weights, random_init, progress,
-                                      once)
-        report.records += records
-        report.written += len(records)
-        report.notes += notes
-        return report
-    for run in todo:
-        report.records.append(_train_run(the_plan, run, images, out, accelerator, weights, random_init, progress,
-                                         once))
-        report.written += 1
+        deferred = train_packed(the_plan, todo, images, out, accelerator, claims, report, weights, random_init,
+                                progress, once)
+    else:
+        deferred = [run for run in todo if not claimed_run(the_plan, run, images, out, accelerator, claims,
+                                                            report, weights, random_init, progress, once,
+                                                            wait=False)]
+    for run in deferred:  # another process holds them: wait for it, then read its record (or train if it died)
+        claimed_run(the_plan, run, images, out, accelerator, claims, report, weights, random_init, progress, once,
+                     wait=True)
     return report
+
+
+def read_back(out: Path, run: Run, report: TrainReport) -> None:
+    report.records.append(read_record(record_path(out, run.key)))
+    report.existing += 1
+    (out / run.key / CHECKPOINT).unlink(missing_ok=True)  # a kill between record and cleanup
+
+
+def claimed_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator: Accelerator, claims: Claims,
+                 report: TrainReport, weights: str | Path | None, random_init: bool,
+                 progress: TrainProgress | None, note: Callable[[str], None], *, wait: bool) -> bool:
+    """Train ``run`` (or read its record, when another process wrote it meanwhile) while holding its claim, so
+    that two requests on one ``out`` (two `study run`s) share the runs; False when not claimed (``wait`` off
+    and another process holds it). Rank 0 claims for all ranks."""
+    lock = claims.claim(run.key, wait=wait) if accelerator.is_main_process else None
+    held = lock is not None
+    if accelerator.num_processes > 1:
+        held = broadcast_object_list([held])[0]
+    if not held:
+        return False
+    try:
+        if record_path(out, run.key).is_file():
+            read_back(out, run, report)
+        else:
+            report.records.append(_train_run(plan, run, images, out, accelerator, weights, random_init, progress,
+                                             report.notes, note))
+            report.written += 1
+    finally:
+        if lock is not None:
+            lock.release()
+    return True
 
 
 def _accelerator(device: str) -> Accelerator:
@@ -152,40 +180,62 @@ def _accelerator(device: str) -> Accelerator:
 
 def _train_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator: Accelerator,
                weights: str | Path | None, random_init: bool, progress: TrainProgress | None,
-               note: Callable[[str], None]) -> RunRecord:
-    torch.manual_seed(plan.settings.seed)
-    settings = plan.settings
-    model = build_classifier(plan.spec, plan.method, plan.rank, weights=weights, random_init=random_init,
-                             seed=settings.seed, grad_ckpt=settings.grad_ckpt, dropout=settings.adapter_dropout)
-    trainer = start_run(plan, run, model, images, out, accelerator, note)
+               notes: list[str], note: Callable[[str], None]) -> RunRecord:
+    trainer = start_run(plan, run, images, out, accelerator, notes, note,
+                        lambda: _classifier(plan, weights, random_init))
     trainer.fit(progress)
     return end_run(trainer, out, weights)
 
 
-def start_run(plan: TrainPlan, run: Run, model: Classifier, images: Images, out: Path,
-              accelerator: Accelerator, note: Callable[[str], None]) -> Trainer:
-    """A run's trainer on its checked folder, resumed from its checkpoint where there is one; ``note`` gets
-    the trainer's batch-norm note."""
+def start_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator: Accelerator, notes: list[str],
+              note: Callable[[str], None], model: Callable[[], Classifier]) -> Trainer:
+    """A run's trainer on its checked folder over a fresh ``model()``, resumed from its checkpoint where there
+    is one (a damaged one is named in ``notes``, removed, and the run starts afresh)."""
     folder = out / run.key
     if accelerator.is_main_process:
-        _check_folder(folder, run, plan)
+        check_run_folder(folder, run, plan, notes)
+        _remove_temp_files(out, run.key)
     accelerator.wait_for_everyone()
-    trainer = Trainer(plan, run, model, images, folder, accelerator)
+    trainer = Trainer(plan, run, model(), images, folder, accelerator)
+    try:
+        trainer.resume()
+    except DamagedCheckpoint as err:  # a cache: named once, removed, and the run starts afresh
+        notes.append(str(err))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            err.path.unlink(missing_ok=True)
+        trainer = Trainer(plan, run, model(), images, folder, accelerator)
     if trainer.note:
         note(f"{plan.method.name} on {plan.spec.name}: {trainer.note}")
-    trainer.resume()
     return trainer
 
 
 def end_run(trainer: Trainer, out: Path, weights: str | Path | None, **provenance: object) -> RunRecord:
     """A fitted run's record (``provenance`` added to it), artefacts and cleanup: the record last, so a
     recorded run is a finished one."""
-    record = trainer.record(trainer.plan, weights)
+    plan, run, accelerator = trainer.plan, trainer.run, trainer.acc
+    record = trainer.record(plan, weights)
     record.provenance.update(provenance)
-    accelerator = trainer.acc
     if accelerator.is_main_process:
-        save_artifacts(accelerator.unwrap_model(trainer.ddp), trainer.plan.method, trainer.folder)
+        save_artifacts(accelerator.unwrap_model(trainer.ddp), plan.method, trainer.folder)
+        save_seen(trainer.folder, run.train, run.val)
         write_record(record, out)
         (trainer.folder / CHECKPOINT).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return record
+
+
+def _classifier(plan: TrainPlan, weights: str | Path | None, random_init: bool) -> Classifier:
+    """A fresh model for a run of ``plan`` (the same seeds every time, so a restart equals a first start)."""
+    torch.manual_seed(plan.settings.seed)
+    settings = plan.settings
+    return build_classifier(plan.spec, plan.method, plan.rank, weights=weights, random_init=random_init,
+                            seed=settings.seed, grad_ckpt=settings.grad_ckpt, dropout=settings.adapter_dropout)
+
+
+def _remove_temp_files(out: Path, key: str) -> None:
+    """Temp files a killed write of this run left (`atomic_write`'s ``.NAME.*.tmp``): its record's beside the
+    folder, its checkpoint's and artefacts' inside. Called under the run's claim, so no live write is touched."""
+    leftovers = [*out.glob(f".{key}.json.*.tmp"), *(out / key).glob(".*.tmp")]
+    for path in leftovers:
+        path.unlink(missing_ok=True)

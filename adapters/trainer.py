@@ -9,7 +9,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +19,29 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
+from adapters.artifacts import CHECKPOINT
 from adapters.classifier import Classifier
 from adapters.images import Images
-from adapters.model import frozen_modules, mutable_names, set_train_mode
+from adapters.model import counted_parameters, frozen_modules, mutable_names, set_train_mode
 from adapters.plan import Run, TrainPlan, TrainSettings
-from featcache.backbones import count_parameters
-from featcache.errors import SplitError
+from featcache.datasets import get_task
+from featcache.errors import RecordError, SplitError
 from featcache.fileio import atomic_write
 from featcache.metrics import evaluate
-from featcache.records import RunRecord
+from featcache.records import HEAD_COUNT, RunRecord
 from featcache.splits import support_digest
 
-CHECKPOINT = "checkpoint.pt"
+_CHECKPOINT_PARTS = {"model", "optimizer", "plateau", "state", "rng", "cuda_rng"}
 
 TrainProgress = Callable[[str, int, int, str], None]  # (run label, epochs done, max epochs, status line)
+
+
+class DamagedCheckpoint(RecordError):
+    """A run's checkpoint that cannot be resumed from: the run restarts from scratch (see `adapters.train`)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = path
+        super().__init__(f"{path}: damaged checkpoint, {reason}; this run starts again from scratch")
 
 
 def class_weights(y: torch.Tensor) -> torch.Tensor:
@@ -48,7 +57,8 @@ def batches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]
     order = torch.randperm(n, generator=generator)
     parts = list(order.split(size))
     if len(parts) > 1 and len(parts[-1]) == 1:
-        parts[-2] = torch.cat([parts[-2], parts.pop()])
+        last = parts.pop()
+        parts[-1] = torch.cat([parts[-1], last])
     return parts
 
 
@@ -119,7 +129,7 @@ class Trainer:
                  accelerator: Accelerator):
         self.plan, self.run, self.images, self.acc, self.folder = plan, run, images, accelerator, folder
         settings = plan.settings
-        self.trainable, self.total = count_parameters(model)
+        self.trainable, self.total = counted_parameters(model)  # the head as one logit, as the probe's
         self.names = mutable_names(model)
         optimizer, self.base_lrs = _adam(model, run.head_lr, settings.backbone_lr_for(plan.method))
         self.ddp, self.optimizer = accelerator.prepare(_placed(model, plan.spec.family, accelerator), optimizer)
@@ -154,10 +164,12 @@ class Trainer:
         atomic_write(self.folder / CHECKPOINT, buffer.getvalue())
 
     def resume(self) -> bool:
+        """Continue from the run folder's checkpoint, if there is one. A checkpoint is a cache: one that cannot
+        be read or does not fit this run raises `DamagedCheckpoint` before anything is loaded from it."""
         path = self.folder / CHECKPOINT
         if not path.is_file():
             return False
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = self._read_checkpoint(path)
         self._load_mutable(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.plateau.load_state_dict(saved["plateau"])
@@ -166,6 +178,27 @@ class Trainer:
         if saved["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         return True
+
+    def _read_checkpoint(self, path: Path) -> dict:
+        """The checkpoint, checked against this run: its parts, the mutable tensors' names and shapes, the
+        optimiser's groups and the state's fields."""
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - zero bytes, truncation, garbage: all the same to a cache
+            raise DamagedCheckpoint(path, f"unreadable ({type(err).__name__})") from None
+        if not isinstance(saved, dict) or not _CHECKPOINT_PARTS <= set(saved):
+            raise DamagedCheckpoint(path, "not a checkpoint of this toolkit")
+        current = self.acc.unwrap_model(self.ddp).state_dict()
+        model = saved["model"]
+        if not isinstance(model, dict) or set(model) != set(self.names) or any(
+                getattr(model[n], "shape", None) != current[n].shape for n in self.names):
+            raise DamagedCheckpoint(path, "its tensors do not fit this run's model")
+        groups = saved["optimizer"].get("param_groups", []) if isinstance(saved["optimizer"], dict) else []
+        if [len(g.get("params", ())) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise DamagedCheckpoint(path, "its optimiser does not fit this run's model")
+        if not isinstance(saved["state"], dict) or not set(saved["state"]) <= {f.name for f in fields(_State)}:
+            raise DamagedCheckpoint(path, "its training state has unknown fields")
+        return saved
 
     # ---- passes
 
@@ -252,8 +285,7 @@ class Trainer:
         state = self.state
         if progress is not None:
             progress(self.run.label, state.epoch, self.plan.settings.max_epochs,
-                     f"train {state.train_loss[-1]:.4f} · val {state.val_loss[-1]:.4f} · best "
-                     f"{state.best_loss:.4f} @ {state.best_epoch + 1}")
+                     f"val {state.val_loss[-1]:.4f} · best {state.best_loss:.4f} @ {state.best_epoch + 1}")
 
     def finish(self, progress: TrainProgress | None) -> None:
         """Report the stop and load the best epoch's weights (the ones the record scores)."""
@@ -281,30 +313,44 @@ class Trainer:
     def record(self, plan: TrainPlan, weights: str | Path | None) -> RunRecord:
         s_val, _ = self.scores("val")
         s_test, _ = self.scores("test")
-        state, run = self.state, self.run
-        test = list(run.test)
-        return RunRecord(
-            task=plan.task, backbone=plan.spec.name, method=plan.method.name, fold=run.fold,
-            seed=plan.settings.seed, options=run.options, regime=run.regime, shots=run.shots, draw=run.draw,
-            splits_digest=plan.splits.digest(), identity=plan.identity, test_ids=test,
-            test_labels=self.y["test"].tolist(), test_scores=s_test.tolist(),
-            test_patients=plan.manifest.patients(test),
-            metrics=evaluate(self.y["test"].numpy(), s_test, self.y["val"].numpy(), s_val,
-                             patients=plan.manifest.patients(test)),
-            wall_time_s=state.elapsed_s, trainable_params=self.trainable, total_params=self.total,
-            support_from=None if run.regime == "full" else plan.splits.support_from,
-            training={"best_epoch": state.best_epoch + 1, "val_loss": state.best_loss,
-                      "epochs_run": state.epoch,
-                      "stopped": "early" if state.bad_epochs >= plan.settings.patience else "max-epochs",
-                      "curves": {"train_loss": state.train_loss, "val_loss": state.val_loss, "lr": state.lr}},
-            provenance={"weights": plan.identity, "weights_path": None if weights is None else str(weights),
-                        "images": self.images.source, "n_train": len(run.train), "n_val": len(run.val),
-                        "trainable_share": self.trainable / self.total, "processes": self.acc.num_processes,
-                        "device": self.acc.device.type, "threshold": "validation scores of the tested model",
-                        **({"drawn_patients": run.drawn} if run.drawn else {}),
-                        **({"support": support_digest(run.train)} if run.regime != "full" else {}),
-                        **({"batch_norm": self.note} if self.note else {})},
-        )
+        fingerprint = self.acc.unwrap_model(self.ddp).base_fingerprint
+        return run_record(plan, self.run, self.state, s_val, s_test, trainable=self.trainable, total=self.total,
+                          weights=weights, processes=self.acc.num_processes, device=self.acc.device.type,
+                          inputs={"trained_on": "images", "images": self.images.source,
+                                  **({"base_fingerprint": fingerprint} if fingerprint else {}),
+                                  **({"batch_norm": self.note} if self.note else {})})
+
+
+def run_record(plan: TrainPlan, run: Run, state: _State, s_val: np.ndarray, s_test: np.ndarray, *,
+               trainable: int, total: int, weights: str | Path | None, processes: int, device: str,
+               inputs: dict) -> RunRecord:
+    """A finished run's record, whichever path trained it (``inputs``: what it was trained on, for the
+    provenance): scores of its best epoch, the threshold from its validation scores, its curves. ``trainable``
+    counts the head as one logit (`adapters.model.counted_parameters`), as the probe's records do."""
+    test = list(run.test)
+    y_test = np.array([plan.labels[i] for i in test])
+    y_val = np.array([plan.labels[i] for i in run.val])
+    patients = plan.manifest.patients(test)
+    return RunRecord(
+        task=plan.task, backbone=plan.spec.name, method=plan.method.name, fold=run.fold,
+        seed=plan.settings.seed, options=run.options, regime=run.regime, shots=run.shots, draw=run.draw,
+        splits_digest=plan.splits.digest(), identity=plan.identity, test_ids=test,
+        test_labels=y_test.tolist(), test_scores=s_test.tolist(), test_patients=patients,
+        metrics=evaluate(y_test, s_test, y_val, s_val, patients=patients),
+        wall_time_s=state.elapsed_s, trainable_params=trainable, total_params=total,
+        support_from=None if run.regime == "full" else plan.splits.support_from,
+        training={"best_epoch": state.best_epoch + 1, "val_loss": state.best_loss,
+                  "epochs_run": state.epoch,
+                  "stopped": "early" if state.bad_epochs >= plan.settings.patience else "max-epochs",
+                  "curves": {"train_loss": state.train_loss, "val_loss": state.val_loss, "lr": state.lr}},
+        provenance={"weights": plan.identity, "weights_path": None if weights is None else str(weights),
+                    **inputs, "n_train": len(run.train), "n_val": len(run.val),
+                    "trainable_share": trainable / total, "processes": processes,
+                    "device": device, "threshold": "validation scores of the tested model",
+                    "positive_class": get_task(plan.task).positive, "head_count": HEAD_COUNT,
+                    **({"drawn_patients": run.drawn} if run.drawn else {}),
+                    **({"support": support_digest(run.train)} if run.regime != "full" else {})},
+    )
 
 
 def _adam(model: Classifier, head_lr: float, backbone_lr: float | None) -> tuple[torch.optim.Adam, list[float]]:

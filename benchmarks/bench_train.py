@@ -6,14 +6,19 @@
    hits both sides alike (goal <= 1.1x);
 2. the images of a run read from the pixel cache against decoded from DICOM files, and the first epoch with each;
 3. peak RSS of training per method on the real-size backbones, each in a fresh process;
-4. LP cost: the cached probe (extract once + every fold's probe) against `adapters train --method lp` over the
-   same folds and head-LR grid, same images and backbone, protocol defaults (goal >= 100x); MCC of both;
-5. packed training (`adapters.packed`): few-shot run-epochs per hour with N = 4, 16, 64 runs in one pass
+4. LP cost: the cached probe (extract once + every fold's probe) against `adapters train --method lp
+   --from images` over the same folds and head-LR grid, same images and backbone, protocol defaults (goal >=
+   100x); MCC of both;
+5. the benchmark's LP on exact stored features (`--from features`, the one extraction included) against the
+   image path, 5 folds x 3 head LRs at protocol defaults, on resnet18-tiny and one real-size backbone (random
+   weights): ratio (goal >= 1000x) and equal metrics; then a few-shot LP grid (5 k x 5 folds x 5 draws x 3 head
+   LRs) on the features path: total seconds.
+6. packed training (`adapters.packed`): few-shot run-epochs per hour with N = 4, 16, 64 runs in one pass
    against one run at a time (each epoch = its training steps + its validation pass), on tiny and (with
    --real) real-size ViT and CNN with random weights, LoRA at dropout 0 and LP; peak memory per run; and
    how many vmap fallback-loop warnings were raised (0: no op fell back to a per-run loop).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py [--sections 1,2,3,4,5] [--steps 4] [--real]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py [--sections 1,2,3,4,5,6] [--steps 4] [--real]
 """
 
 from __future__ import annotations
@@ -201,7 +206,7 @@ def lp_cost(model: str, patients: int) -> None:
     probe = run_probe(manifest, "SYN", model, full=True, out=folder / "probe")
     probe_s = time.perf_counter() - start
     start = time.perf_counter()
-    lp = run_train(manifest, "SYN", model, method="lp", out=folder / "lp", device="cpu")
+    lp = run_train(manifest, "SYN", model, method="lp", out=folder / "lp", device="cpu", inputs="images")
     lp_s = time.perf_counter() - start
     chosen, notes = select_head_lr(lp.records)
     epochs = sum(r.training["epochs_run"] for r in lp.records)
@@ -287,7 +292,7 @@ def packed_rates(manifest: Path, model: str, method: str, packs: list[int], supp
 
 
 def packing(models: tuple[str, ...], packs: list[int], real_packs: list[int], epochs: int, per_run: int) -> None:
-    print(f"\n5. packed few-shot training vs one run at a time (k=2: 4 support images, 8 validation images; "
+    print(f"\n6. packed few-shot training vs one run at a time (k=2: 4 support images, 8 validation images; "
           f"seconds per epoch of all N runs; run-epochs/h; runs/h at {per_run} epochs a run (assumed: warm-up 50 + "
           f"patience 100 puts a few-shot run at >= 150); peak RSS growth per run; vmap fallback warnings); "
           f"load {load()}")
@@ -306,11 +311,60 @@ def packing(models: tuple[str, ...], packs: list[int], real_packs: list[int], ep
     print(f"load {load()}. Gain = packed run-epochs/h over one at a time. On a CPU the frozen layers' matmuls are "
           "already large enough to keep the cores busy at real size, so packing pays there only the per-step "
           "overhead it saves; it pays most on tiny backbones and on a GPU (see benchmarks/gpu_check.py).")
+def lp_paths(model: str, patients: int, size: int) -> None:
+    """Features path against the image path: the same runs (5 folds x 3 head LRs, protocol defaults), the
+    features path's time including its one extraction; the records must agree."""
+    import numpy as np
+
+    real = not model.endswith("-tiny")
+    print(f"\n5a. LP on {model}{' (random weights)' if real else ''}, {patients} synthetic patients at {size} px, "
+          f"5 folds x 3 head LRs, protocol defaults: features path vs image path; load {load()}")
+    folder = Path(tempfile.mkdtemp())
+    manifest = cohort(folder, size, patients=patients)
+    timed = {}
+    for inputs in ("features", "images"):
+        start = time.perf_counter()
+        timed[inputs] = run_train(manifest, "SYN", model, method="lp", out=folder / inputs, device="cpu",
+                                  inputs=inputs, random_init=real).records
+        timed[inputs + "_s"] = time.perf_counter() - start
+    feats = {r.key: r for r in timed["features"]}
+    imgs = {r.key: r for r in timed["images"]}
+    epochs = sum(r.training["epochs_run"] for r in imgs.values())
+    same_epoch = all(feats[k].training["best_epoch"] == imgs[k].training["best_epoch"] for k in imgs)
+    score_diff = max(float(np.abs(np.subtract(feats[k].test_scores, imgs[k].test_scores)).max()) for k in imgs)
+    discrete = [m for m in next(iter(imgs.values())).metrics if m != "val_threshold"]
+    same_metrics = all(feats[k].metrics[m] == imgs[k].metrics[m] or feats[k].metrics[m] != feats[k].metrics[m]
+                       for k in imgs for m in discrete)
+    extract_s = timed["features"][0].provenance["program"]["extract_s"]
+    print(f"image path: {len(imgs)} runs, {epochs} epochs, {timed['images_s']:.1f} s")
+    print(f"features path: {timed['features_s']:.2f} s (extraction {extract_s:.2f} s)")
+    print(f"ratio: {timed['images_s'] / timed['features_s']:,.0f}x; same best epochs: {same_epoch}; max test "
+          f"score difference {score_diff:.1e}; metrics identical (threshold to 1e-6): {same_metrics}", flush=True)
+
+
+def fewshot_grid(model: str, patients: int) -> None:
+    shots = (2, 4, 8, 16, 32)
+    print(f"\n5b. few-shot LP grid on the features path: {model}, {patients} synthetic patients, k {shots} x 5 "
+          f"folds x 5 draws x 3 head LRs, protocol defaults; load {load()}")
+    folder = Path(tempfile.mkdtemp())
+    manifest = make_cohort(folder, patients=patients, positive_rate=0.4, size=32, seed=0)
+    save_splits(build_splits(manifest, "SYN", draws=5, shots=shots), manifest)
+    start = time.perf_counter()
+    report = run_train(manifest, "SYN", model, method="lp", full=False, shots=shots, draws=5, out=folder / "lp",
+                       device="cpu", inputs="features")
+    seconds = time.perf_counter() - start
+    epochs = sum(r.training["epochs_run"] for r in report.records)
+    print(f"{len(report.records)} runs, {epochs} epochs in all, {seconds:.1f} s total "
+          f"({seconds / max(1, len(report.records)) * 1000:.0f} ms per run); skipped: {len(report.skipped)}",
+          flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="1,2,3,4,5")
+    parser.add_argument("--sections", default="1,2,3,4,5,6")
+    parser.add_argument("--lp-real", default="resnet18", help="section 5's real-size backbone (random weights)")
+    parser.add_argument("--lp-patients", type=int, default=60, help="section 5's tiny cohort (image path: hours)")
+    parser.add_argument("--lp-real-patients", type=int, default=20, help="section 5's real-size cohort")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--real", action="store_true", help="also real-size resnet18 and dinov2-s")
@@ -320,10 +374,10 @@ def main() -> None:
     parser.add_argument("--rss-child", nargs=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads (1 on a loaded machine: contended OpenMP barriers cost ~100 ms an op)")
-    parser.add_argument("--packs", default="4,16,64", help="section 5: runs per pass, tiny backbones")
-    parser.add_argument("--real-packs", default="4,16,64", help="section 5: runs per pass, real-size backbones")
-    parser.add_argument("--epochs", type=int, default=2, help="section 5: epochs timed per case")
-    parser.add_argument("--per-run", type=int, default=150, help="section 5: epochs a few-shot run is assumed")
+    parser.add_argument("--packs", default="4,16,64", help="section 6: runs per pass, tiny backbones")
+    parser.add_argument("--real-packs", default="4,16,64", help="section 6: runs per pass, real-size backbones")
+    parser.add_argument("--epochs", type=int, default=2, help="section 6: epochs timed per case")
+    parser.add_argument("--per-run", type=int, default=150, help="section 6: epochs a few-shot run is assumed")
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args.rss_child[0], args.rss_child[1], int(args.rss_child[2]))
@@ -343,6 +397,10 @@ def main() -> None:
     if 4 in sections:
         lp_cost(args.lp_model, args.patients)
     if 5 in sections:
+        fewshot_grid("resnet18-tiny", 200)
+        lp_paths("resnet18-tiny", args.lp_patients, 64)
+        lp_paths(args.lp_real, args.lp_real_patients, 224)
+    if 6 in sections:
         packing(TINY + (REAL if args.real else ()), [int(n) for n in args.packs.split(",")],
                 [int(n) for n in args.real_packs.split(",")], args.epochs, args.per_run)
 

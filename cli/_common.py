@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 import typer
@@ -53,9 +54,19 @@ def new_app(help: str, *, name: str | None = None) -> typer.Typer:
     return app
 
 
+def quiet_library_warnings() -> None:
+    """Keep libraries' deprecation notices (transformers' FutureWarnings) out of a command's output: they
+    speak to the toolkit's developers, not to its users. ``-W`` or ``PYTHONWARNINGS`` still choose."""
+    if sys.warnoptions:
+        return
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def run_app(app: typer.Typer) -> None:
     """Run a Typer app; a toolkit error or a usage error (bad option, missing value) becomes one line on stderr
     and its exit code, never a traceback or a boxed message wrapped at 80 columns in a log."""
+    quiet_library_warnings()
     try:
         code = app(standalone_mode=False)
     except FeatcacheError as err:

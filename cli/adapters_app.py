@@ -11,6 +11,7 @@ from adapters.methods import DEFAULT_RANK, RANKED
 from cli import train_cmds
 from cli._common import new_app, run_app
 from cli.console import console
+from cli.train_cmds import lr_text
 from featcache.backbones import get_spec
 from featcache.errors import FeatcacheError
 
@@ -23,7 +24,8 @@ def methods(
     model: str = typer.Option(..., "--model", help="Backbone name (add -tiny for the tiny random variant)."),
     rank: int = typer.Option(DEFAULT_RANK, "--rank", min=1, help=f"{'/'.join(RANKED)} rank."),
 ) -> None:
-    """Show what each method trains on MODEL: the modules it targets and its trainable parameters.
+    """Show what each method trains on MODEL: the modules it targets and its trainable parameters (the head
+    counted as one logit, D + 1, as in run records and the stage-1 probe).
 
     Needs no weights: the architecture is built on PyTorch's meta device (shapes only, no memory, nothing read)."""
     spec = get_spec(model)
@@ -31,11 +33,12 @@ def methods(
 
     from adapters.classifier import Classifier
     from adapters.methods import METHODS, apply_method, target_modules
-    from featcache.backbones import build_backbone, count_parameters, match_targets
+    from adapters.model import counted_parameters
+    from featcache.backbones import build_backbone, match_targets
 
     meta = torch.device("meta")
     with meta:
-        base = Classifier(build_backbone(spec, random_init=True))
+        base = Classifier(build_backbone(spec, random_init=True), n_out=2)  # as training builds it
     table = Table(title=f"Adaptation methods on {spec.name} (architecture only: counts do not depend on weights)")
     for col in ("method", "targets", "modules", "trainable", "% of total", "backbone LR"):
         table.add_column(col)
@@ -49,11 +52,11 @@ def methods(
             continue
         with meta:
             adapted = apply_method(copy.deepcopy(base), method, rank if method.ranked else None)
-            trainable, total = count_parameters(adapted)
+            trainable, total = counted_parameters(adapted)
         modules = sum(len(v) for v in match_targets(base.backbone.model, tuple(targets)).values())
         what = " ".join(targets) or {"none": "head only", "all": "everything", "bias": "biases"}[method.trains]
         table.add_row(method.name, what, str(modules) if targets else "-", f"{trainable:,}",
-                      f"{100 * trainable / total:.3f}", str(method.backbone_lr or "-"))
+                      f"{100 * trainable / total:.3f}", lr_text(method.backbone_lr) if method.backbone_lr else "-")
     console.print(table)
     for note in notes:
         console.print(f"[dim]n/a: {note}[/]", highlight=False)

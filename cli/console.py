@@ -24,9 +24,9 @@ from rich.progress import (
     ProgressColumn,
     Task,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 from featcache.text import clock, plural  # noqa: F401 - plural: the CLI modules import it from here
@@ -50,14 +50,31 @@ def plain_output(stream: TextIO | None = None) -> bool:
         return True
 
 
+class _PlainConsole(Console):
+    """The plain console: tables lose their box rules and outer padding (a log keeps columns of words, not
+    hundreds of rule characters) and their lines their trailing blanks."""
+
+    def print(self, *objects, **kwargs) -> None:  # noqa: D102 - Console.print
+        if not any(isinstance(o, Table) for o in objects):
+            super().print(*objects, **kwargs)
+            return
+        for item in objects:
+            if isinstance(item, Table):
+                item.box, item.show_edge, item.pad_edge = None, False, False
+        with self.capture() as captured:
+            super().print(*objects, **kwargs)
+        text = "\n".join(line.rstrip() for line in captured.get().splitlines())
+        super().print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def make_console(*, stderr: bool = False, plain: bool | None = None, file: TextIO | None = None) -> Console:
     """A rich console for a terminal, or one that writes plain full-width lines (no wrapping, no escape codes)."""
     stream = file if file is not None else (sys.stderr if stderr else sys.stdout)
     if plain is None:
         plain = plain_output(stream)
     if plain:
-        return Console(file=file, stderr=stderr, width=PLAIN_WIDTH, soft_wrap=True, force_terminal=False,
-                       no_color=True, highlight=False, emoji=False)
+        return _PlainConsole(file=file, stderr=stderr, width=PLAIN_WIDTH, soft_wrap=True, force_terminal=False,
+                             no_color=True, highlight=False, emoji=False)
     return Console(file=file, stderr=stderr, force_terminal=True)
 
 
@@ -71,23 +88,24 @@ class Update(Protocol):
     def __call__(self, done: int, total: int | None = None, status: str | None = None) -> None: ...
 
 
-def _rate(per_second: float | None) -> str:
-    """Items per second, or seconds per item when slower than one a second (epochs)."""
+def _rate(per_second: float | None, unit: str = "item") -> str:
+    """Items per second with their unit (``48.7 images/s``), or seconds per item when slower than one a second
+    (``2.1 s/epoch``)."""
     if not per_second:
-        return "-/s"
-    return f"{per_second:.1f}/s" if per_second >= 1 else f"{1 / per_second:.1f} s each"
+        return f"- {unit}s/s"
+    return f"{per_second:.1f} {unit}s/s" if per_second >= 1 else f"{1 / per_second:.1f} s/{unit}"
 
 
 class _RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        return Text(_rate(task.speed))
+        return Text(_rate(task.speed, task.fields.get("unit", "item")))
 
 
 class _PlainProgress:
     """Plain progress lines for logs: the first update, then at most one per ``every`` seconds, then the end."""
 
-    def __init__(self, out: Console, label: str, total: int | None, every: float):
-        self.out, self.label, self.total, self.every = out, label, total, every
+    def __init__(self, out: Console, label: str, total: int | None, every: float, unit: str):
+        self.out, self.label, self.total, self.every, self.unit = out, label, total, every, unit
         self.done, self.status = 0, None
         self.start = time.monotonic()
         self.last: float | None = None  # when the last line was written
@@ -106,16 +124,20 @@ class _PlainProgress:
             self._line(time.monotonic(), last=True)
 
     def _line(self, now: float, first: bool = False, last: bool = False) -> None:
+        """``label done/total (pct)``, then the rate and ETA (elapsed without a total), then the status; the
+        last line says how long it took instead. Kept short: a line of a log read at 80 columns."""
         elapsed = now - self.start
         rate = self.done / elapsed if elapsed > 0 and self.done else None
         head = f"{self.label}: {self.done}/{'?' if self.total is None else self.total}"
-        parts = [head + (f" ({100 * self.done / self.total:.0f}%)" if self.total else "")]
+        parts = [head + (f" ({100 * self.done / self.total:.0f}%)" if self.total and not self.status else "")]
         if last:
-            parts.append(f"done in {clock(elapsed)}" + (f", {_rate(rate)}" if rate else ""))
+            parts.append(f"took {clock(elapsed)}" + (f", {_rate(rate, self.unit)}" if rate else ""))
         elif not first:
-            parts.append(f"{_rate(rate)}, elapsed {clock(elapsed)}")
+            parts.append(_rate(rate, self.unit))
             if rate and self.total:
                 parts.append(f"ETA {clock(max(self.total - self.done, 0) / rate)}")
+            else:
+                parts.append(f"elapsed {clock(elapsed)}")
         if self.status:
             parts.append(self.status)
         self.out.print(" · ".join(parts), markup=False, highlight=False, soft_wrap=True)
@@ -123,7 +145,7 @@ class _PlainProgress:
 
 @contextmanager
 def progress(label: str, total: int | None = None, *, enabled: bool = True, plain: bool | None = None,
-             every: float = PLAIN_EVERY_S, out: Console | None = None) -> Iterator[Update]:
+             every: float = PLAIN_EVERY_S, out: Console | None = None, unit: str = "item") -> Iterator[Update]:
     """Show progress of a long loop; yields ``update(done, total=None, status=None)`` to call as it advances.
 
     ``label`` names the work ("embedding", "training"); ``total`` may be given here or later through
@@ -132,22 +154,23 @@ def progress(label: str, total: int | None = None, *, enabled: bool = True, plai
     is a rich bar (count, rate, elapsed, ETA, status) that disappears at the end. Off a terminal
     (``plain``, default from `plain_output`) it writes one plain line at the first update, then at most one
     every ``every`` seconds, and a last line with the total time: label, done/total, rate, elapsed, ETA, status.
-    ``enabled=False`` yields a no-op (e.g. on ranks other than 0).
+    ``unit`` names what is counted in the rate (``48.7 images/s``, ``2.1 s/epoch``). ``enabled=False`` yields a
+    no-op (e.g. on ranks other than 0).
     """
     out = console if out is None else out
     if not enabled:
         yield lambda done, total=None, status=None: None
         return
     if plain if plain is not None else not out.is_terminal:
-        lines = _PlainProgress(out, label, total, every)
+        lines = _PlainProgress(out, label, total, every, unit)
         yield lines.update
         lines.finish()
         return
-    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(bar_width=16), MofNCompleteColumn(),
+               _RateColumn(), TextColumn("ETA"), TimeRemainingColumn(compact=True),
                TextColumn("{task.fields[status]}", markup=False))
     with Progress(*columns, console=out, transient=True) as bar:
-        task = bar.add_task(label, total=total, status="")
+        task = bar.add_task(label, total=total, status="", unit=unit)
 
         def update(done: int, total: int | None = None, status: str | None = None) -> None:
             fields = {} if status is None else {"status": status}

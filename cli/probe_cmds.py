@@ -46,10 +46,14 @@ def positive_floats(text: str | None, option: str) -> tuple[float, ...] | None:
     return values
 
 
-def _mean_std(summary: Summary) -> str:
+def _mean_std(summary: Summary, integer: bool = False) -> str:
+    """``mean ± std`` (the mean alone for one value); counts such as epochs as integers (one decimal when
+    averaged), scores with three decimals."""
     mean, std, n = summary
     if n == 0:
         return "–"
+    if integer:
+        return f"{mean:.0f}" if n == 1 else f"{mean:.1f} ± {std:.1f}"
     return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"
 
 
@@ -136,7 +140,7 @@ def probe(
     options = ProbeOptions(select=check_choice(SELECT_ALIASES.get(select.lower(), select), SELECT, "--select"),
                            solver=check_choice(solver, SOLVERS, "--solver"), refit=refit, device=device,
                            **({"grid": grid} if grid else {}))
-    with progress("probing levels") as update:
+    with progress("probing levels", unit="level") as update:
         report = run_probe(manifest, task, model, store=store, full=full, shots=_shots(shots), draws=draws,
                            per_center=per_center, view=view, options=options, out=out,
                            progress=lambda level, done, total: update(done, total, status=level),

@@ -70,7 +70,7 @@ def extract(
                       "spec)[/]")
     from featcache.extract import extract_features
 
-    with progress("embedding", enabled=rank0()) as hook:
+    with progress("embedding", enabled=rank0(), unit="image") as hook:
         result = extract_features(manifest, spec, store=store, weights=weights, random_init=random_init,
                                   views=view_list, dtype=dtype,
                                   batch_size=batch_size, num_workers=workers, on_error=on_error,
@@ -93,7 +93,7 @@ def pixels(
     check_choice(on_error, ON_ERROR, "--on-error")
     from featcache.pixels import cache_pixels
 
-    with progress("decoding", enabled=rank0()) as hook:
+    with progress("decoding", enabled=rank0(), unit="image") as hook:
         result = cache_pixels(manifest, model, store=store, batch_size=batch_size, num_workers=workers,
                               on_error=on_error, chunk_rows=chunk_rows, progress=hook)
     _report(result, pixels=True)

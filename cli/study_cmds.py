@@ -185,7 +185,10 @@ def run_cmd(
             return
         failed = f", {len(result.failed)} failed" if result.failed else ""
         console.print(f"    wrote {result.written}, {result.existing} already recorded, "
-                      f"{len(result.skipped)} levels skipped{failed}, {result.seconds:.1f} s", highlight=False)
+                      f"{plural(len(result.skipped), 'level')} skipped{failed}, {result.seconds:.1f} s",
+                      highlight=False)
+        for note in result.notes:
+            console.print(f"    {note}", markup=False, highlight=False)
 
     results, jobs = execute(batches, study, grid, executor=executor, wait=wait, keep_going=keep_going,
                             progress=progress)

@@ -15,18 +15,26 @@ from rich.table import Table
 from adapters.methods import DEFAULT_RANK, HEAD_LRS, METHODS, RANKED, RANKS, get_method
 from cli._common import rank0
 from cli._study import given, grid_train_extras, settings_line
-from cli.console import console, progress
+from cli.console import console, err_console, plural, progress
 from cli.probe_cmds import _mean_std, _shots, positive_floats
 from featcache.fileio import atomic_write
 
 _SETTINGS = ("fold", "draws", "head_lr", "max_epochs", "patience", "warmup", "plateau_patience", "batch_size",
              "accumulate", "seed", "backbone_lr", "augment")  # what `settings_line` accounts for
-_HEAD_LRS = ",".join(f"{lr:.0e}".replace("e-0", "e-") for lr in HEAD_LRS)  # 1e-2,1e-3,1e-4
+
+
+def lr_text(lr: float) -> str:
+    """A learning rate as people write it: 1e-4, not 0.0001 or 1e-04."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+_HEAD_LRS = ",".join(lr_text(lr) for lr in HEAD_LRS)  # 1e-2,1e-3,1e-4
 
 class _EpochLines:
     """Per-epoch progress of each run through the shared `progress` helper (a bar on a terminal; off a terminal
-    a plain line at most every few seconds): one bar per run, epochs done of the epoch limit, with the train and
-    validation loss and the best epoch as status. Quiet under ``--quiet`` and on ranks other than 0."""
+    a plain line at most every few seconds): the run's name on a line of its own, then epochs done of the epoch
+    limit with the validation loss and the best epoch, so each line fits 80 columns. Quiet under ``--quiet`` and
+    on ranks other than 0."""
 
     def __init__(self, quiet: bool):
         self.enabled = not quiet and rank0()
@@ -39,14 +47,19 @@ class _EpochLines:
             return
         if label != self.label:
             self.stack.close()
-            self.update = self.stack.enter_context(progress(label, total))
+            console.print(f"{label}:", highlight=False, markup=False)
+            self.update = self.stack.enter_context(progress("  epoch", total, unit="epoch"))
             self.label = label
         self.update(done, total, status=status)
         if status.startswith("done"):
             self.stack.close()
             self.label = None
             if console.is_terminal:  # the bar disappears; the plain log already has this line
-                console.print(f"{label}: {status}", highlight=False, markup=False)
+                console.print(f"  {status}", highlight=False, markup=False)
+
+    def inputs(self, done: int, total: int) -> None:
+        """Images decoded (or, on the features path, embedded) before training: a bar of their own."""
+        self("preparing inputs", done, total, "done" if done >= total else "")
 
     def close(self) -> None:
         self.stack.close()
@@ -105,6 +118,11 @@ def train(
     random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
     pixels: Path | None = typer.Option(None, "--pixels", help="Pixel cache (default: pixels.zarr beside the "
                                                               "manifest when it holds this input size)."),
+    inputs: str = typer.Option("auto", "--from", help="lp only: features (the head on exact stored features, "
+                                                      "same numbers) or images (through the backbone every "
+                                                      "epoch); auto: features unless --augment."),
+    features: Path | None = typer.Option(None, "--features", help="Feature store of --from features (default: "
+                                                                  "features.zarr beside the manifest)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     out: Path = typer.Option(Path("runs"), "--out", help="Folder of run records (one JSON + folder per run)."),
     quiet: bool = typer.Option(False, "--quiet", help="No per-epoch progress."),
@@ -121,6 +139,7 @@ def train(
     - few-shot: trains on the support set (from the fold's train part); validates on the fold's whole
       validation part; folds whose validation part cannot validate are skipped;
     - frozen modules and BitFit's batch norm stay in eval mode; no augmentation; seed 42.
+    lp without --augment trains every run's head at once on exact stored features (--from).
     Recorded runs in --out are read back; an interrupted run resumes from its last checkpoint.
     Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes); equal to one
     process except where batch norm trains (fft on a CNN) without CUDA's synchronised batch norm. Or pack
@@ -154,7 +173,8 @@ def train(
                            shots=_shots(shots) if shots is not None else (), draws=draws, per_center=per_center,
                            folds=_folds(fold), head_lrs=positive_floats(head_lr, "--head-lr"),
                            settings=settings, weights=weights, random_init=random_init, pixels=pixels, out=out,
-                           device=device, progress=lines, positive=positive,
+                           device=device, progress=lines, load_progress=lines.inputs, positive=positive,
+                           inputs=inputs, features=features,
                            note=lambda line: console.print(f"[yellow]note[/] {line}", highlight=False)
                            if rank0() else None)
     finally:
@@ -164,9 +184,9 @@ def train(
     for line in report.skipped:
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
     for line in report.notes:
-        console.print(line, highlight=False, markup=False)
+        console.print(f"[yellow]note[/] {line}", highlight=False)
     console.print(_table(report.records, f"{task} · {model} · {method}"))
-    console.print(f"wrote {report.written} run records ({report.existing} already there) to {out}",
+    console.print(f"wrote {plural(report.written, 'run record')} ({report.existing} already there) to {out}",
                   highlight=False)
 
 
@@ -174,8 +194,8 @@ def _table(records, title: str) -> Table:
     """Mean ± std over folds (and draws) per level and head LR, with the validation loss that selects it."""
     from featcache.metrics import summarize
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, caption="MCC at the validation threshold; "
-                  "select the head LR by validation loss (`featcache results`), never by test scores")
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption="MCC at the validation threshold; pick the head LR\n"
+                  "by validation loss (`featcache results`), never by test scores")
     for name in ("regime", "k", "head LR", "runs", "val loss", "MCC", "AP", "best epoch", "trainable %"):
         table.add_column(name, justify="left" if name == "regime" else "right")
     groups: dict[tuple, list] = {}
@@ -187,7 +207,7 @@ def _table(records, title: str) -> Table:
                       _mean_std(summarize([r.training.get("val_loss") for r in runs])),
                       _mean_std(summarize([r.metrics.get("mcc_val_thr") for r in runs])),
                       _mean_std(summarize([r.metrics.get("average_precision") for r in runs])),
-                      _mean_std(summarize([r.training.get("best_epoch") for r in runs])), f"{share:.3f}")
+                      _mean_std(summarize([r.training.get("best_epoch") for r in runs]), integer=True), f"{share:.3f}")
     return table
 
 
@@ -195,38 +215,71 @@ def predict(
     run: Path = typer.Option(..., "--run", help="A run folder (RUNS/<key>) or its record RUNS/<key>.json."),
     manifest: Path = typer.Option(..., "--manifest", help="Manifest of the images to score."),
     out: Path | None = typer.Option(None, "--out", help="CSV to write (default: print)."),
+    exclude_seen: bool = typer.Option(False, "--exclude-seen", help="Leave out the images the run trained or "
+                                                                    "validated on."),
     weights: Path | None = typer.Option(None, "--weights", help="Backbone weights (default: as trained)."),
     pixels: Path | None = typer.Option(None, "--pixels", help="Pixel cache (default: beside the manifest)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
 ) -> None:
-    """Score new images with a trained run: positive-class probability per image."""
+    """Score images with a trained run: the probability of the positive class per image, in a column named
+    after that class (score_<class>). Warns when it scores images the run trained or validated on."""
     from adapters.artifacts import predict as score
 
-    rows = score(run, manifest, weights=weights, pixels=pixels, device=device)
+    with ExitStack() as stack:
+        bars: dict[str, object] = {}
+
+        def follow(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                stack.close()
+                bars.clear()
+                bars[stage] = stack.enter_context(progress(stage, total, unit="image", out=err_console))
+            bars[stage](done, total)
+
+        made = score(run, manifest, weights=weights, pixels=pixels, device=device, exclude_seen=exclude_seen,
+                     progress=follow)
+    _say_seen(made, exclude_seen)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["image_id", "score"],
+    writer = csv.DictWriter(buffer, fieldnames=list(made.rows[0]) if made.rows else ["image_id", made.column],
                             lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(made.rows)
     if out is None:
         sys.stdout.write(buffer.getvalue())
         return
     atomic_write(out, buffer.getvalue().encode("utf-8"))
-    console.print(f"scored {len(rows)} images → {out}", highlight=False)
+    err_console.print(f"scored {plural(len(made.rows), 'image')} → {out} ({made.column}: probability of "
+                      f"{made.column.removeprefix('score_')})", highlight=False, markup=False)
+
+
+def _say_seen(made, excluded: bool) -> None:
+    """One line on stderr about scored images the run had seen (never silent: they flatter its scores)."""
+    if made.seen is None:
+        err_console.print("note: this run folder does not list its training images; cannot tell whether any "
+                          "scored image was seen in training", markup=False, highlight=False)
+        return
+    train, val = made.seen["train"], made.seen["val"]
+    if excluded and made.dropped:
+        err_console.print(f"left out {plural(made.dropped, 'image')} the run trained ({train}) or validated "
+                          f"({val}) on", markup=False, highlight=False)
+    elif train or val:
+        err_console.print(f"warning: {plural(train + val, 'image')} seen in training ({train} train, {val} val), "
+                          "see --exclude-seen", markup=False, highlight=False)
 
 
 def export(
     run: Path = typer.Option(..., "--run", help="A run folder (RUNS/<key>) or its record."),
     out: Path = typer.Option(..., "--out", help="Folder to write."),
-    merge: bool = typer.Option(False, "--merge", help="Fold LoRA/IA3/VeRA into the backbone (merge_and_unload) "
-                                                      "and write one model.safetensors."),
+    merge: bool = typer.Option(False, "--merge", help="Fold LoRA/IA3/VeRA into the backbone and write it for its "
+                                                      "own library (timm, transformers), with the head, the "
+                                                      "input rules and a plain predict.py."),
     weights: Path | None = typer.Option(None, "--weights", help="Backbone weights (default: as trained)."),
 ) -> None:
-    """Hand over a trained run: the adapter as saved, or with --merge one plain model file."""
+    """Hand over a trained run: the adapter as saved, or with --merge a model its library loads by itself."""
     from adapters.artifacts import export_merged
 
     folder = export_merged(run, out, merge, weights)
-    console.print(f"exported {run} → {folder}{' (merged)' if merge else ''}", highlight=False)
+    console.print(f"exported {run} → {folder}{' (merged; see predict.py there)' if merge else ''}",
+                  highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

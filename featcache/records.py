@@ -6,11 +6,11 @@ folder of records into one tidy CSV (one row per run) for a spreadsheet or a plo
 
 Records written by older versions are read through :func:`migrate`: the cached probe's old method name "lp"
 becomes "probe" (so it is never mixed up with stage 2's end-to-end LP), ``pr_auc`` is renamed
-``average_precision`` (what it always was), and metrics added since (patient level, trapezoid PR area) are
-computed from the stored per-image scores, and a few-shot record that does not say which rule drew its support
-set says the old one (``support_from`` "train+val": every record before the rule field was made under it). A
-migrated record's key is computed from its migrated fields, so it differs from its file name;
-:func:`load_records` keeps one record per key.
+``average_precision`` (what it always was), stage-2 heads counted with two logits are counted as one, metrics
+added since (patient level, trapezoid PR area) are computed from the stored per-image scores, and a few-shot
+record that does not say which rule drew its support set says the old one (``support_from`` "train+val": every
+record before the rule field was made under it). A migrated record's key is computed from its migrated fields, so
+it differs from its file name; :func:`load_records` keeps one record per key.
 
 Summaries and head-LR selection group by ``support_from`` too: runs of different few-shot rules are never pooled.
 """
@@ -251,6 +251,8 @@ def migrate(record: RunRecord) -> RunRecord:
         if old in record.metrics and new not in record.metrics:
             record.metrics[new] = record.metrics.pop(old)
             notes.append(f"{old} -> {new}")
+    if _two_logit_count(record):
+        notes.append("head counted as one logit (D + 1), as the probe's")
     missing = _missing_metrics(record)
     if missing:
         threshold = record.metrics.get("val_threshold")
@@ -261,6 +263,30 @@ def migrate(record: RunRecord) -> RunRecord:
     if notes:
         record.provenance = {**record.provenance, "migrated": "; ".join(notes)}
     return record
+
+
+HEAD_COUNT = "one logit (D + 1)"  # how stage-2 records count their head; older ones counted both logits
+
+
+def _two_logit_count(record: RunRecord) -> bool:
+    """A stage-2 record from before heads were counted as one logit (its provenance lacks ``head_count``):
+    take the second logit's D + 1 off its trainable and total counts, D from its backbone's head view."""
+    if record.method == PROBE_METHOD or not record.trainable_params or "head_count" in record.provenance:
+        return False
+    from featcache.backbones import get_spec
+
+    try:
+        spec = get_spec(record.backbone)
+    except Exception:  # noqa: BLE001 - a backbone this version cannot name keeps its counts
+        return False
+    extra = spec.views[spec.head_view] + 1
+    if record.trainable_params <= extra:
+        return False
+    record.trainable_params -= extra
+    if record.total_params:
+        record.total_params -= extra
+    record.provenance = {**record.provenance, "head_count": HEAD_COUNT}
+    return True
 
 
 def _missing_metrics(record: RunRecord) -> list[str]:

@@ -722,6 +722,25 @@ def _remake(path: Path, old: dict, manifest: str | Path | None) -> str:
     return f"`featcache splits --manifest {manifest} {' '.join(words)}`"
 
 
+def _how_to_make(manifest_path: str | Path, task: str) -> str:
+    """The `featcache splits` command that would make the missing splits (one that itself succeeds), or why no
+    command would: a task that is neither a dataset spec's nor a two-class column of the manifest."""
+    try:
+        datasets.get_task(task)
+        return f"make them with {_command(manifest_path, task)}"
+    except ManifestError:
+        pass
+    manifest = load_manifest(manifest_path)
+    if task in manifest.columns:
+        values = sorted({v for v in manifest.column(task) if v})
+        if len(values) == 2:
+            return (f"make them with `featcache splits --manifest {manifest_path} --task {task} --positive VALUE`, "
+                    f"VALUE its positive class ({values[0]} or {values[1]})")
+        return f"column {task} holds {len(values)} distinct values; a task needs exactly two"
+    return (f"{task} is neither a dataset task ({', '.join(datasets.list_tasks())}) nor a column of "
+            f"{manifest_path}; check --task")
+
+
 def build_splits(
     manifest_path: str | Path,
     task: str,
@@ -775,7 +794,7 @@ def load_splits(manifest_path: str | Path, task: str) -> Splits:
     file fails :func:`check_splits` against the manifest (a hand edit that would leak test patients)."""
     path = splits_path(manifest_path, task)
     if not path.is_file():
-        raise SplitError(f"{path}: no splits for task {task}; make them with {_command(manifest_path, task)}")
+        raise SplitError(f"{path}: no splits for task {task}; {_how_to_make(manifest_path, task)}")
     stat = path.stat()
     splits = _read_unchanged(path.resolve(), stat.st_size, stat.st_mtime_ns, str(manifest_path))
     if splits.task != task:

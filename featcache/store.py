@@ -23,6 +23,7 @@ bookkeeping and claim chunks through `featcache.locks`.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -43,6 +44,27 @@ from featcache.errors import ManifestError, StoreError
 from featcache.fileio import atomic_write, write_errors
 from featcache.integrity import IDENTITY_COLUMNS, digest_columns, row_digests, row_ranges
 from featcache.manifest import Manifest, load_manifest
+
+
+def _stop_zarr_io() -> None:
+    """Stop zarr's IO thread at exit, waiting for it. zarr 3's own exit hook waits only 0.2 s for the thread,
+    then closes its event loop anyway: on a loaded machine the loop is still running and the exit prints
+    "RuntimeError: Cannot close a running event loop" after a run that succeeded. Registered after zarr's hook,
+    this runs first (atexit is last-in, first-out) and leaves zarr nothing to close."""
+    from zarr.core import sync
+
+    loop, thread = sync.loop[0], sync.iothread[0]
+    if loop is None:
+        return
+    loop.call_soon_threadsafe(loop.stop)
+    if thread is not None:
+        thread.join(timeout=60)
+    if not loop.is_running():
+        loop.close()
+        sync.loop[0] = sync.iothread[0] = None
+
+
+atexit.register(_stop_zarr_io)
 
 LAYOUT_VERSION = 2  # 2: checksum array
 KEY_LENGTH = 16

@@ -106,7 +106,7 @@ def train_arguments(study: Study, grid: Grid, entry: Entry) -> dict[str, Any]:
                 rank=entry.rank, full=entry.shots is None, shots=(entry.shots,) if entry.shots else (),
                 draws=None if entry.shots is None else grid.train_draws,
                 per_center=entry.regime == "fewshot-center", folds=grid.train_folds, head_lrs=grid.head_lrs,
-                settings=TrainSettings(**grid.train), pixels=pixels, out=study.runs,
+                settings=TrainSettings(**grid.train), pixels=pixels, features=study.features, out=study.runs,
                 device=study.device or "auto", **weights_kwargs(study, entry.backbone))
 
 

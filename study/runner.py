@@ -129,6 +129,7 @@ def _run_stage2(batch: Batch, study: Study, grid: Grid, result: BatchResult, kee
             result.written += report.written
             result.existing += report.existing
             result.skipped += [f"{entry.label}: {line}" for line in report.skipped]
+            result.notes += report.notes
         _attempt(result, entry.label, keep_going, train)
 
 

@@ -41,6 +41,7 @@ def _train(cohort: Path, out: Path, model: str, method: str, pack: int = 1, sett
     kwargs.setdefault("head_lrs", (1e-2, 1e-3))
     kwargs.setdefault("full", False)
     kwargs.setdefault("shots", (4,))
+    kwargs.setdefault("inputs", "images")  # LP too: on stored features it is one batched program already
     return run_train(cohort, TASK, model, method=method, out=out, device="cpu",
                      settings=dataclasses.replace(settings, pack=pack), **kwargs)
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import study.report as report_module
 from cli.featcache_app import app as featcache_app
 from featcache.errors import RecordError
-from featcache.records import RunRecord, write_record
+from featcache.records import HEAD_COUNT, RunRecord, write_record
 from study.report import write_report
 
 PRETRAINED = "hf:timm/resnet18@abc/model.safetensors"
@@ -28,7 +28,8 @@ def _record(backbone: str, method: str, fold: int, mcc: float, ap: float, *, wei
         metrics={"mcc_val_thr": mcc if regime == "full" else None, "mcc": mcc, "average_precision": ap,
                  "val_threshold": 0.4 if regime == "full" else None},
         support_from=None if regime == "full" else support_from,
-        wall_time_s=wall, trainable_params=trainable, total_params=total, provenance={"weights": weights},
+        wall_time_s=wall, trainable_params=trainable, total_params=total,
+        provenance={"weights": weights, "head_count": HEAD_COUNT},  # counted as the trainer counts (one logit)
         training={} if val_loss is None else {"val_loss": val_loss, "best_epoch": 3},
     )
 
@@ -78,7 +79,7 @@ def test_report_tables_hold_the_known_numbers(records, tmp_path, monkeypatch):
     assert "| lora-r8 |" in _row(text, "resnet18", "lora-r8")
     assert "random weights" in _row(text, "dinov2-s *(random weights)*", "probe")
     assert "AFC resnet18 lp full: head LR 0.001 by mean validation loss" in text
-    assert _row(text, "AFC", "resnet18").endswith("| 100× |")  # LP 50 s against the probe's 0.5 s per run
+    assert _row(text, "AFC", "resnet18").endswith("| 100× | – |")  # LP 50 s against the probe's 0.5 s per run
     assert "| 1 (cached probe) | 23 | 2 |" in text and "| 2 (trained end to end) | 6 | 0 |" in text
     assert len(made.figures) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in made.figures)
     for figure in made.figures:
@@ -108,3 +109,17 @@ def test_report_command_and_refusals(records, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecordError, match="no run records"):
         write_report(tmp_path / "empty", tmp_path / "r2")
+
+
+def test_compute_table_shows_both_lp_paths():
+    """LP records trained on images and on stored features are counted apart, each against the probe."""
+    made = [_record("resnet18", "probe", f, 0.2, 0.6, wall=0.5) for f in (0, 1)]
+    made += [_record("resnet18", "lp", f, 0.5, 0.7, wall=50.0) for f in (0, 1)]
+    for f in (0, 1):
+        record = _record("resnet18", "lp", f, 0.5, 0.7, wall=0.05)
+        record.provenance["trained_on"] = "features"
+        made.append(record)
+    stages, ratios = report_module.compute_table(made)
+    assert [row[:2] for row in stages] == [["1 (cached probe)", "2"], ["2 (LP on stored features)", "2"],
+                                           ["2 (trained end to end)", "2"]]
+    assert ratios == [["AFC", "resnet18", "0.50 s", "50.00 s", "0.05 s", "100×", "0.1×"]]

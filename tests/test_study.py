@@ -14,6 +14,7 @@ from cli.featcache_app import app as featcache_app
 from featcache.backbones import ALIASES, get_spec
 from featcache.datasets import get_task
 from featcache.errors import StudyError, WeightsError
+from featcache.records import load_records
 from featcache.synth import make_cohort
 from study.expand import expand, expected_runs, parse_only
 from study.grid import load_grid
@@ -112,7 +113,7 @@ def test_weights_policy_per_backbone_through_an_alias(tmp_path, monkeypatch):
 def test_aliases_resolve_and_are_listed():
     assert get_spec("medclip").name == "medclip-vit" and get_spec("medclip-tiny").name == "medclip-vit-tiny"
     lines = CliRunner().invoke(featcache_app, ["models"]).output.splitlines()
-    row = next(i for i, line in enumerate(lines) if line.startswith("│ medclip-vit "))
+    row = next(i for i, line in enumerate(lines) if line.startswith("medclip-vit "))
     assert "(alias: medclip)" in lines[row + 1]
 
 
@@ -314,15 +315,17 @@ def test_the_three_commands_work_verbatim_inside_a_study_real_size(tmp_path, mon
 
 def test_study_run_trains_stage_two_entries_by_their_keys(cohort, tmp_path):
     study, _, _ = _fresh(cohort, tmp_path)
-    grid = load_grid({"backbones": ["resnet18-tiny"], "methods": ["bitfit", "lora"], "ranks": [4],
+    grid = load_grid({"backbones": ["resnet18-tiny"], "methods": ["bitfit", "lora", "lp"], "ranks": [4],
                       "train_folds": ["fold0"], "head_lrs": [1e-3], "train": {"max_epochs": 1, "warmup": 0}},
                      tmp_path / STUDY_FILE)
     entries, excluded = expand(study, grid)
-    assert [e.variant for e in entries] == ["bitfit", "lora-r4"] and not excluded
+    assert sorted(e.variant for e in entries) == ["bitfit", "lora-r4", "lp"] and not excluded
     rows = plan(study, grid, entries)
     assert all(r.exact and (r.planned, r.recorded) == (1, 0) for r in rows)
     results, _ = execute(make_batches(rows), study, grid)
-    assert [r.written for r in results] == [1, 1]
+    assert [r.written for r in results] == [1, 1, 1]
+    trained_on = {r.method: r.provenance["trained_on"] for r in load_records(study.runs)}
+    assert trained_on == {"bitfit": "images", "lora": "images", "lp": "features"}  # lp on exact stored features
     from adapters.plan import planned_keys
 
     keys = {k for e in entries for k in planned_keys(**train_arguments(study, grid, e))}

@@ -22,6 +22,7 @@ from adapters.artifacts import export_merged, load_export, load_model, predict
 from adapters.classifier import Classifier
 from adapters.images import load_images
 from adapters.methods import METHODS, apply_method
+from adapters.model import counted_parameters, head_module
 from adapters.plan import TrainSettings, planned_keys
 from adapters.train import run_train
 from adapters.trainer import CHECKPOINT, _State, batch_norm_note, make_plateau, observe
@@ -84,7 +85,8 @@ def test_every_method_trains_exactly_what_it_declares(cohort, tmp_path, model):
         assert head & changed, method
         if method == "lp":
             assert not stats  # a frozen backbone keeps its batch-norm statistics
-        assert record.trainable_params == count_parameters(fresh)[0]
+        assert record.trainable_params == counted_parameters(fresh)[0] == count_parameters(fresh)[0] - (
+            head_module(fresh).in_features + 1)  # the head counted as one logit
 
 
 def _closed_form(model: str, method: str, r: int = 8) -> int:
@@ -312,16 +314,16 @@ def test_adapter_loads_with_plain_peft_and_merge_equals_unmerged(cohort, tmp_pat
     merged = load_export(tmp_path / "merged")
     with torch.no_grad():
         np.testing.assert_allclose(merged(x).softmax(1)[:, 1].numpy(), ours.numpy(), atol=1e-5)
-    rows = predict(folder, cohort, device="cpu")
-    by_id = {r["image_id"]: r["score"] for r in rows}
+    made = predict(folder, cohort, device="cpu")
+    by_id = {r["image_id"]: r[made.column] for r in made.rows}
     np.testing.assert_allclose([by_id[i] for i in record.test_ids], record.test_scores, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["bitfit", "fft", "ia3"])
 def test_saved_weights_reproduce_the_record(cohort, tmp_path, method):
     record = _train(cohort, tmp_path, "resnet18-tiny", method).records[0]
-    rows = predict(tmp_path / record.key, cohort, device="cpu")
-    by_id = {r["image_id"]: r["score"] for r in rows}
+    made = predict(tmp_path / record.key, cohort, device="cpu")
+    by_id = {r["image_id"]: r[made.column] for r in made.rows}
     np.testing.assert_allclose([by_id[i] for i in record.test_ids], record.test_scores, atol=1e-5)
 
 
@@ -425,7 +427,7 @@ def test_bad_input_is_one_line(cohort, tmp_path):
         _train(cohort, tmp_path, "resnet18-tiny", "vera")
     with pytest.raises(SplitError, match="fold0 k=16: .*class 1 .positive. has 6 patients in fold0's train part"):
         _train(cohort, tmp_path, method="lp", full=False, shots=(16,))
-    with pytest.raises(SplitError, match="featcache splits"):
+    with pytest.raises(SplitError, match="SYN_missing is neither a dataset task .* nor a column"):
         run_train(cohort, "SYN_missing", "dinov2-s-tiny", method="lp", out=tmp_path)
     copy = tmp_path / "c"
     shutil.copytree(cohort.parent, copy)
@@ -452,7 +454,7 @@ def test_cli_train_bitfit_then_results(cohort, tmp_path):
         "--fold", "fold0", "--max-epochs", "2", "--warmup", "1", "--head-lr", "1e-2", "--out",
         str(tmp_path), "--quiet", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "wrote 1 run records" in result.output
+    assert "wrote 1 run record (0 already there)" in result.output
     (record,) = load_records(tmp_path)
     assert record.method == "bitfit" and record.backbone == "resnet18-tiny"
 
