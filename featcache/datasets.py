@@ -23,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from featcache.errors import FeatcacheError, ManifestError, UsageError
+from featcache.errors import ManifestError, UsageError
 from featcache.fileio import atomic_write
 from featcache.manifest import BBOX_COLUMNS, REQUIRED_COLUMNS, Manifest
-from featcache.tasks import CV_SCHEMES, TaskSpec
+from featcache.tasks import CV_SCHEMES, TaskSpec, recorded_classes
 
 ENV_VAR = "FEATCACHE_DATASETS"
 LAYOUTS = ("table", "dicom_tree")
@@ -441,27 +441,12 @@ def task_for(manifest: Manifest, key: str, positive: str | None = None) -> TaskS
     if positive is None:
         if key in _ADHOC:
             return _ADHOC[key]
-        recorded = _split_classes(manifest, key)
+        recorded = recorded_classes(manifest.path, key)
         if recorded is None:
             return get_task(key)
         positive = recorded[1]
     _ADHOC[key] = adhoc_task(manifest, key, positive)
     return _ADHOC[key]
-
-
-def _split_classes(manifest: Manifest, key: str) -> tuple[str, ...] | None:
-    """The (negative, positive) classes the task's split file beside ``manifest`` records, if it has one: a task
-    declared once (``featcache splits --task X --positive V``) is known from then on to every command."""
-    from featcache.splits import read_splits, splits_path  # splits imports this module
-
-    try:
-        path = splits_path(manifest.path, key)
-    except FeatcacheError:
-        return None
-    if not path.is_file():
-        return None
-    classes = read_splits(path).classes
-    return classes if len(classes) == 2 else None
 
 
 def adhoc_task(manifest: Manifest, column: str, positive: str) -> TaskSpec:

@@ -30,6 +30,7 @@ from featcache import datasets
 from featcache.errors import ManifestError, SplitError
 from featcache.fileio import atomic_write
 from featcache.manifest import load_manifest
+from featcache.tasks import splits_path
 
 SHOTS = (2, 4, 8, 16, 32)
 CENTER_SHOTS = (2, 4, 8, 16)
@@ -660,14 +661,6 @@ def _check_draw(ids: Sequence[str], k: int, per_center: bool, where: str, cohort
 
 
 # --- persistence next to the manifest -------------------------------------------------------------------
-
-
-def splits_path(manifest_path: str | Path, task: str) -> Path:
-    """``<manifest dir>/<manifest stem>.splits/<task>.json``."""
-    if not task or any(sep in task for sep in ("/", "\\")) or task.startswith("."):
-        raise SplitError(f"task key {task!r} cannot name a split file")
-    manifest_path = Path(manifest_path)
-    return manifest_path.parent / f"{manifest_path.stem}.splits" / f"{task}.json"
 
 
 def save_splits(splits: Splits, manifest_path: str | Path) -> Path:

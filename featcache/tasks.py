@@ -8,7 +8,11 @@ imports either, so the two never import each other.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from featcache.errors import SplitError
 
 CV_SCHEMES = ("kfold", "loco")
 MISSING_VALUES = frozenset({"", "na", "n/a", "nan", "none", "null"})
@@ -65,3 +69,25 @@ class TaskSpec:
         """The accepted raw values, for messages: ``MILD, SEVERE`` or ``0 -> ALIVE, 1 -> DEATH, ...``."""
         shown = [*self.classes, *(f"{raw} -> {name or '(no label)'}" for raw, name in self.values.items())]
         return ", ".join(shown)
+
+
+def splits_path(manifest_path: str | Path, task: str) -> Path:
+    """``<manifest dir>/<manifest stem>.splits/<task>.json``: where a task's split file sits (`featcache.splits`)."""
+    if not task or any(sep in task for sep in ("/", "\\")) or task.startswith("."):
+        raise SplitError(f"task key {task!r} cannot name a split file")
+    manifest_path = Path(manifest_path)
+    return manifest_path.parent / f"{manifest_path.stem}.splits" / f"{task}.json"
+
+
+def recorded_classes(manifest_path: str | Path, task: str) -> tuple[str, str] | None:
+    """The (negative, positive) classes ``task``'s split file beside the manifest records, if there is a readable
+    one: a task declared once (``featcache splits --task X --positive V``) is known from then on. Only the
+    classes are read here; loading the splits checks the whole file (and refuses a damaged one)."""
+    try:
+        data = json.loads(splits_path(manifest_path, task).read_text(encoding="utf-8"))
+    except (SplitError, OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if isinstance(classes, list) and len(classes) == 2 and all(isinstance(c, str) for c in classes):
+        return classes[0], classes[1]
+    return None
