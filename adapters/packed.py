@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -36,14 +35,12 @@ from torch.func import functional_call, vmap
 
 from adapters.classifier import Classifier
 from adapters.images import Images
+from adapters.lifecycle import end_run, fresh_classifier, start_run
 from adapters.model import frozen_modules, mutable_names, set_train_mode
 from adapters.plan import Run, TrainPlan
 from adapters.trainer import Trainer, TrainProgress, _augment, _placed, batches
 from featcache.locks import Claims
-from featcache.records import record_path
-
-if TYPE_CHECKING:
-    from adapters.train import TrainReport
+from featcache.records import RunRecord, record_path
 
 Note = Callable[[str], None]
 
@@ -207,38 +204,32 @@ class Packer:
 
 
 def train_packed(plan: TrainPlan, runs: Sequence[Run], images: Images, out: Path, accelerator: Accelerator,
-                 claims: Claims, report: TrainReport, weights: str | Path | None, random_init: bool,
-                 progress: TrainProgress | None, note: Note) -> list[Run]:
-    """Train ``runs`` (none recorded when planned) ``plan.settings.pack`` at a time into ``report``, each while
-    holding its claim (as `adapters.train.claimed_run`); returns the runs another process holds."""
-    from adapters.train import _classifier, claimed_run
-
-    def alone(run: Run) -> bool:
-        return claimed_run(plan, run, images, out, accelerator, claims, report, weights, random_init, progress,
-                           note, wait=False)
-
-    base = _classifier(plan, weights, random_init)
+                 claims: Claims, weights: str | Path | None, random_init: bool, progress: TrainProgress | None,
+                 note: Note, notes: list[str]) -> tuple[list[RunRecord], list[Run], list[Run]]:
+    """Train ``runs`` (none recorded when planned) ``plan.settings.pack`` at a time, each while holding its
+    claim (as `adapters.train.claimed_run` does). Returns the records written, the runs to train one at a time
+    (all of them, with a line in ``notes``, where packing cannot be exact), and the runs another process holds
+    or has recorded meanwhile (for the caller to wait on and read back)."""
+    base = fresh_classifier(plan, weights, random_init)
     why = why_not_packable(base, accelerator)
     if why is not None:
-        report.notes.append(f"--pack: {plan.spec.name} {plan.method.name} runs one at a time: {why}")
-        del base
-        return [run for run in runs if not alone(run)]
-    packer = Packer(plan, images, out, accelerator, base, min(plan.settings.pack, len(runs)), report.notes.append)
-    queue, deferred = list(runs), []
+        notes.append(f"--pack: {plan.spec.name} {plan.method.name} runs one at a time: {why}")
+        return [], list(runs), []
+    packer = Packer(plan, images, out, accelerator, base, min(plan.settings.pack, len(runs)), notes.append)
+    queue, records, deferred = list(runs), [], []
     locks: dict[Trainer, FileLock] = {}
     try:
-        _pack_loop(packer, queue, deferred, locks, claims, report, weights, progress, note)
+        _pack_loop(packer, queue, records, deferred, locks, claims, weights, progress, note, notes)
     finally:
         for lock in locks.values():
             lock.release()
-    return deferred
+    return records, [], deferred
 
 
-def _pack_loop(packer: Packer, queue: list[Run], deferred: list[Run], locks: dict[Trainer, FileLock], claims: Claims,
-               report: TrainReport, weights: str | Path | None, progress: TrainProgress | None, note: Note) -> None:
+def _pack_loop(packer: Packer, queue: list[Run], records: list[RunRecord], deferred: list[Run],
+               locks: dict[Trainer, FileLock], claims: Claims, weights: str | Path | None,
+               progress: TrainProgress | None, note: Note, notes: list[str]) -> None:
     """Fill the slots with claimed runs, train the pack an epoch at a time, retire stopped runs."""
-    from adapters.train import end_run, read_back, start_run
-
     plan, out, acc, settings = packer.plan, packer.out, packer.acc, packer.plan.settings
     active: list[Trainer] = []
     last_save = time.monotonic()
@@ -246,8 +237,7 @@ def _pack_loop(packer: Packer, queue: list[Run], deferred: list[Run], locks: dic
         while True:  # retire stopped runs (also resumed ones that had stopped), fill the freed slots
             for t in [t for t in active if t.done]:
                 t.finish(progress)
-                report.records.append(end_run(t, out, weights, packed=packer.width))
-                report.written += 1
+                records.append(end_run(t, out, weights, packed=packer.width))
                 locks.pop(t).release()
                 active.remove(t)
             if not queue or len(active) >= packer.width:
@@ -255,14 +245,13 @@ def _pack_loop(packer: Packer, queue: list[Run], deferred: list[Run], locks: dic
             while queue and len(active) < packer.width:
                 run = queue.pop(0)
                 lock = claims.claim(run.key, wait=False)
-                if lock is None:  # another process trains it
+                if lock is None or record_path(out, run.key).is_file():  # another process trains or trained it
                     deferred.append(run)
-                elif record_path(out, run.key).is_file():  # written meanwhile by another process
-                    read_back(out, run, report)
-                    lock.release()
+                    if lock is not None:
+                        lock.release()
                 else:
                     try:
-                        trainer = start_run(plan, run, packer.images, out, acc, report.notes, note, packer.shell)
+                        trainer = start_run(plan, run, packer.images, out, acc, notes, note, packer.shell)
                     except BaseException:
                         lock.release()
                         raise

@@ -47,21 +47,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from adapters.artifacts import check_run_folder, save_artifacts, save_seen
-from adapters.classifier import Classifier
 from adapters.heads import train_heads, use_features
 from adapters.images import Images, load_images
+from adapters.lifecycle import end_run, fresh_classifier, start_run
 from adapters.methods import HEAD_LRS, Method
-from adapters.model import build_classifier
 from adapters.plan import Run, TrainPlan, TrainSettings, plan
-from adapters.trainer import CHECKPOINT, DamagedCheckpoint, Trainer, TrainProgress
+from adapters.trainer import CHECKPOINT, TrainProgress
 from featcache.device import resolve_device
 from featcache.locks import Claims
-from featcache.records import RunRecord, read_record, record_path, write_record
+from featcache.records import RunRecord, read_record, record_path
 
 CLAIMS = ".claims"  # inside --out: one claim per run key being trained (`featcache.locks.Claims`)
 
@@ -127,15 +124,16 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str | Meth
             note(line)
 
     claims = Claims(out / CLAIMS)
+    deferred: list[Run] = []
     if the_plan.settings.pack > 1 and len(todo) > 1:
         from adapters.packed import train_packed
 
-        deferred = train_packed(the_plan, todo, images, out, accelerator, claims, report, weights, random_init,
-                                progress, once)
-    else:
-        deferred = [run for run in todo if not claimed_run(the_plan, run, images, out, accelerator, claims,
-                                                            report, weights, random_init, progress, once,
-                                                            wait=False)]
+        records, todo, deferred = train_packed(the_plan, todo, images, out, accelerator, claims, weights,
+                                               random_init, progress, once, report.notes)
+        report.records += records
+        report.written += len(records)
+    deferred += [run for run in todo if not claimed_run(the_plan, run, images, out, accelerator, claims, report,
+                                                        weights, random_init, progress, once, wait=False)]
     for run in deferred:  # another process holds them: wait for it, then read its record (or train if it died)
         claimed_run(the_plan, run, images, out, accelerator, claims, report, weights, random_init, progress, once,
                      wait=True)
@@ -182,60 +180,6 @@ def _train_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator
                weights: str | Path | None, random_init: bool, progress: TrainProgress | None,
                notes: list[str], note: Callable[[str], None]) -> RunRecord:
     trainer = start_run(plan, run, images, out, accelerator, notes, note,
-                        lambda: _classifier(plan, weights, random_init))
+                        lambda: fresh_classifier(plan, weights, random_init))
     trainer.fit(progress)
     return end_run(trainer, out, weights)
-
-
-def start_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator: Accelerator, notes: list[str],
-              note: Callable[[str], None], model: Callable[[], Classifier]) -> Trainer:
-    """A run's trainer on its checked folder over a fresh ``model()``, resumed from its checkpoint where there
-    is one (a damaged one is named in ``notes``, removed, and the run starts afresh)."""
-    folder = out / run.key
-    if accelerator.is_main_process:
-        check_run_folder(folder, run, plan, notes)
-        _remove_temp_files(out, run.key)
-    accelerator.wait_for_everyone()
-    trainer = Trainer(plan, run, model(), images, folder, accelerator)
-    try:
-        trainer.resume()
-    except DamagedCheckpoint as err:  # a cache: named once, removed, and the run starts afresh
-        notes.append(str(err))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            err.path.unlink(missing_ok=True)
-        trainer = Trainer(plan, run, model(), images, folder, accelerator)
-    if trainer.note:
-        note(f"{plan.method.name} on {plan.spec.name}: {trainer.note}")
-    return trainer
-
-
-def end_run(trainer: Trainer, out: Path, weights: str | Path | None, **provenance: object) -> RunRecord:
-    """A fitted run's record (``provenance`` added to it), artefacts and cleanup: the record last, so a
-    recorded run is a finished one."""
-    plan, run, accelerator = trainer.plan, trainer.run, trainer.acc
-    record = trainer.record(plan, weights)
-    record.provenance.update(provenance)
-    if accelerator.is_main_process:
-        save_artifacts(accelerator.unwrap_model(trainer.ddp), plan.method, trainer.folder)
-        save_seen(trainer.folder, run.train, run.val)
-        write_record(record, out)
-        (trainer.folder / CHECKPOINT).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    return record
-
-
-def _classifier(plan: TrainPlan, weights: str | Path | None, random_init: bool) -> Classifier:
-    """A fresh model for a run of ``plan`` (the same seeds every time, so a restart equals a first start)."""
-    torch.manual_seed(plan.settings.seed)
-    settings = plan.settings
-    return build_classifier(plan.spec, plan.method, plan.rank, weights=weights, random_init=random_init,
-                            seed=settings.seed, grad_ckpt=settings.grad_ckpt, dropout=settings.adapter_dropout)
-
-
-def _remove_temp_files(out: Path, key: str) -> None:
-    """Temp files a killed write of this run left (`atomic_write`'s ``.NAME.*.tmp``): its record's beside the
-    folder, its checkpoint's and artefacts' inside. Called under the run's claim, so no live write is touched."""
-    leftovers = [*out.glob(f".{key}.json.*.tmp"), *(out / key).glob(".*.tmp")]
-    for path in leftovers:
-        path.unlink(missing_ok=True)
