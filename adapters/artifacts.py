@@ -49,18 +49,11 @@ CHECKPOINT = "checkpoint.pt"  # written by `adapters.trainer` while a run trains
 MODEL = "model.safetensors"
 EXPORT = "export.json"
 PREPROCESSING = "preprocessing.json"
-PLAIN_SCRIPTS = {  # predict.py written into a merged export: the README shows the timm one
-    "timm": """\
-import json, sys
-import numpy as np, timm, torch, torch.nn.functional as F
-from PIL import Image
-from safetensors.torch import load_file
-
+_PLAIN_ARGS = """\
 folder, image, box = sys.argv[1], sys.argv[2], [int(v) for v in sys.argv[3:7]]  # box: x0 y0 x1 y1, if any
 pre, meta = (json.load(open(f"{folder}/{name}.json")) for name in ("preprocessing", "export"))
-model = timm.create_model(**meta["create"]).eval()
-model.load_state_dict(load_file(f"{folder}/model.safetensors"))
-head = load_file(f"{folder}/head.safetensors")
+"""
+_PLAIN_PIXELS = """\
 gray = Image.open(image).convert("L").crop(box or None)
 gray = torch.tensor(np.asarray(gray, np.float32) / 255)[None, None]
 x = F.interpolate(gray, size=(pre["size"],) * 2, mode="bilinear", antialias=True)[0]
@@ -69,6 +62,21 @@ if pre["intensity"] == "minmax":
 x = (x.clamp(0, 1) * 255).round() / 255  # the 8-bit pixels training read
 mean, std = (torch.tensor(pre[k][: pre["channels"]])[:, None, None] for k in ("mean", "std"))
 x = (x.expand(pre["channels"], -1, -1) - mean) / std
+"""
+# predict.py written into a merged export, one per source library (the README shows the timm one): the same
+# argument handling and pixel steps, the library's own loading call and forward.
+PLAIN_SCRIPTS = {
+    "timm": """\
+import json, sys
+import numpy as np, timm, torch, torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+""" + _PLAIN_ARGS + """\
+model = timm.create_model(**meta["create"]).eval()
+model.load_state_dict(load_file(f"{folder}/model.safetensors"))
+head = load_file(f"{folder}/head.safetensors")
+""" + _PLAIN_PIXELS + """\
 with torch.no_grad():
     print(torch.softmax(model(x[None]) @ head["weight"].T + head["bias"], 1)[0, 1].item())
 """,
@@ -79,18 +87,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-folder, image, box = sys.argv[1], sys.argv[2], [int(v) for v in sys.argv[3:7]]  # box: x0 y0 x1 y1, if any
-pre, meta = (json.load(open(f"{folder}/{name}.json")) for name in ("preprocessing", "export"))
+""" + _PLAIN_ARGS + """\
 model = AutoModel.from_pretrained(f"{folder}/model").eval()
 head = load_file(f"{folder}/head.safetensors")
-gray = Image.open(image).convert("L").crop(box or None)
-gray = torch.tensor(np.asarray(gray, np.float32) / 255)[None, None]
-x = F.interpolate(gray, size=(pre["size"],) * 2, mode="bilinear", antialias=True)[0]
-if pre["intensity"] == "minmax":
-    x = (x - x.min()) / (x.max() - x.min())
-x = (x.clamp(0, 1) * 255).round() / 255  # the 8-bit pixels training read
-mean, std = (torch.tensor(pre[k][: pre["channels"]])[:, None, None] for k in ("mean", "std"))
-x = (x.expand(pre["channels"], -1, -1) - mean) / std
+""" + _PLAIN_PIXELS + """\
 with torch.no_grad():
     out = model(pixel_values=x[None])
     features = out.pooler_output if meta["features"].endswith("pooler_output") else out.last_hidden_state[:, 0]

@@ -28,19 +28,22 @@ RANKS = (4, 8, 16)  # the benchmark's LoRA/VeRA ranks
 DEFAULT_RANK = 8
 
 
-def _lora(targets: list[str], _ff: list[str], r: int) -> Any:
+ADAPTER_DROPOUT = 0.1  # LoRA and VeRA dropout, the benchmark's; `TrainSettings.adapter_dropout` overrides it
+
+
+def _lora(targets: list[str], _ff: list[str], r: int, dropout: float) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=1, lora_dropout=0.1, target_modules=targets)
+    return LoraConfig(r=r, lora_alpha=1, lora_dropout=dropout, target_modules=targets)
 
 
-def _vera(targets: list[str], _ff: list[str], r: int) -> Any:
+def _vera(targets: list[str], _ff: list[str], r: int, dropout: float) -> Any:
     from peft import VeraConfig
 
-    return VeraConfig(r=r, vera_dropout=0.1, target_modules=targets)
+    return VeraConfig(r=r, vera_dropout=dropout, target_modules=targets)
 
 
-def _ia3(targets: list[str], feedforward: list[str], _r: int) -> Any:
+def _ia3(targets: list[str], feedforward: list[str], _r: int, _dropout: float) -> Any:
     from peft import IA3Config
 
     return IA3Config(target_modules=targets, feedforward_modules=feedforward)
@@ -57,9 +60,10 @@ class Method:
     trains: str
     backbone_lr: float | None = None
     sets: tuple[str, ...] = ()
-    config: Callable[[list[str], list[str], int], Any] | None = None
+    config: Callable[[list[str], list[str], int, float], Any] | None = None
     ranked: bool = False
     mergeable: bool = False
+    dropout: bool = False  # whether the adapter has a dropout (LoRA, VeRA)
 
     @property
     def peft(self) -> bool:
@@ -94,9 +98,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lp", "linear probe: frozen backbone, trained head", "none"),
     Method("fft", "full fine-tuning", "all", 1e-5),
     Method("lora", "LoRA on attention (+ MLP where the benchmark did) or conv1", "adapter", 1e-4,
-           ("attention", "mlp", "conv"), _lora, ranked=True, mergeable=True),
+           ("attention", "mlp", "conv"), _lora, ranked=True, mergeable=True, dropout=True),
     Method("vera", "VeRA on Linear layers sharing one random projection pair", "adapter", 1e-4, ("same_shape",),
-           _vera, ranked=True, mergeable=True),
+           _vera, ranked=True, mergeable=True, dropout=True),
     Method("bitfit", "BitFit: biases only", "bias", 1e-4),
     Method("ia3", "IA3: learned rescaling of attention and feed-forward activations", "adapter", 1e-4,
            ("attention", "feedforward", "conv"), _ia3, mergeable=True),
@@ -141,10 +145,12 @@ def _alternatives(spec: BackboneSpec, method: Method) -> str:
     return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
-def apply_method(classifier: Classifier, method: Method | str, rank: int | None = None) -> Classifier:
+def apply_method(classifier: Classifier, method: Method | str, rank: int | None = None,
+                 dropout: float | None = None) -> Classifier:
     """Make `classifier` trainable the way `method` says, in place; its head always trains. peft methods wrap
-    the backbone's module (`get_peft_model`: VeRA keeps shared state on its tuner). Every configured target
-    name must match a module: peft itself only checks that one does."""
+    the backbone's module (`get_peft_model`: VeRA keeps shared state on its tuner); ``dropout`` is LoRA's and
+    VeRA's (None: the benchmark's 0.1). Every configured target name must match a module: peft itself only
+    checks that one does."""
     method = get_method(method)
     rank = method.rank_for(rank)
     spec, model = classifier.backbone.spec, classifier.backbone.model
@@ -160,7 +166,8 @@ def apply_method(classifier: Classifier, method: Method | str, rank: int | None 
         unmatched = [n for n, paths in match_targets(model, tuple(targets)).items() if not paths]
         if unmatched:
             raise UsageError(f"{spec.name}: {method.name} targets match no module: {', '.join(unmatched)}")
-        classifier.backbone.model = get_peft_model(model, method.config(targets, feedforward, rank or 0))
+        config = method.config(targets, feedforward, rank or 0, ADAPTER_DROPOUT if dropout is None else dropout)
+        classifier.backbone.model = get_peft_model(model, config)
     for param in classifier.head_parameters():
         param.requires_grad = True
     return classifier

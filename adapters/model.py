@@ -66,9 +66,11 @@ def _enable_grad_ckpt(model: Any, spec: BackboneSpec) -> None:  # a library's mo
 
 
 def build_classifier(spec: BackboneSpec, method: Method, rank: int | None, *, weights: str | Path | None = None,
-                     random_init: bool = False, seed: int = 42, grad_ckpt: bool = False) -> Classifier:
-    """Backbone + two-logit head, adapted by ``method``; the head and adapters are initialised from ``seed``
-    (the backbone's random weights, where it has them, are the same as stage 1's)."""
+                     random_init: bool = False, seed: int = 42, grad_ckpt: bool = False,
+                     dropout: float | None = None) -> Classifier:
+    """Backbone + two-logit head, adapted by ``method`` (``dropout``: LoRA's/VeRA's, None for the benchmark's);
+    the head and adapters are initialised from ``seed`` (the backbone's random weights, where it has them, are
+    the same as stage 1's)."""
     backbone = build_backbone(spec, weights=weights, random_init=random_init)
     fingerprint = base_fingerprint(backbone.model) if backbone.random_weights else None
     if grad_ckpt:
@@ -77,7 +79,7 @@ def build_classifier(spec: BackboneSpec, method: Method, rank: int | None, *, we
         torch.manual_seed(seed)
         classifier = Classifier(backbone, n_out=2)
         classifier.base_fingerprint = fingerprint
-        return apply_method(classifier, method, rank)
+        return apply_method(classifier, method, rank, dropout)
 
 
 def base_fingerprint(module: nn.Module) -> str:

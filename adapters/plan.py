@@ -31,8 +31,10 @@ VALIDATION = {"full": "fold validation part", "fewshot": "fold validation part, 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How every run of a `run_train` call trains. All but ``grad_ckpt`` and ``checkpoint_every_s`` (which
-    change memory and I/O, never numbers) enter each run's options and key."""
+    """How every run of a `run_train` call trains. All but ``grad_ckpt``, ``checkpoint_every_s`` and ``pack``
+    (which change memory, I/O and speed, never numbers) enter each run's options and key; ``adapter_dropout``
+    enters them only when set (None: the benchmark's 0.1 for LoRA and VeRA), so default keys stay as they were.
+    ``pack``: runs trained together in one batched pass (`adapters.packed`); 1 trains one at a time."""
 
     max_epochs: int = 1000
     patience: int = 100
@@ -47,13 +49,17 @@ class TrainSettings:
     augment: bool = False
     grad_ckpt: bool = False
     checkpoint_every_s: float = 60.0
+    adapter_dropout: float | None = None
+    pack: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_epochs", "patience", "accumulate", "plateau_patience"):
+        for name in ("max_epochs", "patience", "accumulate", "plateau_patience", "pack"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0 or (self.batch_size is not None and self.batch_size < 1):
             raise UsageError("--warmup must be >= 0 and --batch-size >= 1")
+        if self.adapter_dropout is not None and not 0 <= self.adapter_dropout < 1:
+            raise UsageError(f"--adapter-dropout must be in [0, 1), got {self.adapter_dropout}")
 
     def options(self, method: Method, task: str, head_lr: float, rank: int | None, precision: str,
                 regime: str) -> dict[str, Any]:
@@ -69,6 +75,8 @@ class TrainSettings:
         }
         if rank is not None:
             out["rank"] = rank
+        if method.dropout and self.adapter_dropout is not None:
+            out["adapter_dropout"] = self.adapter_dropout
         return out
 
     def backbone_lr_for(self, method: Method) -> float | None:

@@ -47,20 +47,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from adapters.artifacts import check_run_folder, save_artifacts, save_seen
 from adapters.heads import train_heads, use_features
 from adapters.images import Images, load_images
+from adapters.lifecycle import end_run, fresh_classifier, start_run
 from adapters.methods import HEAD_LRS, Method
-from adapters.model import build_classifier
 from adapters.plan import Run, TrainPlan, TrainSettings, plan
-from adapters.trainer import CHECKPOINT, DamagedCheckpoint, Trainer, TrainProgress
+from adapters.trainer import CHECKPOINT, TrainProgress
 from featcache.device import resolve_device
 from featcache.locks import Claims
-from featcache.records import RunRecord, read_record, record_path, write_record
+from featcache.records import RunRecord, read_record, record_path
 
 CLAIMS = ".claims"  # inside --out: one claim per run key being trained (`featcache.locks.Claims`)
 
@@ -73,7 +71,8 @@ class TrainReport:
     written: int = 0
     existing: int = 0
     skipped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # what was repaired on the way (a damaged checkpoint)
+    notes: list[str] = field(default_factory=list)  # what was repaired on the way (a damaged checkpoint), how
+    # the runs were packed (`adapters.packed`)
 
 
 def run_train(manifest: str | Path, task: str, model: str, *, method: str | Method, rank: int | None = None,
@@ -103,7 +102,7 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str | Meth
     todo = []
     for run in the_plan.runs:
         if record_path(out, run.key).is_file():
-            _read_back(out, run, report)
+            read_back(out, run, report)
         else:
             todo.append(run)
     if not todo:
@@ -125,21 +124,29 @@ def run_train(manifest: str | Path, task: str, model: str, *, method: str | Meth
             note(line)
 
     claims = Claims(out / CLAIMS)
-    deferred = [run for run in todo if not _claimed_run(the_plan, run, images, out, accelerator, claims, report,
+    deferred: list[Run] = []
+    if the_plan.settings.pack > 1 and len(todo) > 1:
+        from adapters.packed import train_packed
+
+        records, todo, deferred = train_packed(the_plan, todo, images, out, accelerator, claims, weights,
+                                               random_init, progress, once, report.notes)
+        report.records += records
+        report.written += len(records)
+    deferred += [run for run in todo if not claimed_run(the_plan, run, images, out, accelerator, claims, report,
                                                         weights, random_init, progress, once, wait=False)]
     for run in deferred:  # another process holds them: wait for it, then read its record (or train if it died)
-        _claimed_run(the_plan, run, images, out, accelerator, claims, report, weights, random_init, progress, once,
+        claimed_run(the_plan, run, images, out, accelerator, claims, report, weights, random_init, progress, once,
                      wait=True)
     return report
 
 
-def _read_back(out: Path, run: Run, report: TrainReport) -> None:
+def read_back(out: Path, run: Run, report: TrainReport) -> None:
     report.records.append(read_record(record_path(out, run.key)))
     report.existing += 1
     (out / run.key / CHECKPOINT).unlink(missing_ok=True)  # a kill between record and cleanup
 
 
-def _claimed_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator: Accelerator, claims: Claims,
+def claimed_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator: Accelerator, claims: Claims,
                  report: TrainReport, weights: str | Path | None, random_init: bool,
                  progress: TrainProgress | None, note: Callable[[str], None], *, wait: bool) -> bool:
     """Train ``run`` (or read its record, when another process wrote it meanwhile) while holding its claim, so
@@ -153,7 +160,7 @@ def _claimed_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerat
         return False
     try:
         if record_path(out, run.key).is_file():
-            _read_back(out, run, report)
+            read_back(out, run, report)
         else:
             report.records.append(_train_run(plan, run, images, out, accelerator, weights, random_init, progress,
                                              report.notes, note))
@@ -172,46 +179,7 @@ def _accelerator(device: str) -> Accelerator:
 def _train_run(plan: TrainPlan, run: Run, images: Images, out: Path, accelerator: Accelerator,
                weights: str | Path | None, random_init: bool, progress: TrainProgress | None,
                notes: list[str], note: Callable[[str], None]) -> RunRecord:
-    folder = out / run.key
-    if accelerator.is_main_process:
-        check_run_folder(folder, run, plan, notes)
-        _remove_temp_files(out, run.key)
-    accelerator.wait_for_everyone()
-    trainer = _trainer(plan, run, images, folder, accelerator, weights, random_init)
-    try:
-        trainer.resume()
-    except DamagedCheckpoint as err:  # a cache: named once, removed, and the run starts afresh
-        notes.append(str(err))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            err.path.unlink(missing_ok=True)
-        trainer = _trainer(plan, run, images, folder, accelerator, weights, random_init)
-    if trainer.note:
-        note(f"{plan.method.name} on {plan.spec.name}: {trainer.note}")
+    trainer = start_run(plan, run, images, out, accelerator, notes, note,
+                        lambda: fresh_classifier(plan, weights, random_init))
     trainer.fit(progress)
-    record = trainer.record(plan, weights)
-    if accelerator.is_main_process:
-        save_artifacts(accelerator.unwrap_model(trainer.ddp), plan.method, folder)
-        save_seen(folder, run.train, run.val)
-        write_record(record, out)
-        (folder / CHECKPOINT).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    return record
-
-
-def _trainer(plan: TrainPlan, run: Run, images: Images, folder: Path, accelerator: Accelerator,
-             weights: str | Path | None, random_init: bool) -> Trainer:
-    """A fresh model and trainer for ``run`` (the same seeds every time, so a restart equals a first start)."""
-    torch.manual_seed(plan.settings.seed)
-    settings = plan.settings
-    model = build_classifier(plan.spec, plan.method, plan.rank, weights=weights, random_init=random_init,
-                             seed=settings.seed, grad_ckpt=settings.grad_ckpt)
-    return Trainer(plan, run, model, images, folder, accelerator)
-
-
-def _remove_temp_files(out: Path, key: str) -> None:
-    """Temp files a killed write of this run left (`atomic_write`'s ``.NAME.*.tmp``): its record's beside the
-    folder, its checkpoint's and artefacts' inside. Called under the run's claim, so no live write is touched."""
-    leftovers = [*out.glob(f".{key}.json.*.tmp"), *(out / key).glob(".*.tmp")]
-    for path in leftovers:
-        path.unlink(missing_ok=True)
+    return end_run(trainer, out, weights)

@@ -207,15 +207,29 @@ class Trainer:
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, total_weight: torch.Tensor) -> torch.Tensor:
         return (F.cross_entropy(logits.float(), y, reduction="none") * self.weight[y]).sum() / total_weight
 
+    def warm_up(self, epoch: int) -> None:
+        """The linear warm-up's LRs for ``epoch`` (no change after warm-up: the plateau rule owns them)."""
+        warmup = self.plan.settings.warmup
+        if epoch < warmup:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = base * (epoch + 1) / warmup
+
+    def generator(self, epoch: int) -> torch.Generator:
+        """The epoch's seeded generator: its batch order (`batches`), then its augmentation draws."""
+        return torch.Generator().manual_seed(self.plan.settings.seed * 1_000_003 + epoch)
+
+    @property
+    def step_size(self) -> int:
+        """Images per optimiser step."""
+        return self.plan.settings.batch_size_for(self.plan.task) * self.plan.settings.accumulate
+
     def train_epoch(self, epoch: int) -> float:
         settings, acc = self.plan.settings, self.acc
         set_train_mode(self.ddp, self.frozen)
-        if epoch < settings.warmup:
-            for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-                group["lr"] = base * (epoch + 1) / settings.warmup
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+        self.warm_up(epoch)
+        generator = self.generator(epoch)
         rows, y = self.rows["train"], self.y["train"].to(acc.device)
-        size = settings.batch_size_for(self.plan.task) * settings.accumulate
+        size = self.step_size
         total = 0.0
         for batch in batches(len(rows), size, generator):
             total_weight = self.weight[y[batch]].sum()
@@ -252,31 +266,51 @@ class Trainer:
         loss = float(self._loss(out, y, self.weight[y].sum()))
         return out.softmax(1)[:, 1].cpu().double().numpy(), loss
 
-    def fit(self, progress: TrainProgress | None) -> None:
+    @property
+    def done(self) -> bool:
+        """Stopped early or at the epoch limit."""
+        settings = self.plan.settings
+        return self.state.epoch >= settings.max_epochs or self.state.bad_epochs >= settings.patience
+
+    def end_epoch(self, train_loss: float, val_loss: float, seconds: float) -> None:
+        """Book an epoch's losses: best epoch (and its weights), early-stop count, plateau rule."""
+        state = self.state
+        state.train_loss.append(train_loss)
+        state.val_loss.append(val_loss)
+        state.lr.append(self.optimizer.param_groups[0]["lr"])
+        if observe(state, self.plateau, val_loss, self.plan.settings):
+            state.best = self._mutable()
+        state.elapsed_s += seconds
+
+    def report(self, progress: TrainProgress | None) -> None:
+        """The progress line of the epoch just booked (after its checkpoint, so a stop there resumes past it)."""
+        state = self.state
+        if progress is not None:
+            progress(self.run.label, state.epoch, self.plan.settings.max_epochs,
+                     f"val {state.val_loss[-1]:.4f} · best {state.best_loss:.4f} @ {state.best_epoch + 1}")
+
+    def finish(self, progress: TrainProgress | None) -> None:
+        """Report the stop and load the best epoch's weights (the ones the record scores)."""
         settings, state = self.plan.settings, self.state
-        last_save = time.monotonic()
-        while state.epoch < settings.max_epochs and state.bad_epochs < settings.patience:
-            started = time.perf_counter()
-            train_loss = self.train_epoch(state.epoch)
-            val_loss = self.scores("val")[1]
-            val_loss = broadcast_object_list([val_loss])[0] if self.acc.num_processes > 1 else val_loss
-            state.train_loss.append(train_loss)
-            state.val_loss.append(val_loss)
-            state.lr.append(self.optimizer.param_groups[0]["lr"])
-            if observe(state, self.plateau, val_loss, settings):
-                state.best = self._mutable()
-            state.elapsed_s += time.perf_counter() - started
-            if time.monotonic() - last_save >= settings.checkpoint_every_s:
-                self.save_checkpoint()
-                last_save = time.monotonic()
-            if progress is not None:
-                progress(self.run.label, state.epoch, settings.max_epochs,
-                         f"val {val_loss:.4f} · best {state.best_loss:.4f} @ {state.best_epoch + 1}")
         if progress is not None:
             why = "early stop" if state.bad_epochs >= settings.patience else "epoch limit"
             progress(self.run.label, state.epoch, settings.max_epochs,
                      f"done ({why}): best val {state.best_loss:.4f} at epoch {state.best_epoch + 1}")
         self._load_mutable(state.best)
+
+    def fit(self, progress: TrainProgress | None) -> None:
+        last_save = time.monotonic()
+        while not self.done:
+            started = time.perf_counter()
+            train_loss = self.train_epoch(self.state.epoch)
+            val_loss = self.scores("val")[1]
+            val_loss = broadcast_object_list([val_loss])[0] if self.acc.num_processes > 1 else val_loss
+            self.end_epoch(train_loss, val_loss, time.perf_counter() - started)
+            if time.monotonic() - last_save >= self.plan.settings.checkpoint_every_s:
+                self.save_checkpoint()
+                last_save = time.monotonic()
+            self.report(progress)
+        self.finish(progress)
 
     def record(self, plan: TrainPlan, weights: str | Path | None) -> RunRecord:
         s_val, _ = self.scores("val")

@@ -13,8 +13,12 @@
    image path, 5 folds x 3 head LRs at protocol defaults, on resnet18-tiny and one real-size backbone (random
    weights): ratio (goal >= 1000x) and equal metrics; then a few-shot LP grid (5 k x 5 folds x 5 draws x 3 head
    LRs) on the features path: total seconds.
+6. packed training (`adapters.packed`): few-shot run-epochs per hour with N = 4, 16, 64 runs in one pass
+   against one run at a time (each epoch = its training steps + its validation pass), on tiny and (with
+   --real) real-size ViT and CNN with random weights, LoRA at dropout 0 and LP; peak memory per run; and
+   how many vmap fallback-loop warnings were raised (0: no op fell back to a per-run loop).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py [--sections 1,2,3,4,5] [--steps 4] [--real]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py [--sections 1,2,3,4,5,6] [--steps 4] [--real]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from adapters.images import load_images  # noqa: E402
 from adapters.methods import METHODS  # noqa: E402
 from adapters.model import build_classifier  # noqa: E402
+from adapters.packed import Packer  # noqa: E402
 from adapters.plan import Run, TrainSettings, plan  # noqa: E402
 from adapters.train import _accelerator, run_train  # noqa: E402
 from adapters.trainer import Trainer, class_weights  # noqa: E402
@@ -215,6 +220,97 @@ def lp_cost(model: str, patients: int) -> None:
     print(f"cost ratio: {lp_s / cached:.0f}x cheaper from the cache")
 
 
+def _fewshot_runs(manifest: Path, model: str, method: str, n: int, support: int, val: int):
+    """A plan and ``n`` few-shot runs with their own seeded support sets (``support`` images, both classes)
+    and a common validation part of ``val`` images, as one request's draws x head LRs would be."""
+    real = not model.endswith("-tiny")
+    settings = TrainSettings(batch_size=support, warmup=5, checkpoint_every_s=1e9, adapter_dropout=0.0)
+    the_plan = plan(manifest, "SYN", model, method=method, settings=settings, random_init=real, device="cpu",
+                    folds=["fold0"], head_lrs=(1e-3,))
+    ids = list(the_plan.labels)
+    by_class = {c: [i for i in ids if the_plan.labels[i] == c] for c in (0, 1)}
+    held = tuple(by_class[0][-val // 2:] + by_class[1][-(val - val // 2):])
+    runs = []
+    for r in range(n):
+        g = torch.Generator().manual_seed(r)
+        pick = [by_class[c][int(j)] for c in (0, 1)
+                for j in torch.randperm(len(by_class[c]) - val, generator=g)[: support // 2]]
+        runs.append(Run("bench", "fewshot", support // 2, r, 1e-3, tuple(pick), held, held, f"bench{r}", {}))
+    images = load_images(the_plan.manifest, ids, the_plan.spec.preprocess)
+    return dataclasses.replace(the_plan, runs=tuple(runs)), runs, images, real
+
+
+def _reset_peak() -> float:
+    """Resident MiB now, the kernel's high-water mark reset to it (peak growth = VmHWM - this)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
+
+
+def packed_rates(manifest: Path, model: str, method: str, packs: list[int], support: int, val: int,
+                 epochs: int, per_run: int) -> None:
+    """Run-epochs per hour packed vs alone for one backbone x method, interleaving nothing (each side timed
+    over ``epochs`` epochs after one warm-up epoch); peak RSS growth per run."""
+    import warnings
+
+    the_plan, runs, images, real = _fewshot_runs(manifest, model, method, max(packs), support, val)
+    acc = _accelerator("cpu")
+    folder = Path(tempfile.mkdtemp())
+    model_ = build_classifier(the_plan.spec, the_plan.method, None, random_init=real, dropout=0.0)
+    alone = Trainer(the_plan, runs[0], model_, images, folder, acc)
+    before = _reset_peak()
+    alone.train_epoch(0)
+    alone.scores("val")
+    start = time.perf_counter()
+    for e in range(epochs):
+        alone.train_epoch(1 + e)
+        alone.scores("val")
+    alone_s = (time.perf_counter() - start) / epochs
+    alone_mib = _status_mib("VmHWM") - before
+    del alone, model_
+    print(f"{model:<16}{method:<7}{'1':>4}{alone_s:>10.3f}{3600 / alone_s:>12.0f}"
+          f"{3600 / alone_s / per_run:>10.1f}{'1.00x':>8}{alone_mib:>12.0f}{'':>6}", flush=True)
+    for n in packs:
+        base = build_classifier(the_plan.spec, the_plan.method, None, random_init=real, dropout=0.0)
+        packer = Packer(the_plan, images, folder, acc, base, n, print)
+        trainers = [Trainer(the_plan, run, packer.shell(), images, folder, acc) for run in runs[:n]]
+        before = _reset_peak()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            packer.train_epoch(trainers)
+            packer.val_losses(trainers)
+            start = time.perf_counter()
+            for _ in range(epochs):
+                packer.train_epoch(trainers)
+                packer.val_losses(trainers)
+            packed_s = (time.perf_counter() - start) / epochs
+        fallbacks = sum("batching rule" in str(w.message) for w in caught)
+        per_run_mib = (_status_mib("VmHWM") - before) / n
+        rate = n * 3600 / packed_s
+        print(f"{'':<16}{'':<7}{n:>4}{packed_s:>10.3f}{rate:>12.0f}{rate / per_run:>10.1f}"
+              f"{rate * alone_s / 3600:>7.2f}x{per_run_mib:>12.0f}{fallbacks:>6}", flush=True)
+        del packer, trainers, base
+
+
+def packing(models: tuple[str, ...], packs: list[int], real_packs: list[int], epochs: int, per_run: int) -> None:
+    print(f"\n6. packed few-shot training vs one run at a time (k=2: 4 support images, 8 validation images; "
+          f"seconds per epoch of all N runs; run-epochs/h; runs/h at {per_run} epochs a run (assumed: warm-up 50 + "
+          f"patience 100 puts a few-shot run at >= 150); peak RSS growth per run; vmap fallback warnings); "
+          f"load {load()}")
+    print(f"{'backbone':<16}{'method':<7}{'N':>4}{'s/epoch':>10}{'run-ep/h':>12}{'runs/h':>10}{'gain':>8}"
+          f"{'MiB/run':>12}{'fallb':>6}")
+    folder = Path(tempfile.mkdtemp())
+    manifests: dict[int, Path] = {}
+    for model in models:
+        size = max(32, get_spec(model).preprocess.size)  # the synthetic chests need 32 px; images are resized
+        if size not in manifests:
+            manifests[size] = cohort(folder / str(size), size, patients=24)
+        manifest = manifests[size]
+        for method in ("lora", "lp"):
+            packed_rates(manifest, model, method, packs if model.endswith("-tiny") else real_packs, 4, 8, epochs,
+                         per_run)
+    print(f"load {load()}. Gain = packed run-epochs/h over one at a time. On a CPU the frozen layers' matmuls are "
+          "already large enough to keep the cores busy at real size, so packing pays there only the per-step "
+          "overhead it saves; it pays most on tiny backbones and on a GPU (see benchmarks/gpu_check.py).")
 def lp_paths(model: str, patients: int, size: int) -> None:
     """Features path against the image path: the same runs (5 folds x 3 head LRs, protocol defaults), the
     features path's time including its one extraction; the records must agree."""
@@ -265,7 +361,7 @@ def fewshot_grid(model: str, patients: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="1,2,3,4,5")
+    parser.add_argument("--sections", default="1,2,3,4,5,6")
     parser.add_argument("--lp-real", default="resnet18", help="section 5's real-size backbone (random weights)")
     parser.add_argument("--lp-patients", type=int, default=60, help="section 5's tiny cohort (image path: hours)")
     parser.add_argument("--lp-real-patients", type=int, default=20, help="section 5's real-size cohort")
@@ -276,11 +372,17 @@ def main() -> None:
     parser.add_argument("--lp-model", default="resnet18-tiny")
     parser.add_argument("--patients", type=int, default=60)
     parser.add_argument("--rss-child", nargs=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (1 on a loaded machine: contended OpenMP barriers cost ~100 ms an op)")
+    parser.add_argument("--packs", default="4,16,64", help="section 6: runs per pass, tiny backbones")
+    parser.add_argument("--real-packs", default="4,16,64", help="section 6: runs per pass, real-size backbones")
+    parser.add_argument("--epochs", type=int, default=2, help="section 6: epochs timed per case")
+    parser.add_argument("--per-run", type=int, default=150, help="section 6: epochs a few-shot run is assumed")
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args.rss_child[0], args.rss_child[1], int(args.rss_child[2]))
         return
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "load": load()}))
     sections = {int(s) for s in args.sections.split(",")}
     if 1 in sections:
@@ -298,6 +400,9 @@ def main() -> None:
         fewshot_grid("resnet18-tiny", 200)
         lp_paths("resnet18-tiny", args.lp_patients, 64)
         lp_paths(args.lp_real, args.lp_real_patients, 224)
+    if 6 in sections:
+        packing(TINY + (REAL if args.real else ()), [int(n) for n in args.packs.split(",")],
+                [int(n) for n in args.real_packs.split(",")], args.epochs, args.per_run)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def _dynamic(study: Study) -> dict[str, Callable[[], Any]]:
 _TRAIN_OPTIONS = {"max_epochs": "max_epochs", "patience": "patience", "warmup": "warmup",
                   "plateau_patience": "plateau_patience", "batch_size": "batch_size", "accumulate": "accumulate",
                   "seed": "seed", "backbone_lr": "backbone_lr", "augment": "augment", "grad_ckpt": "grad_ckpt",
-                  "checkpoint_every_s": "checkpoint_every"}
+                  "checkpoint_every_s": "checkpoint_every", "adapter_dropout": "adapter_dropout", "pack": "pack"}
 
 
 def _grid_defaults(study: Study) -> tuple[dict[str, dict[str, Any]], str]:

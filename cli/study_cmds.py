@@ -75,22 +75,27 @@ def plan_cmd(
         costs = estimate(rows, study.runs)
     title = f"{study.name} · grid {grid.name} · {len(entries)} entries · records in {study.runs}"
     table = Table(title=title, box=box.SIMPLE_HEAD)
-    for name in ("stage", "method", "entries", "runs", "recorded", "missing", "est. time"):
+    for name in ("stage", "method", "entries", "runs", "recorded", "missing", "est. time", "packed"):
         table.add_column(name, justify="left" if name in ("stage", "method") else "right", no_wrap=True)
     groups: dict[tuple[int, str], list] = defaultdict(list)
     for row in rows:
         groups[row.entry.stage, row.entry.variant].append(row)
     totals: dict[int, float] = defaultdict(float)
+    packed_totals: dict[int, float] = defaultdict(float)
     unmeasured: dict[int, list[str]] = defaultdict(list)
+    unpacked: dict[int, list[str]] = defaultdict(list)
     for (stage, method), members in sorted(groups.items()):
-        seconds = [costs[r.entry].seconds for r in members]
-        known = sum(s for s in seconds if s is not None)
+        time, known, missing = _cost([costs[r.entry].seconds for r in members])
         totals[stage] += known
-        if any(s is None for s in seconds):
+        if missing:
             unmeasured[stage].append(method)
-        time = ("≥ " + duration(known) if known else "unknown") if method in unmeasured[stage] else duration(known)
+        packed, known_packed, missing_packed = _cost([costs[r.entry].packed for r in members])
+        packed_totals[stage] += known_packed
+        if missing_packed:
+            unpacked[stage].append(method)
         table.add_row(str(stage), method, str(len(members)), f"{sum(r.planned for r in members):,}",
-                      f"{sum(r.recorded for r in members):,}", f"{sum(r.missing for r in members):,}", time)
+                      f"{sum(r.recorded for r in members):,}", f"{sum(r.missing for r in members):,}", time,
+                      packed if stage == 2 else "")
     console.print(table)
     for stage in sorted({r.entry.stage for r in rows}):
         mine = [r for r in rows if r.entry.stage == stage]
@@ -100,6 +105,11 @@ def plan_cmd(
         console.print(f"stage {stage}: {sum(r.planned for r in mine):,} runs, {sum(r.recorded for r in mine):,} "
                       f"recorded, {sum(r.missing for r in mine):,} to run; {cost}"
                       f"{' (feature extraction not included)' if stage == 1 else ''}", highlight=False)
+        if stage == 2 and packed_totals[stage]:
+            console.print(f"stage 2 device-hours: {totals[stage] / 3600:,.1f} one at a time, "
+                          f"{packed_totals[stage] / 3600:,.1f} packed (`adapters train --pack`)"
+                          + (f"; not measured: {', '.join(unpacked[stage])}" if unpacked[stage] else ""),
+                          highlight=False)
     inexact = [r for r in rows if not r.exact]
     if inexact:
         console.print(f"{len(inexact)} entries counted from the task specs, not from exact run keys (`study run` "
@@ -107,6 +117,13 @@ def plan_cmd(
                       markup=False, highlight=False)
     _print_excluded(left_out, excluded)
     _print_excluded(impossible, excluded, "levels that cannot run, excluded")
+
+
+def _cost(seconds: list[float | None]) -> tuple[str, float, bool]:
+    """A column's text, the known seconds, and whether some entry has no measured time."""
+    known = sum(s for s in seconds if s is not None)
+    missing = any(s is None for s in seconds)
+    return ("≥ " + duration(known) if known else "unknown") if missing else duration(known), known, missing
 
 
 def _print_excluded(left_out: list, every: bool, what: str = "entries excluded") -> None:

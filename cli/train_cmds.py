@@ -110,6 +110,11 @@ def train(
     grad_ckpt: bool = typer.Option(False, "--grad-ckpt", help="Gradient checkpointing (large ViTs on a GPU)."),
     checkpoint_every: float = typer.Option(60.0, "--checkpoint-every", min=0.0,
                                            help="Seconds between resumable checkpoints (0: every epoch)."),
+    adapter_dropout: float | None = typer.Option(None, "--adapter-dropout", min=0.0, max=0.99,
+                                                 help="LoRA/VeRA dropout (default 0.1, the benchmark's; 0 lets "
+                                                      "--pack be exact)."),
+    pack: int = typer.Option(1, "--pack", min=1, help="Train this many runs together in one batched pass "
+                                                      "(same records; halves itself when out of GPU memory)."),
     weights: Path | None = typer.Option(None, "--weights", help="Weights file or folder."),
     random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights."),
     pixels: Path | None = typer.Option(None, "--pixels", help="Pixel cache (default: pixels.zarr beside the "
@@ -138,7 +143,8 @@ def train(
     lp without --augment trains every run's head at once on exact stored features (--from).
     Recorded runs in --out are read back; an interrupted run resumes from its last checkpoint.
     Scale out with `torchrun --nproc-per-node N --no-python adapters train ...` (rank 0 writes); equal to one
-    process except where batch norm trains (fft on a CNN) without CUDA's synchronised batch norm.
+    process except where batch norm trains (fft on a CNN) without CUDA's synchronised batch norm. Or pack
+    many small runs into one pass with --pack N (exact where no dropout or training batch norm is active).
     `featcache results` picks the head LR by mean validation loss.
     """
     if method not in METHODS:
@@ -156,7 +162,8 @@ def train(
     settings = TrainSettings(max_epochs=max_epochs, patience=patience, warmup=warmup,
                              plateau_patience=plateau_patience, batch_size=batch_size, accumulate=accumulate,
                              seed=seed, backbone_lr=backbone_lr, augment=augment, grad_ckpt=grad_ckpt,
-                             checkpoint_every_s=checkpoint_every, **grid_train_extras())
+                             checkpoint_every_s=checkpoint_every, adapter_dropout=adapter_dropout, pack=pack,
+                             **grid_train_extras())
     if rank0() and (line := settings_line(_SETTINGS)) is not None:
         console.print(line, markup=False, highlight=False)
     if random_init and rank0():

@@ -179,30 +179,68 @@ def _short(err: Exception) -> str:
 
 @dataclass(frozen=True)
 class Estimate:
+    """Device time of an entry's missing runs one at a time (``seconds``) and packed (``packed``); None where
+    nothing comparable was measured."""
+
     seconds: float | None
     basis: str  # how the per-run time was found
+    packed: float | None = None
+
+
+def _mean_times(records: list, packed: bool) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """Mean wall time per run by (backbone, variant) and by variant, of packed or of unpacked records."""
+    per: dict[tuple[str, str], list[float]] = defaultdict(list)
+    per_method: dict[str, list[float]] = defaultdict(list)
+    for record in records:
+        if record.wall_time_s is None or not math.isfinite(record.wall_time_s):
+            continue
+        if bool(record.provenance.get("packed")) != packed:
+            continue
+        per[record.backbone, record.variant].append(record.wall_time_s)
+        per_method[record.variant].append(record.wall_time_s)
+    return ({k: sum(v) / len(v) for k, v in per.items()}, {k: sum(v) / len(v) for k, v in per_method.items()})
+
+
+def packing_gain(records: list) -> float | None:
+    """How much less device time a packed run takes than one alone: the geometric mean over the backbone x
+    method pairs measured both ways (a packed record's wall time is its share of its pack's)."""
+    alone, _ = _mean_times(records, False)
+    packed, _ = _mean_times(records, True)
+    ratios = [alone[k] / packed[k] for k in alone.keys() & packed.keys() if packed[k] > 0]
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
 
 
 def estimate(rows: list[PlanRow], records_folder: Path | None) -> dict[Entry, Estimate]:
     """Cost of each entry's missing runs from measured wall times in existing records: the mean per backbone x
-    method where there is one, else per method; None where nothing comparable was measured. Probe times are
-    their share of a batched solve; extraction is not in records and not in the estimate."""
-    per: dict[tuple[str, str], list[float]] = defaultdict(list)
-    per_method: dict[str, list[float]] = defaultdict(list)
-    if records_folder is not None and records_folder.is_dir():
-        for record in load_records(records_folder):
-            if record.wall_time_s is None or not math.isfinite(record.wall_time_s):
-                continue
-            per[record.backbone, record.variant].append(record.wall_time_s)
-            per_method[record.variant].append(record.wall_time_s)
+    method where there is one, else per method; None where nothing comparable was measured. One at a time from
+    unpacked records, packed from packed ones; where only one side was measured, the other follows from the
+    packing gain measured on other pairs (`packing_gain`). Probe times are their share of a batched solve;
+    extraction is not in records and not in the estimate."""
+    records = load_records(records_folder) if records_folder is not None and records_folder.is_dir() else []
+    gain = packing_gain(records)
+    alone, alone_method = _mean_times(records, False)
+    packed, packed_method = _mean_times(records, True)
     out: dict[Entry, Estimate] = {}
     for row in rows:
         entry = row.entry
-        if times := per.get((entry.backbone, entry.variant)):
-            out[entry] = Estimate(row.missing * sum(times) / len(times), f"{len(times)} runs of {entry.variant} on "
-                                                                         f"{entry.backbone}")
-        elif times := per_method.get(entry.variant):
-            out[entry] = Estimate(row.missing * sum(times) / len(times), f"{len(times)} runs of {entry.variant}")
-        else:
-            out[entry] = Estimate(0.0 if row.missing == 0 else None, "no measured run")
+        if row.missing == 0:
+            out[entry] = Estimate(0.0, "nothing to run", 0.0)
+            continue
+        one = alone.get((entry.backbone, entry.variant))
+        many = packed.get((entry.backbone, entry.variant))
+        basis = f"runs of {entry.variant} on {entry.backbone}"
+        if one is None and many is None:
+            one, many, basis = alone_method.get(entry.variant), packed_method.get(entry.variant), \
+                f"runs of {entry.variant}"
+        if one is None and many is None:
+            out[entry] = Estimate(None, "no measured run")
+            continue
+        if one is None and gain:
+            one, basis = many * gain, basis + f"; one at a time = packed x {gain:.1f} (measured gain)"
+        if many is None and gain and entry.stage == 2:
+            many, basis = one / gain, basis + f"; packed = one at a time / {gain:.1f} (measured gain)"
+        if entry.stage == 1:
+            many = one  # probes are batched solves already
+        out[entry] = Estimate(None if one is None else row.missing * one, basis,
+                              None if many is None else row.missing * many)
     return out
