@@ -23,7 +23,8 @@ test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check featcache adapters cli tests benchmarks
+	$(BIN)/ruff check featcache adapters study cli tests benchmarks scripts
+	$(BIN)/mypy
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 bash scripts/demo.sh $(BIN)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -114,6 +115,10 @@ CONFIG = "config.json"  # what defines the run, written when it started
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write(path, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def save_artifacts(model: Classifier, method: Method, folder: Path) -> None:
@@ -283,7 +288,7 @@ def export_merged(run: str | Path, out: str | Path, merge: bool, weights: str | 
         raise UsageError(f"{record.method} cannot be merged")
     spec = model.backbone.spec
     head = {k: v.detach().clone() for k, v in head_module(model).state_dict().items()}
-    meta = {"backbone": record.backbone, "method": record.method, "merged": method.mergeable,
+    meta: dict[str, Any] = {"backbone": record.backbone, "method": record.method, "merged": method.mergeable,
             "weights": record.identity, "task": record.task, "key": record.key,
             "positive_class": positive_class(record), "positive_logit": 1,
             "head": {"file": HEAD, "input": spec.head_view, "logits": ["negative", "positive"]}}
@@ -316,12 +321,12 @@ def preprocessing(spec) -> dict[str, object]:
     }
 
 
-def _library_files(model: Classifier, out: Path) -> dict[str, object]:
+def _library_files(model: Classifier, out: Path) -> dict[str, Any]:
     """Write the merged backbone (without its head) for its own library, and say how to load it:
     timm (`timm.create_model(**create)` + `load_state_dict`, also BiomedCLIP's timm trunk); transformers
     (`AutoModel.from_pretrained(folder)`); anything else our way (`adapters.artifacts.load_export`)."""
     spec = model.backbone.spec
-    module = backbone_module(model)
+    module: Any = backbone_module(model)  # the library's own module (save_pretrained, ...)
     if spec.source == "timm" or (spec.source == "open_clip" and spec.family == "timm_vit"):
         trunk = getattr(module, "trunk", module)
         slot = f"{spec.head}." if spec.head else None
@@ -353,20 +358,25 @@ def load_export(folder: str | Path) -> Classifier:
     """A merged export as a plain classifier (no peft), in eval mode, whatever library wrote it: the backbone
     is built with random weights and then overwritten with the exported ones."""
     folder = Path(folder)
-    meta = json.loads((folder / EXPORT).read_text(encoding="utf-8"))
-    model = build_classifier(get_spec(meta["backbone"]), METHODS["lp"], None, random_init=True)
+    try:
+        meta = json.loads((folder / EXPORT).read_text(encoding="utf-8"))
+        backbone = meta["backbone"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RecordError(f"{folder / EXPORT}: not an export description ({type(err).__name__}: "
+                          f"{_first_line(err)})") from None
+    model = build_classifier(get_spec(backbone), METHODS["lp"], None, random_init=True)
     library = meta.get("library", "featcache")
     if library == "featcache":
-        model.load_state_dict(load_file(folder / MODEL))
+        model.load_state_dict(_read_tensors(folder / MODEL))
         return model.eval()
     module = backbone_module(model)
     if library == "timm":
-        _load_strict(getattr(module, "trunk", module), load_file(folder / MODEL), folder / MODEL)
+        _load_strict(getattr(module, "trunk", module), _read_tensors(folder / MODEL), folder / MODEL)
     else:
         from transformers import AutoModel
 
         module.load_state_dict(AutoModel.from_pretrained(str(folder / "model")).state_dict(), strict=False)
-    _load_strict(head_module(model), load_file(folder / HEAD), folder / HEAD)
+    _load_strict(head_module(model), _read_tensors(folder / HEAD), folder / HEAD)
     return model.eval()
 
 

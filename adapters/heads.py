@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -307,7 +308,8 @@ class HeadsProgram:
             logits = torch.baddbmm(b.unsqueeze(1), self.x[index], w.transpose(1, 2))
             losses = _losses(logits, y, weights)
             losses.sum().backward()
-            self.adam.step(runs, [w.grad, b.grad], lrs[runs.cpu().numpy()])
+            grads = [cast(torch.Tensor, w.grad), cast(torch.Tensor, b.grad)]  # set by backward()
+            self.adam.step(runs, grads, lrs[runs.cpu().numpy()])
             total.index_add_(0, runs.cpu(), losses.detach().cpu().double())  # += float(loss), as the image path
         return [float(total[i]) / max(1, math.ceil(len(self.data.train[i]) / self.size)) for i in active]
 

@@ -46,7 +46,7 @@ def find_pixels(manifest: Manifest, pre: Preprocess, store: str | Path | None) -
     """The pixel store to read, or None to decode. An explicit ``store`` must hold this input size (else one
     line naming the sizes it holds); the default ``pixels.zarr`` beside the manifest is used when it does."""
     explicit = store is not None
-    path = Path(store) if explicit else default_store(manifest.path, "pixels")
+    path = Path(store) if store is not None else default_store(manifest.path, "pixels")
     if not path.exists():
         if explicit:
             raise StoreError(f"{path}: no such pixel store; make it with `featcache pixels --model ... "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ def frozen_modules(model: nn.Module) -> list[nn.Module]:
     found = []
     for module in model.modules():
         trains = [p.requires_grad for p in module.parameters()]
-        if (trains or list(module.buffers())) and not any(trains):
+        buffers = list(module.buffers())
+        if (trains or buffers) and not any(trains):
             found.append(module)
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not all(trains):
             found.append(module)
@@ -54,7 +56,7 @@ def mutable_names(model: nn.Module) -> list[str]:
     return sorted(n for n in set(names) if n in saved)
 
 
-def _enable_grad_ckpt(model: nn.Module, spec: BackboneSpec) -> None:
+def _enable_grad_ckpt(model: Any, spec: BackboneSpec) -> None:  # a library's module (transformers, timm)
     if hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     elif hasattr(model, "set_grad_checkpointing"):
@@ -104,7 +106,7 @@ def head_module(model: Classifier) -> nn.Linear:
     """The head Linear, in its own attribute or in the backbone's head slot (also under peft's prefixes)."""
     if model.head is not None:
         return model.head
-    return backbone_module(model).get_submodule(model.backbone.spec.head)
+    return cast(nn.Linear, backbone_module(model).get_submodule(model.backbone.spec.head))  # Classifier put it
 
 
 def backbone_module(model: Classifier) -> nn.Module:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -74,7 +75,8 @@ def _dropout_rate(module: nn.Module) -> float:
 def eager_attention(model: nn.Module) -> None:
     """Attention as plain matmuls and softmax, which vmap batches: transformers' models switch to their eager
     implementation, timm's attention blocks stop using the fused kernel."""
-    for module in model.modules():
+    modules: list[Any] = list(model.modules())  # the libraries' modules: their attributes are not nn.Module's
+    for module in modules:
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
         config = getattr(module, "config", None)
@@ -103,7 +105,7 @@ class Packer:
     def shell(self) -> Classifier:
         """A copy of the base that shares its frozen tensors and owns its trainable ones (their initial values
         are the base's: every run of a request initialises from the same seed)."""
-        return copy.deepcopy(self.base, memo=dict(self.shared))
+        return cast(Classifier, copy.deepcopy(self.base, memo=dict(self.shared)))
 
     def params(self, trainer: Trainer) -> dict[str, torch.Tensor]:
         own = dict(self.acc.unwrap_model(trainer.ddp).named_parameters())
@@ -216,7 +218,9 @@ def train_packed(plan: TrainPlan, runs: Sequence[Run], images: Images, out: Path
         notes.append(f"--pack: {plan.spec.name} {plan.method.name} runs one at a time: {why}")
         return [], list(runs), []
     packer = Packer(plan, images, out, accelerator, base, min(plan.settings.pack, len(runs)), notes.append)
-    queue, records, deferred = list(runs), [], []
+    queue = list(runs)
+    records: list[RunRecord] = []
+    deferred: list[Run] = []
     locks: dict[Trainer, FileLock] = {}
     try:
         _pack_loop(packer, queue, records, deferred, locks, claims, weights, progress, note, notes)

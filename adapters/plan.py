@@ -157,9 +157,10 @@ def plan(manifest: str | Path | Manifest, task: str, model: str, *, method: str 
     skipped: list[str] = []
     kind = "fewshot_center" if per_center else "fewshot"
     regime = "fewshot-center" if per_center else "fewshot"
-    levels: list[int | None] = [None] if full else sorted(set(shots))
+    levels: list[int | None] = [None] if full else [*sorted(set(shots))]
     for fold in chosen:
         for k in levels:
+            sets: list[tuple[int | None, tuple[str, ...], tuple[str, ...]]]
             if k is None:
                 sets = [(None, fold.train, fold.val)]
             elif k in fold.skipped[kind]:

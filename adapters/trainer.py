@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +63,8 @@ def batches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]
     return parts
 
 
-def make_plateau(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> torch.optim.lr_scheduler.LRScheduler:
+def make_plateau(optimizer: torch.optim.Optimizer,
+                 settings: TrainSettings) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
     """PyTorch's ``ReduceLROnPlateau`` with its defaults, as the benchmark's code used it (see `observe`)."""
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=settings.plateau_factor,
                                                       patience=settings.plateau_patience, min_lr=settings.min_lr)
@@ -358,7 +360,7 @@ def _adam(model: Classifier, head_lr: float, backbone_lr: float | None) -> tuple
     groups' base LRs (the warm-up scales them)."""
     head_ids = {id(p) for p in model.head_parameters()}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = [{"params": model.head_parameters(), "lr": head_lr}]
+    groups: list[dict[str, Any]] = [{"params": model.head_parameters(), "lr": head_lr}]
     if body:
         groups.append({"params": body, "lr": backbone_lr})
     return torch.optim.Adam(groups), [g["lr"] for g in groups]

@@ -29,7 +29,7 @@ def _flag_type(self: typer.core.TyperOption, ctx) -> str | None:
 
 
 _option_type = typer.core.TyperOption.display_type_rich
-typer.core.TyperOption.display_type_rich = _flag_type
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 
 def new_app(help: str, *, name: str | None = None) -> typer.Typer:

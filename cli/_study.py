@@ -18,7 +18,7 @@ from study.studyfile import Study, find_study, load_study
 try:  # typer >= 0.20 vendors click; older typer uses click itself
     from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover - depends on the installed typer
-    from click import get_current_context
+    from click import get_current_context  # type: ignore[no-redef]
 
 _COMMANDLINE = "COMMANDLINE"
 _EXTRAS = "featcache.grid_train_extras"  # ctx.meta key: grid `train:` settings without a flag

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -29,7 +29,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from featcache.text import clock, plural  # noqa: F401 - plural: the CLI modules import it from here
+from featcache.text import clock
+from featcache.text import plural as plural  # the CLI modules import it from here
 
 PLAIN_ENV = "FEATCACHE_PLAIN"
 PLAIN_WIDTH = 4096  # wide enough that no line or table is ever wrapped in a log; tables keep their own width
@@ -54,7 +55,7 @@ class _PlainConsole(Console):
     """The plain console: tables lose their box rules and outer padding (a log keeps columns of words, not
     hundreds of rule characters) and their lines their trailing blanks."""
 
-    def print(self, *objects, **kwargs) -> None:  # noqa: D102 - Console.print
+    def print(self, *objects: Any, **kwargs: Any) -> None:  # noqa: D102 - Console.print
         if not any(isinstance(o, Table) for o in objects):
             super().print(*objects, **kwargs)
             return
@@ -106,7 +107,8 @@ class _PlainProgress:
 
     def __init__(self, out: Console, label: str, total: int | None, every: float, unit: str):
         self.out, self.label, self.total, self.every, self.unit = out, label, total, every, unit
-        self.done, self.status = 0, None
+        self.done = 0
+        self.status: str | None = None
         self.start = time.monotonic()
         self.last: float | None = None  # when the last line was written
 
@@ -173,8 +175,10 @@ def progress(label: str, total: int | None = None, *, enabled: bool = True, plai
         task = bar.add_task(label, total=total, status="", unit=unit)
 
         def update(done: int, total: int | None = None, status: str | None = None) -> None:
-            fields = {} if status is None else {"status": status}
-            bar.update(task, completed=done, **({} if total is None else {"total": total}), **fields)
+            fields: dict[str, Any] = {} if status is None else {"status": status}
+            if total is not None:
+                fields["total"] = total
+            bar.update(task, completed=done, **fields)
 
         yield update
 

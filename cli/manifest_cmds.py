@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
@@ -115,7 +116,9 @@ def _print_build(report: builders.BuildReport, verbose: bool) -> None:
     for note in report.ignored + report.notes:
         console.print(f"  {note}", markup=False, highlight=False)
     table = Table(title=f"{report.dataset} -> {report.manifest}")
-    for name, justify in (("", "left"), ("found", "right"), ("published", "right"), ("diff", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (("", "left"), ("found", "right"), ("published", "right"),
+                                                      ("diff", "right"))
+    for name, justify in columns:
         table.add_column(name, justify=justify)
     for what, found, published in report.comparison():
         diff = "" if published is None else "=" if published == found else f"{found - published:+d}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 import typer
@@ -31,6 +32,14 @@ def _shots(text: str | None) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise typer.BadParameter("give at least one k >= 1", param_hint="--shots")
     return values
+
+
+@overload
+def positive_floats(text: str, option: str) -> tuple[float, ...]: ...
+
+
+@overload
+def positive_floats(text: None, option: str) -> None: ...
 
 
 def positive_floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -137,9 +146,9 @@ def probe(
     if positive is not None:
         datasets.task_for(load_manifest(manifest), task, positive)
     grid = positive_floats(c_grid, "--c-grid")
+    grid_option: dict[str, Any] = {"grid": grid} if grid else {}
     options = ProbeOptions(select=check_choice(SELECT_ALIASES.get(select.lower(), select), SELECT, "--select"),
-                           solver=check_choice(solver, SOLVERS, "--solver"), refit=refit, device=device,
-                           **({"grid": grid} if grid else {}))
+                           solver=check_choice(solver, SOLVERS, "--solver"), refit=refit, device=device, **grid_option)
     with progress("probing levels", unit="level") as update:
         report = run_probe(manifest, task, model, store=store, full=full, shots=_shots(shots), draws=draws,
                            per_center=per_center, view=view, options=options, out=out,
@@ -151,9 +160,9 @@ def probe(
         console.print(f"[yellow]skipped[/] {line}", highlight=False)
     for line in report.warnings:
         console.print(f"[yellow]warning[/] {line}", highlight=False)
-    weights = {r.provenance.get("weights") for r in report.records}
-    if weights & {"random-init", "tiny-random"}:
-        console.print(f"[yellow]features from random weights ({', '.join(sorted(map(str, weights)))})[/]")
+    identities = {r.provenance.get("weights") for r in report.records}
+    if identities & {"random-init", "tiny-random"}:
+        console.print(f"[yellow]features from random weights ({', '.join(sorted(map(str, identities)))})[/]")
     console.print(_table(report.records, f"{task} · {model} · {view} · solver {solver} · select {select}"))
     console.print(f"wrote {plural(report.written, 'run record')} ({report.existing} already there) to {out}",
                   highlight=False)

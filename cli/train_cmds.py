@@ -15,7 +15,7 @@ from rich.table import Table
 from adapters.methods import DEFAULT_RANK, HEAD_LRS, METHODS, RANKED, RANKS, get_method
 from cli._common import rank0
 from cli._study import given, grid_train_extras, settings_line
-from cli.console import console, err_console, plural, progress
+from cli.console import Update, console, err_console, plural, progress
 from cli.probe_cmds import _mean_std, _shots, positive_floats
 from featcache.fileio import atomic_write
 
@@ -40,7 +40,7 @@ class _EpochLines:
         self.enabled = not quiet and rank0()
         self.stack = ExitStack()
         self.label: str | None = None
-        self.update = None
+        self.update: Update | None = None
 
     def __call__(self, label: str, done: int, total: int, status: str) -> None:
         if not self.enabled:
@@ -50,6 +50,7 @@ class _EpochLines:
             console.print(f"{label}:", highlight=False, markup=False)
             self.update = self.stack.enter_context(progress("  epoch", total, unit="epoch"))
             self.label = label
+        assert self.update is not None  # set on the first call (a label is never None)
         self.update(done, total, status=status)
         if status.startswith("done"):
             self.stack.close()
@@ -226,7 +227,7 @@ def predict(
     from adapters.artifacts import predict as score
 
     with ExitStack() as stack:
-        bars: dict[str, object] = {}
+        bars: dict[str, Update] = {}
 
         def follow(stage: str, done: int, total: int) -> None:
             if stage not in bars:

@@ -333,7 +333,7 @@ def _build_table(spec: DatasetSpec, root: Path, records: list[_Record], rejected
             images.append(_Image(image_id, index.files[rel], record, (order, n, rel), view))
         named.update(found)
     for record in rejected:
-        named.update(next((hits for p in im.patterns if (hits := index.find(_fill(p, record.fields))[0])), []))
+        named.update(next((files for p in im.patterns if (files := index.find(_fill(p, record.fields))[0])), []))
     unlisted = [path for rel, path in index.files.items() if rel not in named]
     return _Listing(images, missing, unlisted)
 
@@ -363,7 +363,9 @@ def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record], rej
         raise ManifestError(f"{spec.name}: patients listed more than once: {', '.join(twice[:_SHOWN])} (a table "
                             "with several rows per patient needs `longitudinal: true` in its spec)")
     keep = {canon(m) for m in spec.images.modalities}
-    images, unlisted, skipped, seen = [], [], Counter(), set()
+    images, seen = [], set()
+    unlisted: list[Path] = []
+    skipped: Counter[str] = Counter()
     dirs = [d for d in _glob(root, spec.images.dirs) if d.is_dir()]
     for rel, file in _scan(dirs, spec.images.suffixes or (".dcm",)).items():
         header = _dicom_header(file)
@@ -375,8 +377,8 @@ def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record], rej
             skipped[_modality_reason(modality)] += 1
             continue
         pid = _tag(header, "PatientID") or rel.split("/", 1)[0]
-        record = patients.get(pid)
-        if record is None:
+        listed = patients.get(pid)
+        if listed is None:
             if pid not in left_out:
                 unlisted.append(file)
             continue
@@ -386,7 +388,7 @@ def _build_dicom_tree(spec: DatasetSpec, root: Path, records: list[_Record], rej
                  _number(_tag(header, "SeriesNumber")), _number(_tag(header, "InstanceNumber")), rel)
         view = view_of(_tag(header, "ViewPosition"), _tag(header, "SeriesDescription"),
                        _tag(header, "StudyDescription"))
-        images.append(_Image(image_id, file, record, order, view))
+        images.append(_Image(image_id, file, listed, order, view))
     kinds = "/".join(spec.images.modalities) or "DICOM"
     missing = [f"{pid} ({r.where}: no {kinds} images)" for pid, r in patients.items() if pid not in seen]
     return _Listing(images, missing, unlisted, skipped)

@@ -292,7 +292,7 @@ def _embed(job: RowJob, group: RowGroup, locks: GroupLocks, rows: Rows, root: Pa
     manifest_row[index] = np.arange(len(index))
     images = _RowImages([root / rows.path[i] for i in range(len(rows))],
                         [rows.bbox_of(i) for i in range(len(rows))], job.decode, job.placeholder)
-    workers = {"num_workers": num_workers}
+    workers: dict[str, Any] = {"num_workers": num_workers}
     if num_workers:
         workers.update(worker_init_fn=functools.partial(_die_with_parent, os.getpid()), persistent_workers=False)
     total, done = sum(len(r) for _, r in owned), 0

@@ -138,7 +138,7 @@ def verify(group: RowGroup) -> Verdict:
         suspect = np.ones(len(written), dtype=bool) if sums is None else np.zeros(len(written), dtype=bool)
         for k, name in enumerate(group.columns):
             values = None if sums is None else _read_span(group, name, chunks, verdict.unreadable)
-            suspect |= True if values is None else row_digests(values) != sums[:, k]
+            suspect |= True if values is None or sums is None else row_digests(values) != sums[:, k]
         bad.append(np.flatnonzero(written & suspect) + first * group.chunk_rows)
     verdict.bad = np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
     return verdict

@@ -79,5 +79,7 @@ class GroupLocks(Claims):
         """Hold several claims (waiting for each, in order) while their rows' flags change."""
         with ExitStack() as stack:
             for chunk in sorted(chunks):
-                stack.callback(self.claim(f"chunk-{chunk}", wait=True).release)
+                claim = self.claim(f"chunk-{chunk}", wait=True)
+                assert claim is not None  # a waiting claim is always taken
+                stack.callback(claim.release)
             yield

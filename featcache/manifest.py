@@ -188,7 +188,7 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
 def data_roots(root: Path) -> tuple[str, ...]:
     """Folders image paths may point into: the manifest's root, then ``$FEATCACHE_DATA_ROOTS``'s."""
     extra = (p for p in os.environ.get(DATA_ROOTS_VAR, "").split(os.pathsep) if p)
-    return tuple(os.path.abspath(p) for p in (root, *extra))
+    return tuple(os.path.abspath(p) for p in (os.fspath(root), *extra))
 
 
 def inside(path: str | Path, roots: Sequence[str]) -> bool:
@@ -388,8 +388,8 @@ def validate(
         ]
         _add(errors, "missing_file", f"image files not found under {m.root}", missing, ids)
     _check_bbox(m, errors, ids)
-    outside = f"image paths outside the manifest's folder (allow a folder with ${DATA_ROOTS_VAR})"
-    _add(errors, "path_outside_root", outside, outside_rows(m), ids)
+    _add(errors, "path_outside_root", f"image paths outside the manifest's folder (allow a folder with "
+         f"${DATA_ROOTS_VAR})", outside_rows(m), ids)
 
     two = _clashes(patients, centers, range(len(m)))
     _add(errors, "patient_in_two_centers", "a patient appears in more than one center", two, ids)

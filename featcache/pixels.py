@@ -85,13 +85,19 @@ class PixelDataset(Dataset):
     sequence of image ids. Every image must be cached and not skipped. Safe in DataLoader workers: each
     process opens the store itself."""
 
-    def __init__(self, store: str | Path, model: str | BackboneSpec, images: Any, *,
+    def __init__(self, store: str | Path, model: str | BackboneSpec | None, images: Any, *,
                  preprocess: Preprocess | None = None, raw: bool = False):
-        self.pre = preprocess or (get_spec(model) if isinstance(model, str) else model).preprocess
+        if preprocess is None:
+            if model is None:
+                raise ValueError("PixelDataset needs a model or a preprocess")
+            preprocess = (get_spec(model) if isinstance(model, str) else model).preprocess
+        self.pre = preprocess
         self.store, self.raw = Path(store), raw
         group = open_pixels(store, self.pre)
         group.require("pixels", "checksum")
         wanted = rows_of(images)
+        if wanted is None:
+            raise ValueError("PixelDataset needs images: a manifest or image ids")
         self.rows = group.locate(wanted.image_id)
         ready = (self.rows >= 0) & group.read("written")[np.maximum(self.rows, 0)]
         ready &= group.read("skip_reason")[np.maximum(self.rows, 0)] == ""

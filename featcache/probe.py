@@ -223,9 +223,9 @@ def _cross_fit(X: np.ndarray, y: np.ndarray, groups: np.ndarray, rows: Sequence[
             owner.append(j)
     fit = _fit(X, y, train, C[owner][:, None], options)
     scores = [_proba(fit[i : i + 1], X[h])[0, 0] for i, h in enumerate(held)]
-    owner = np.asarray(owner)
-    return ([np.concatenate([held[i] for i in np.flatnonzero(owner == j)]) for j in range(len(rows))],
-            [np.concatenate([scores[i] for i in np.flatnonzero(owner == j)]) for j in range(len(rows))])
+    owners = np.asarray(owner)
+    return ([np.concatenate([held[i] for i in np.flatnonzero(owners == j)]) for j in range(len(rows))],
+            [np.concatenate([scores[i] for i in np.flatnonzero(owners == j)]) for j in range(len(rows))])
 
 
 def inner_folds(y: np.ndarray, groups: np.ndarray, n_folds: int = INNER_FOLDS) -> np.ndarray:
@@ -248,11 +248,11 @@ def probe_fewshot(X: np.ndarray, y: np.ndarray, supports: Sequence[np.ndarray], 
     ``tests[fold_of[i]]``; its validation scores are kept for the MCC threshold."""
     grid = np.asarray(options.grid)
     fit = _fit(X, y, supports, grid, options)
-    fold_of = np.asarray(fold_of)
+    fold_index = np.asarray(fold_of)
     val_scores: list[np.ndarray] = [np.empty(0)] * len(supports)
     test_scores: list[np.ndarray] = [np.empty(0)] * len(supports)
     for f, (val, test) in enumerate(zip(vals, tests, strict=True)):
-        members = np.flatnonzero(fold_of == f)
+        members = np.flatnonzero(fold_index == f)
         if members.size:
             of_fold = fit[torch.from_numpy(members)]
             for i, v, t in zip(members, _proba(of_fold, X[val]), _proba(of_fold, X[test]), strict=True):
@@ -486,7 +486,7 @@ def run_probe(manifest: str | Path, task: str, model: str, *, store: str | Path 
     data = load_task_data(manifest_obj, task, splits, store, model, view, **selectors)
     job = _Job(task, Path(manifest), splits, splits.digest(), data, options or ProbeOptions(), view, store,
                Path(out), ProbeReport(), plan_only)
-    levels: list[int | None] = [None] if full else sorted(set(shots))
+    levels: list[int | None] = [None] if full else [*sorted(set(shots))]
     for done, k in enumerate(levels):
         if progress is not None:
             progress("full data" if k is None else f"k={k}", done, len(levels))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from featcache.errors import RecordError
 from featcache.fileio import atomic_write
@@ -518,13 +519,13 @@ def _value(record: RunRecord, name: str) -> float:
 
 
 def _drawn(records: list[RunRecord]) -> dict[str, int] | None:
-    counts = [r.provenance.get("drawn_patients") for r in records]
-    if not counts or any(c is None for c in counts):
+    counts = [c for r in records if (c := r.provenance.get("drawn_patients")) is not None]
+    if not counts or len(counts) < len(records):
         return None
     return {side: min(int(c[side]) for c in counts) for side in ("positive", "negative")}
 
 
-def drawn_patients(patients: np.ndarray, labels: np.ndarray) -> dict[str, int]:
+def drawn_patients(patients: ArrayLike, labels: ArrayLike) -> dict[str, int]:
     """Distinct patients per class over all support sets of one fold and level (their rows concatenated):
     what a few-shot record carries as ``provenance["drawn_patients"]``, so a reader sees k = 4 drawn from 5."""
     patients, labels = np.asarray(patients), np.asarray(labels)

@@ -307,8 +307,8 @@ def validation_shortfall(fold: str, labels: Sequence[int], patients: Sequence[st
     no part at all, or fewer than ``MIN_VAL_PATIENTS`` patients of a class (a single-class part among them)."""
     if not len(labels):
         return f"{fold} has no validation part (made with --val-fraction 0), and few-shot runs validate on it"
-    labels, patients = np.asarray(labels), np.asarray(patients)
-    counts = [np.unique(patients[labels == c]).size for c in (0, 1)]
+    y, who = np.asarray(labels), np.asarray(patients)
+    counts = [np.unique(who[y == c]).size for c in (0, 1)]
     if min(counts) >= MIN_VAL_PATIENTS:
         return None
     held = " and ".join(f"{n} {_CLASS_NAMES[c]}" for c, n in enumerate(counts) if n < MIN_VAL_PATIENTS)
@@ -482,7 +482,7 @@ def make_splits(
     return made
 
 
-def folds_allowed(per_class: Sequence[int], validation: bool) -> str:
+def folds_allowed(per_class: Sequence[int] | np.ndarray, validation: bool) -> str:
     """The k-fold k a cohort with these patients per class allows, as text ("2..9", "3", "none"): each fold
     tests at least one patient of each class and, with validation, leaves two in its pool (one validates, one
     trains); more folds leave bigger pools, so the smallest k is the one validation limits."""
@@ -538,7 +538,7 @@ def _check_validation_room(splits: Splits, pools: list[_Pool], per_class: np.nda
                          "run, full-data or few-shot, validates on its fold's validation part)")
 
 
-def describe(splits: Splits, ids: Sequence[str], y: Sequence[int], groups: Sequence[str]) -> list[dict]:
+def describe(splits: Splits, ids: Sequence[str], y: Sequence[int] | np.ndarray, groups: Sequence[str]) -> list[dict]:
     """Per fold and part: images, patients and positives; for reports and the CLI table."""
     label = dict(zip(map(str, ids), (int(v) for v in y), strict=True))
     patient = dict(zip(map(str, ids), map(str, groups), strict=True))
@@ -570,7 +570,8 @@ class TaskLabels:
     center: dict[str, str]
 
     @classmethod
-    def of(cls, ids: Sequence[str], y: Sequence[int], groups: Sequence[str], centers: Sequence[str] | None):
+    def of(cls, ids: Sequence[str], y: Sequence[int] | np.ndarray, groups: Sequence[str],
+           centers: Sequence[str] | None):
         ids = [str(i) for i in ids]
         sites = [""] * len(ids) if centers is None else [str(c) for c in centers]
         return cls(dict(zip(ids, (int(v) for v in y), strict=True)), dict(zip(ids, map(str, groups), strict=True)),

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
@@ -216,7 +216,7 @@ def group_layout(spec: Mapping[str, Any]) -> dict[str, DataArray]:
         data = {"pixels": DataArray((size, size), "uint8", ("y", "x"), 0, sharded=True)}
     else:
         raise StoreError(f"unknown group kind {spec.get('kind')!r}")
-    checksum = replace(_ROW_LAYOUT["checksum"], tail=(len(digest_columns(data)),))
+    checksum = replace(_ROW_LAYOUT["checksum"], tail=(len(digest_columns(list(data))),))
     return {**data, **_ROW_LAYOUT, "checksum": checksum}
 
 
@@ -232,8 +232,9 @@ def _layout_problem(array: Any, layout: DataArray, chunk_rows: int) -> str | Non
         return f"has row shape {tuple(array.shape[1:])}, expected {layout.tail}"
     if tuple(array.chunks) != (inner, *layout.tail):
         return f"has chunks {tuple(array.chunks)}, expected {(inner, *layout.tail)}"
-    if (array.shards is not None) != layout.sharded or (layout.sharded and array.shards[0] != chunk_rows):
-        return f"has shards {array.shards}, expected {(chunk_rows, *layout.tail) if layout.sharded else None}"
+    shards = array.shards
+    if (shards is not None) != layout.sharded or (shards is not None and shards[0] != chunk_rows):
+        return f"has shards {shards}, expected {(chunk_rows, *layout.tail) if layout.sharded else None}"
     fill = array.fill_value
     same = (fill != fill and layout.fill_value != layout.fill_value) or fill == layout.fill_value
     return None if same else f"has fill value {fill!r}, expected {layout.fill_value!r}"
@@ -242,7 +243,15 @@ def _layout_problem(array: Any, layout: DataArray, chunk_rows: int) -> str | Non
 # --------------------------------------------------------------------------------------------- groups
 
 
-def open_root(store: str | Path, mode: str = "a") -> zarr.Group:
+Mode = Literal["r", "r+", "a", "w", "w-"]  # zarr's access modes
+
+
+def _store_root(group: zarr.Group) -> str:
+    """The folder of a group's local store (zarr types the store as any kind; ours is always a LocalStore)."""
+    return str(cast(Any, group.store).root)
+
+
+def open_root(store: str | Path, mode: Mode = "a") -> zarr.Group:
     """The store's root group; refuses a non-empty folder that is not a zarr v3 store."""
     path = Path(store)
     if mode == "r" and not (path / "zarr.json").is_file():
@@ -297,6 +306,9 @@ class RowGroup:
             except Exception as err:  # noqa: BLE001 - any unparsable zarr.json is damage, reported in one line
                 damaged[name] = f"has unreadable metadata ({type(err).__name__}: {err})"
                 continue
+            if not isinstance(array, zarr.Array):
+                damaged[name] = "is a group, not an array"
+                continue
             problem = _layout_problem(array, layout, self.chunk_rows)
             if problem is None:
                 arrays[name] = array
@@ -348,13 +360,13 @@ class RowGroup:
         """A group whose zarr.json no longer parses, opened by a writer with the spec that hashes to its
         name: write fresh group metadata (chunk rows read off an intact array); its arrays are then checked
         like any others."""
-        folder = Path(root.store.root) / name
+        folder = Path(_store_root(root)) / name
         chunk_rows = _chunk_rows_of(folder)
         if chunk_rows is None:
             shutil.rmtree(folder)
             return None
         atomic_write(folder / "zarr.json", b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')
-        group = root[name]
+        group = cast(zarr.Group, root[name])  # just written as a group
         _set_attributes(group, spec, chunk_rows)
         return cls(group, where)
 
@@ -374,7 +386,7 @@ class RowGroup:
         return cls(group, where)
 
     @classmethod
-    def open(cls, store: str | Path, name: str, mode: str = "r", missing: str | None = None) -> RowGroup:
+    def open(cls, store: str | Path, name: str, mode: Mode = "r", missing: str | None = None) -> RowGroup:
         """Open group ``name``; ``missing`` replaces the message when the store or the group is absent (a
         group built under another spec is still refused with its own message)."""
         where = f"{store}/{name}"
@@ -475,7 +487,7 @@ class RowGroup:
         """Where the chunk (or shard) holding rows of ``chunk`` lives on disk."""
         array = self.arrays[name]
         key = array.metadata.encode_chunk_key((chunk, *([0] * (array.ndim - 1))))
-        return Path(self.group.store.root) / self.group.path / name / key
+        return Path(_store_root(self.group)) / self.group.path / name / key
 
     # ---- writing (the group lock serialises sync; any rank writes the chunks it holds)
 
@@ -640,7 +652,7 @@ def list_groups(store: str | Path, kind: str | None = None, problems: list[str] 
 
 def find_feature_group(store: str | Path, model: str, view: str = "cls", *, weights: str | Path | None = None,
                        random_init: bool = False, dtype: str | None = None, precision: str | None = None,
-                       image_ids: Sequence[str] | None = None) -> RowGroup:
+                       image_ids: Sequence[str] | np.ndarray | None = None) -> RowGroup:
     """Locate the feature group of ``model`` holding ``view``, without loading any model.
 
     Candidates are the groups of that backbone with that view and, when given, that weights identity
@@ -686,7 +698,7 @@ def _manifest_path(manifest: Any) -> str:
     return str(manifest.path) if isinstance(manifest, Manifest) else "MANIFEST"
 
 
-def _holds(group: RowGroup, image_ids: Sequence[str]) -> bool:
+def _holds(group: RowGroup, image_ids: Sequence[str] | np.ndarray) -> bool:
     rows = group.locate(image_ids)
     return bool((rows >= 0).all() and group.read("written")[rows].all())
 
@@ -815,7 +827,7 @@ def _export_group(out: Any, group: RowGroup) -> None:
         rows = max(1, min(array.shape[0], group.chunk_rows))
         dset = out.create_dataset(name, shape=array.shape, dtype=dtype, chunks=(rows, *array.shape[1:])
                                   if array.shape[0] else None)
-        dset.attrs["dims"] = json.dumps(list(array.metadata.dimension_names or ()))
+        dset.attrs["dims"] = json.dumps(list(getattr(array.metadata, "dimension_names", None) or ()))
         for start in range(0, array.shape[0], group.chunk_rows):
             block = group.read(name, slice(start, start + group.chunk_rows))
             dset[start:start + len(block)] = block.astype(object) if text else block

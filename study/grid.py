@@ -59,7 +59,7 @@ class Grid:
     file: Path | None = None
 
 
-def tuple_of(value: Any, kind: type, where: str, file: Path) -> tuple:
+def tuple_of(value: Any, kind: type, where: str, file: Path) -> tuple[Any, ...]:
     items = value if isinstance(value, list) else [value]
     try:
         return tuple(kind(v) for v in items)

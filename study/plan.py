@@ -74,7 +74,7 @@ def _undrawable(splits: Splits, grid: Grid, entry: Entry) -> str | None:
     kind = "fewshot_center" if entry.regime == "fewshot-center" else "fewshot"
     names = set(grid.train_folds) if entry.stage == 2 and grid.train_folds else set(splits.fold_names)
     folds = [f for f in splits.folds if f.name in names]
-    if not folds or not all(entry.shots in f.skipped[kind] for f in folds):
+    if entry.shots is None or not folds or not all(entry.shots in f.skipped[kind] for f in folds):
         return None
     first, *others = folds
     why = f"no fold can draw k={entry.shots}: {first.skipped[kind][entry.shots]}"
@@ -187,7 +187,7 @@ class Estimate:
     packed: float | None = None
 
 
-def _mean_times(records: list, packed: bool) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+def _mean_times(records: list[Any], packed: bool) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
     """Mean wall time per run by (backbone, variant) and by variant, of packed or of unpacked records."""
     per: dict[tuple[str, str], list[float]] = defaultdict(list)
     per_method: dict[str, list[float]] = defaultdict(list)
@@ -201,7 +201,7 @@ def _mean_times(records: list, packed: bool) -> tuple[dict[tuple[str, str], floa
     return ({k: sum(v) / len(v) for k, v in per.items()}, {k: sum(v) / len(v) for k, v in per_method.items()})
 
 
-def packing_gain(records: list) -> float | None:
+def packing_gain(records: list[Any]) -> float | None:
     """How much less device time a packed run takes than one alone: the geometric mean over the backbone x
     method pairs measured both ways (a packed record's wall time is its share of its pack's)."""
     alone, _ = _mean_times(records, False)
@@ -235,9 +235,9 @@ def estimate(rows: list[PlanRow], records_folder: Path | None) -> dict[Entry, Es
         if one is None and many is None:
             out[entry] = Estimate(None, "no measured run")
             continue
-        if one is None and gain:
+        if one is None and many is not None and gain:
             one, basis = many * gain, basis + f"; one at a time = packed x {gain:.1f} (measured gain)"
-        if many is None and gain and entry.stage == 2:
+        if many is None and one is not None and gain and entry.stage == 2:
             many, basis = one / gain, basis + f"; packed = one at a time / {gain:.1f} (measured gain)"
         if entry.stage == 1:
             many = one  # probes are batched solves already

@@ -168,7 +168,7 @@ def compute_table(records: list[RunRecord]) -> tuple[list[list[str]], list[list[
                      "2 (LP on stored features)" if lp_path(r) == "features" else "2 (trained end to end)"].append(r)
     stages = []
     for name, members in sorted(by_stage.items()):
-        total = sum(r.wall_time_s for r in members)
+        total = sum(r.wall_time_s or 0.0 for r in members)  # members all have one
         stages.append([name, str(len(members)), str(sum(map(is_random, members))), duration(total),
                        duration(total / len(members))])
     pairs: dict[tuple[str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
@@ -179,12 +179,12 @@ def compute_table(records: list[RunRecord]) -> tuple[list[list[str]], list[list[
     for (task, backbone), runs in sorted(pairs.items()):
         if runs["probe"] and (runs["images"] or runs["features"]):
             mean = {m: float(np.mean([r.wall_time_s for r in runs[m]])) if runs[m] else None
-                    for m in ("probe", "images", "features")}
-            probe = mean["probe"]
+                    for m in ("images", "features")}
+            probe = float(np.mean([r.wall_time_s for r in runs["probe"]]))
             name = _backbone(backbone, [r for m in runs.values() for r in m])
             ratios.append([task, name, duration(probe),
-                           *(duration(mean[m]) if mean[m] is not None else "–" for m in ("images", "features")),
-                           *(_ratio(mean[m] / probe) if mean[m] is not None and probe > 0 else "–"
+                           *(duration(v) if (v := mean[m]) is not None else "–" for m in ("images", "features")),
+                           *(_ratio(v / probe) if (v := mean[m]) is not None and probe > 0 else "–"
                              for m in ("images", "features"))])
     return stages, ratios
 
@@ -300,7 +300,7 @@ _REGIME_STYLE = {"fewshot": ("-", ""), "fewshot-center": ("--", " per center")}
 def _quartiles(records: list[RunRecord]) -> list[tuple[int, float, float, float]]:
     """(k, q1, median, q3) of MCC over the runs of each k."""
     out = []
-    for k in sorted({r.shots for r in records}):
+    for k in sorted({r.shots for r in records if r.shots is not None}):
         values = np.array([mcc(r) for r in records if r.shots == k])
         values = values[np.isfinite(values)]
         if values.size:
@@ -360,7 +360,7 @@ def fewshot_figure(task: str, records: list[RunRecord], path: Path) -> Path:
                 ax.fill_between(k, q1, q3, color=color, alpha=0.15, linewidth=0)
                 ax.vlines(k, q1, q3, color=color, alpha=0.6, linewidth=1.5)
         ax.set_xscale("log", base=2)
-        ticks = sorted({r.shots for r in members})
+        ticks = sorted({r.shots for r in members if r.shots is not None})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_title(name)
@@ -536,6 +536,8 @@ def _cohort_section(study: Study, tasks: list[str]) -> list[str]:
         try:
             spec = study.task_spec(task)
             path = study.manifest_for(task)
+            if path is None:  # no manifest for this task: nothing to describe
+                continue
             manifest = load_manifest(path)
             ids, codes = manifest.labels(spec)
         except (FeatcacheError, TypeError):

@@ -6,6 +6,7 @@ so a killed study restarted runs only the missing keys.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -79,7 +80,7 @@ def ensure_splits(study: Study, grid: Grid, tasks: Iterable[str]) -> list[str]:
     return made
 
 
-def _attempt(result: BatchResult, label: str, keep_going: bool, work: Callable[[], None]) -> bool:
+def _attempt(result: BatchResult, label: str, keep_going: bool, work: Callable[[], object]) -> bool:
     """Run ``work``; with ``keep_going`` a failure becomes one line in ``result.failed`` and the batch goes on
     (Ctrl-C still stops the study). Returns whether it succeeded."""
     if not keep_going:
@@ -139,7 +140,7 @@ def run_batch(batch: Batch, study: Study, grid: Grid, keep_going: bool = True) -
     result = BatchResult(batch.label)
     start = time.perf_counter()
     for task in sorted({e.task for e in batch.entries}):  # a fresh worker process learns the study's own tasks
-        _attempt(result, f"task {task}", keep_going, lambda task=task: study.task_spec(task))
+        _attempt(result, f"task {task}", keep_going, functools.partial(study.task_spec, task))
     if not result.failed:
         (_run_stage1 if batch.stage == 1 else _run_stage2)(batch, study, grid, result, keep_going)
     result.seconds = time.perf_counter() - start
@@ -157,9 +158,9 @@ def submitit_executor(kind: str, folder: Path, settings: dict[str, Any]) -> Any:
 
     time_min = int(settings.get("time_min", 240))
     if kind == "local":
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=time_min)
-        return executor
+        local = submitit.LocalExecutor(folder=folder)
+        local.update_parameters(timeout_min=time_min)
+        return local
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     except RuntimeError as err:  # submitit found no srun/sbatch: not on a SLURM cluster
@@ -188,8 +189,8 @@ def execute(batches: list[Batch], study: Study, grid: Grid, *, executor: str = "
         raise UsageError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     if not batches:
         return [], []
+    results: list[BatchResult] = []
     if executor == "inline":
-        results = []
         for i, batch in enumerate(batches):
             if progress is not None:
                 progress(i, len(batches), None, batch)
@@ -205,7 +206,6 @@ def execute(batches: list[Batch], study: Study, grid: Grid, *, executor: str = "
     ids = [job.job_id for job in jobs]
     if not wait:
         return [], ids
-    results: list[BatchResult] = []
     for job in jobs:
         try:
             results += job.result()

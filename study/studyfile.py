@@ -42,7 +42,7 @@ class Study:
     path: Path
     name: str = "study"
     manifest: Path | None = None
-    manifests: dict[str, Path] = field(default_factory=dict)  # task -> manifest, where tasks differ
+    manifests: dict[str, Path | None] = field(default_factory=dict)  # task -> manifest, where tasks differ
     tasks: tuple[str, ...] = ()
     positives: dict[str, str] = field(default_factory=dict)  # own task -> its positive class (`tasks:` mapping)
     model: str | None = None

@@ -245,16 +245,14 @@ def test_names_by_library_id():
 HEAVY = ("torch", "torchvision", "timm", "transformers", "open_clip", "peft", "sklearn")
 
 
-def test_cli_fails_fast_on_missing_weights(tmp_path):
+def test_cli_fails_fast_on_missing_weights(synth_cohort, tmp_path):
     """`featcache extract` on a backbone without weights: one line naming the files, non-zero, and neither torch
     nor any model library imported (so it cannot have built a model; the time it takes is in benchmarks/)."""
     import os
     import subprocess
     import sys
 
-    from featcache.synth import make_cohort
-
-    manifest = make_cohort(tmp_path / "cohort", patients=4, size=64)
+    manifest = synth_cohort(patients=4, size=64)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
            "FEATCACHE_WEIGHTS": str(tmp_path / "weights")}
     child = ("import atexit, sys\n"

@@ -145,10 +145,8 @@ def test_terminal_progress_is_a_rich_bar():
     assert "embedding: 3/10" not in text  # not the plain line
 
 
-def test_extract_off_a_terminal_prints_progress_lines_and_whole_report(tmp_path):
-    from featcache.synth import make_cohort
-
-    manifest = make_cohort(tmp_path / "cohort", patients=6, size=64)
+def test_extract_off_a_terminal_prints_progress_lines_and_whole_report(synth_cohort, tmp_path):
+    manifest = synth_cohort(patients=6, size=64)
     store = tmp_path / ("a-long-store-name-" * 6 + ".zarr")
     result = CliRunner().invoke(featcache_app, ["extract", "--model", "resnet18-tiny", "--manifest", str(manifest),
                                                 "--workers", "0", "--store", str(store)])
@@ -174,14 +172,12 @@ def test_flags_show_no_type_in_help(command):
     assert "<path>" in result.output  # options with values still show theirs
 
 
-def test_messages_name_the_option_and_count_in_words(tmp_path):
-    from featcache.synth import make_cohort
-
+def test_messages_name_the_option_and_count_in_words(synth_cohort, tmp_path):
     result = CliRunner().invoke(featcache_app, ["synth", "--out", str(tmp_path), "--format", "jpg"],
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "--format" in result.output and "fmt" not in result.output
     assert common.plural(1, "error") == "1 error" and common.plural(2, "patch", "patches") == "2 patches"
-    manifest = make_cohort(tmp_path / "cohort", patients=2, size=64, centers=1)
+    manifest = synth_cohort(patients=2, size=64, centers=1, to=tmp_path / "cohort")
     next((tmp_path / "cohort" / "images").rglob("*.png")).unlink()  # one missing file: one error
     result = CliRunner().invoke(featcache_app, ["manifest", "validate", str(manifest)])
     assert result.exit_code != 0 and ": 1 error (missing_file)" in str(result.exception)

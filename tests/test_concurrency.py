@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from test_store import MODEL, write_cohort
+from conftest import MODEL, write_cohort
 
 from featcache.extract import extract_features
 from featcache.integrity import verify

@@ -17,7 +17,7 @@ from featcache.builders import LATER, OwnCohort, build_manifest, build_own, view
 from featcache.datasets import get_dataset, get_task, list_datasets, list_tasks
 from featcache.errors import ManifestError, UsageError
 from featcache.manifest import load_manifest, validate
-from featcache.synth import make_cohort, write_dicom
+from featcache.synth import write_dicom
 
 PIXELS = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
 
@@ -447,8 +447,8 @@ def test_build_covid_chestxray(tmp_path, patient_header):
     assert load_manifest(first.manifest).ids == ["a.jpg", "c.png", "h.jpg"]  # the smallest offset
 
 
-def test_build_synthetic_round_trip(tmp_path):
-    original = load_manifest(make_cohort(tmp_path / "syn", patients=6, size=48, centers=2, seed=3))
+def test_build_synthetic_round_trip(synth_cohort, tmp_path):
+    original = load_manifest(synth_cohort(patients=6, size=48, centers=2, seed=3, to=tmp_path / "syn"))
     report = build_manifest("synthetic", tmp_path / "syn", tmp_path / "syn" / "rebuilt.csv")
     rebuilt = load_manifest(report.manifest)
     assert rebuilt.rows == [{k: v for k, v in row.items() if k != "view"} for row in original.rows]

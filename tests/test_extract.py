@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import MODEL, write_cohort
 from PIL import Image
-from test_store import MODEL, write_cohort
 from typer.testing import CliRunner
 
 import featcache.extract as fx

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_store import MODEL, write_cohort
+from conftest import MODEL, write_cohort
 
 from featcache.extract import extract_features
 from featcache.pixels import cache_pixels

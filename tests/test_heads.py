@@ -20,9 +20,7 @@ from cli.adapters_app import app as adapters_app
 from featcache.errors import UsageError
 from featcache.extract import extract_features
 from featcache.integrity import verify
-from featcache.splits import build_splits, save_splits
 from featcache.store import RowGroup, find_feature_group, list_groups
-from featcache.synth import make_cohort
 
 TASK = "SYN"
 FAMILIES = ("resnet18-tiny", "dinov2-s-tiny", "clip-l-tiny", "medclip-vit-tiny", "biomedclip-tiny")
@@ -33,9 +31,9 @@ CONTINUOUS = ("val_threshold",)  # a value between two validation scores: equal 
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    manifest = make_cohort(tmp_path_factory.mktemp("cohort"), patients=24, positive_rate=0.4, size=40, seed=3)
-    save_splits(build_splits(manifest, TASK, draws=2, shots=(2,)), manifest)
+def cohort(synth_cohort, tmp_path_factory) -> Path:
+    manifest = synth_cohort(patients=24, positive_rate=0.4, size=40, seed=3, draws=2, shots=(2,),
+                            to=tmp_path_factory.mktemp("cohort"))  # this module's copy: features go beside it
     return manifest
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_store import MODEL, write_cohort
+from conftest import MODEL, write_cohort
 from typer.testing import CliRunner
 
 from cli.featcache_app import app

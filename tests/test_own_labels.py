@@ -15,7 +15,6 @@ from featcache.errors import ManifestError, SplitError, UsageError
 from featcache.manifest import load_manifest, write_manifest
 from featcache.records import load_records
 from featcache.splits import load_splits, splits_path
-from featcache.synth import make_cohort
 
 
 @pytest.fixture(autouse=True)
@@ -23,9 +22,10 @@ def _fresh_tasks(monkeypatch):
     monkeypatch.setattr(datasets, "_ADHOC", {})  # each test starts like a new process
 
 
-def _with_died(folder: Path) -> Path:
-    """A synthetic cohort whose manifest gains `died` (0/1) and `grade` (three values)."""
-    manifest = make_cohort(folder, patients=40, positive_rate=0.4, size=32, seed=3)
+@pytest.fixture
+def with_died(synth_cohort, tmp_path) -> Path:
+    """A synthetic cohort in tmp_path whose manifest gains `died` (0/1) and `grade` (three values)."""
+    manifest = synth_cohort(patients=40, positive_rate=0.4, size=32, seed=3, to=tmp_path)
     with manifest.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     for i, row in enumerate(rows):
@@ -38,16 +38,16 @@ def _run(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-def test_unknown_task_names_both_ways(tmp_path):
-    manifest = _with_died(tmp_path)
+def test_unknown_task_names_both_ways(with_died):
+    manifest = with_died
     result = _run("splits", "--manifest", str(manifest), "--task", "died")
     assert isinstance(result.exception, ManifestError)
     message = str(result.exception)
     assert "unknown task 'died'" in message and "--positive" in message and "$FEATCACHE_DATASETS" in message
 
 
-def test_task_for_checks_the_column(tmp_path):
-    m = load_manifest(_with_died(tmp_path))
+def test_task_for_checks_the_column(with_died):
+    m = load_manifest(with_died)
     spec = datasets.task_for(m, "died", "1")
     assert spec.classes == {"0": 0, "1": 1} and spec.cv == "kfold" and spec.has_centers and not spec.dataset
     assert datasets.get_task("died") is spec and m.labels(spec)[1].sum() > 0
@@ -64,10 +64,10 @@ def test_task_for_checks_the_column(tmp_path):
         datasets.task_for(m, "center", "C1")
 
 
-def test_splits_and_probe_on_a_column_of_ones_own(tmp_path, monkeypatch):
+def test_splits_and_probe_on_a_column_of_ones_own(with_died, tmp_path, monkeypatch):
     from featcache.extract import extract_features
 
-    manifest = _with_died(tmp_path)
+    manifest = with_died
     made = _run("splits", "--manifest", str(manifest), "--task", "died", "--positive", "1", "--k", "3",
                 "--shots", "2", "--draws", "2")
     assert made.exit_code == 0, made.output
@@ -86,8 +86,8 @@ def test_splits_and_probe_on_a_column_of_ones_own(tmp_path, monkeypatch):
     assert len(load_records(runs)) == 6  # nothing written under the other coding
 
 
-def test_a_hand_edited_positive_class_is_refused(tmp_path):
-    manifest = _with_died(tmp_path)
+def test_a_hand_edited_positive_class_is_refused(with_died, tmp_path):
+    manifest = with_died
     made = _run("splits", "--manifest", str(manifest), "--task", "died", "--positive", "1", "--shots", "")
     assert made.exit_code == 0, made.output
     path = splits_path(manifest, "died")

@@ -17,7 +17,6 @@ from featcache import datasets
 from featcache.manifest import write_manifest
 from featcache.records import load_records
 from featcache.splits import load_splits
-from featcache.synth import make_cohort
 from study.studyfile import STUDY_FILE, find_study, load_study
 
 GRID = """\
@@ -41,9 +40,9 @@ def _fresh(monkeypatch):
     monkeypatch.delenv("FEATCACHE_STUDY", raising=False)
 
 
-def _cohort(folder: Path) -> Path:
-    """30 patients, 8 of them dead: no fold can draw k=16 deaths."""
-    manifest = make_cohort(folder, patients=30, positive_rate=0.2, size=32, seed=11, images_per_patient=(1, 2))
+def _cohort(synth_cohort, folder: Path) -> Path:
+    """A copy in ``folder`` of 30 synthetic patients, 8 of them dead: no fold can draw k=16 deaths."""
+    manifest = synth_cohort(patients=30, positive_rate=0.2, size=32, seed=11, images_per_patient=(1, 2), to=folder)
     with manifest.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     dead = sorted({r["patient_id"] for r in rows})[:8]
@@ -77,8 +76,8 @@ def test_study_tasks_mapping_and_its_refusals(tmp_path):
         load_study(path)
 
 
-def test_own_cohort_study_end_to_end(tmp_path, monkeypatch):
-    manifest = _cohort(tmp_path / "cohort")
+def test_own_cohort_study_end_to_end(synth_cohort, tmp_path, monkeypatch):
+    manifest = _cohort(synth_cohort, tmp_path / "cohort")
     (tmp_path / "grid.yaml").write_text(GRID)
     monkeypatch.chdir(tmp_path)
     made = _run(featcache_app, "init", "--manifest", "cohort/manifest.csv", "--task", "SURV", "--positive", "DEATH",
@@ -126,8 +125,8 @@ def test_own_cohort_study_end_to_end(tmp_path, monkeypatch):
     assert report.startswith(f"# {tmp_path.name}")
 
 
-def test_a_failing_entry_does_not_stop_the_study(tmp_path, monkeypatch):
-    _cohort(tmp_path / "cohort")
+def test_a_failing_entry_does_not_stop_the_study(synth_cohort, tmp_path, monkeypatch):
+    _cohort(synth_cohort, tmp_path / "cohort")
     (tmp_path / "grid.yaml").write_text(GRID.replace("methods: [probe, lp]", "methods: [lp, bitfit]"))
     monkeypatch.chdir(tmp_path)
     assert _run(featcache_app, "init", "--manifest", "cohort/manifest.csv", "--task", "SURV", "--positive",

@@ -34,7 +34,6 @@ from featcache.probe import (
 )
 from featcache.records import load_records
 from featcache.splits import build_splits, load_splits, save_splits, support_digest
-from featcache.synth import make_cohort
 
 MODEL = "dinov2-s-tiny"  # builds instantly offline; 16-dim cls features
 TASK = "SYN"
@@ -53,16 +52,15 @@ def _support(y: np.ndarray, k: int, rng: np.random.Generator, pool: int = 300) -
     return np.concatenate([rng.choice(rows, k, replace=False) for rows in strata])
 
 
-def _cohort(folder: Path, patients: int, draws: int) -> Path:
-    manifest = make_cohort(folder, patients=patients, positive_rate=0.4, size=48, seed=1)
-    save_splits(build_splits(manifest, TASK, draws=draws), manifest)
-    return manifest
+def _cohort(synth_cohort, folder: Path, patients: int, draws: int) -> Path:
+    """A private copy of a synthetic cohort with splits (``draws`` draws per level)."""
+    return synth_cohort(patients=patients, positive_rate=0.4, size=48, seed=1, draws=draws, to=folder)
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
+def cohort(synth_cohort, tmp_path_factory) -> Path:
     """A synthetic cohort with splits (3 draws per level) and dinov2-s-tiny features in features.zarr."""
-    manifest = _cohort(tmp_path_factory.mktemp("cohort"), patients=100, draws=3)
+    manifest = _cohort(synth_cohort, tmp_path_factory.mktemp("cohort"), patients=100, draws=3)
     extract_features(manifest, MODEL)
     return manifest
 
@@ -306,8 +304,8 @@ def test_images_missing_from_the_store_are_named(cohort, tmp_path):
         run_probe(manifest, TASK, MODEL, shots=(2,), out=tmp_path / "runs")
 
 
-def test_images_skipped_at_extraction_are_named(tmp_path):
-    manifest = _cohort(tmp_path / "small", patients=24, draws=1)
+def test_images_skipped_at_extraction_are_named(synth_cohort, tmp_path):
+    manifest = _cohort(synth_cohort, tmp_path / "small", patients=24, draws=1)
     broken = manifest.parent / _rows(manifest)[0]["path"]
     broken.write_bytes(b"not an image")
     extract_features(manifest, MODEL, on_error="skip")

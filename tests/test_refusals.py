@@ -27,11 +27,10 @@ def test_named_devices_are_checked(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
 
 
-def test_extract_on_a_missing_device_leaves_no_group(tmp_path):
+def test_extract_on_a_missing_device_leaves_no_group(synth_cohort):
     from cli.featcache_app import app
-    from featcache.synth import make_cohort
 
-    manifest = make_cohort(tmp_path / "c", patients=4, size=32)
+    manifest = synth_cohort(patients=4, size=32)
     result = CliRunner().invoke(app, ["extract", "--model", "resnet18-tiny", "--manifest", str(manifest),
                                       "--device", "tpu"])
     assert result.exit_code != 0 and isinstance(result.exception, UsageError)

@@ -11,13 +11,12 @@ from typer.testing import CliRunner
 from cli.featcache_app import app
 from featcache.errors import SplitError, UsageError
 from featcache.splits import build_splits, folds_allowed, load_splits, make_splits, save_splits
-from featcache.synth import make_cohort
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory) -> Path:
-    """Four patients, two of each class."""
-    return make_cohort(tmp_path_factory.mktemp("four"), patients=4, positive_rate=0.5, size=32, seed=0)
+def four(synth_cohort, tmp_path_factory) -> Path:
+    """Four patients, two of each class (this module's copy: its tests write splits)."""
+    return synth_cohort(patients=4, positive_rate=0.5, size=32, seed=0, to=tmp_path_factory.mktemp("four"))
 
 
 def _splits(manifest: Path, *options: str):
@@ -43,8 +42,8 @@ def test_four_patients_are_refused_with_what_they_allow(four):
     assert none.exit_code == 0 and "no few-shot draws" in " ".join(none.output.split())
 
 
-def test_what_the_cohort_allows_is_written_and_said(tmp_path):
-    manifest = make_cohort(tmp_path, patients=12, positive_rate=0.5, size=32, seed=0)
+def test_what_the_cohort_allows_is_written_and_said(synth_cohort, tmp_path):
+    manifest = synth_cohort(patients=12, positive_rate=0.5, size=32, seed=0, to=tmp_path)
     ok = _splits(manifest, "--k", "2", "--no-per-center", "--shots", "1,2", "--draws", "3")
     assert ok.exit_code == 0, ok.output
     said = " ".join(ok.output.split())
@@ -56,10 +55,10 @@ def test_what_the_cohort_allows_is_written_and_said(tmp_path):
         in str(shots.exception) and "--shots with k <= 1" in str(shots.exception)
 
 
-def test_probe_says_why_nothing_ran(tmp_path):
+def test_probe_says_why_nothing_ran(synth_cohort, tmp_path):
     from featcache.extract import extract_features
 
-    manifest = make_cohort(tmp_path / "c", patients=12, positive_rate=0.5, size=32, seed=2)
+    manifest = synth_cohort(patients=12, positive_rate=0.5, size=32, seed=2, to=tmp_path / "c")
     save_splits(build_splits(manifest, "SYN", k=2, val_fraction=0, shots=(), per_center=False), manifest)
     extract_features(manifest, "resnet18-tiny")
     base = ["probe", "--model", "resnet18-tiny", "--task", "SYN", "--manifest", str(manifest), "--out",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from PIL import Image
-from torch.utils.data import DataLoader
+from conftest import MODEL, write_cohort
 from typer.testing import CliRunner
 
 import featcache
@@ -21,8 +19,7 @@ from cli.featcache_app import app
 from featcache.backbones import build_backbone, get_spec
 from featcache.errors import StoreError
 from featcache.extract import extract_features
-from featcache.imaging import load_gray, load_image, quantize, to_model_input
-from featcache.pixels import PixelDataset, cache_pixels
+from featcache.imaging import load_image
 from featcache.store import (
     KEY_LENGTH,
     RowGroup,
@@ -33,34 +30,6 @@ from featcache.store import (
     load_features,
     spec_sha256,
 )
-
-MODEL = "dinov2-s-tiny"  # two views (cls, mean), builds instantly offline
-
-
-def write_cohort(folder: Path, n: int, *, bbox: dict[int, tuple[int, int, int, int]] | None = None,
-                 broken: tuple[int, ...] = ()) -> Path:
-    """``n`` small random gray PNGs (image i is the same whatever ``n``; broken ones are not images) and their
-    canonical manifest."""
-    folder.mkdir(parents=True, exist_ok=True)
-    bbox = bbox or {}
-    header = "image_id,path,patient_id,center,bbox_x0,bbox_y0,bbox_x1,bbox_y1"
-    lines = [header]
-    for i in range(n):
-        name = f"img{i:03d}.png"
-        if i in broken:
-            content = b"not an image"
-        else:
-            buffer = io.BytesIO()
-            pixels = np.random.default_rng(i).integers(0, 256, (40, 48), dtype=np.uint8)
-            Image.fromarray(pixels).save(buffer, format="PNG")
-            content = buffer.getvalue()
-        if not (folder / name).is_file() or (folder / name).read_bytes() != content:
-            (folder / name).write_bytes(content)  # an unchanged image keeps its file (and modification time)
-        box = ",".join(map(str, bbox[i])) if i in bbox else ",,,"
-        lines.append(f"id{i:03d},{name},p{i // 2},C{i % 2},{box}")
-    manifest = folder / "manifest.csv"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
 
 
 def _reference(manifest: Path, model: str = MODEL) -> dict[str, np.ndarray]:
@@ -182,31 +151,3 @@ def test_hdf5_export_round_trip(tmp_path):
             np.testing.assert_array_equal(node[view][:], group.read(view))  # NaN row of the skipped image too
         np.testing.assert_array_equal(node["written"][:], group.read("written"))
     assert not list(tmp_path.glob(".features.h5*"))  # temp file renamed away
-
-
-def test_pixel_cache_equals_decoding_path(tmp_path):
-    manifest = write_cohort(tmp_path, 6, bbox={1: (5, 3, 33, 37)})
-    result = cache_pixels(manifest, MODEL, chunk_rows=4, batch_size=4)
-    assert result.embedded == 6
-    pre = get_spec(MODEL).preprocess
-    ids = [f"id{i:03d}" for i in range(6)]
-    raw = PixelDataset(tmp_path / "pixels.zarr", MODEL, ids, raw=True)
-    for i in range(6):
-        box = (5, 3, 33, 37) if i == 1 else None
-        expected = quantize(load_gray(tmp_path / f"img{i:03d}.png", pre.size, box, pre.intensity))
-        assert raw[i].dtype == torch.uint8 and torch.equal(raw[i], expected)
-    model_input = PixelDataset(tmp_path / "pixels.zarr", MODEL, ids[::-1])
-    batches = list(DataLoader(model_input, batch_size=3, num_workers=1))  # reads inside a worker process
-    expected = to_model_input(torch.stack([raw[i] for i in range(6)][::-1]), pre)
-    torch.testing.assert_close(torch.cat(batches), expected)
-    assert cache_pixels(manifest, MODEL, chunk_rows=4).embedded == 0  # complete: nothing decoded again
-    with pytest.raises(StoreError, match="not cached"):
-        PixelDataset(tmp_path / "pixels.zarr", MODEL, ["id000", "other"])
-    assert len(PixelDataset(tmp_path / "pixels.zarr", MODEL, manifest)) == 6  # a manifest is checked row by row
-    rows = manifest.read_text().splitlines()
-    header = rows[0].split(",")
-    cells = rows[2].split(",")
-    cells[header.index("bbox_x0")] = "6"  # id001's crop changes after caching: its pixels are stale
-    manifest.write_text("\n".join([rows[0], rows[1], ",".join(cells), *rows[3:]]) + "\n")
-    with pytest.raises(StoreError, match="changed path or crop"):
-        PixelDataset(tmp_path / "pixels.zarr", MODEL, manifest)

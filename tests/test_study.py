@@ -15,7 +15,6 @@ from featcache.backbones import ALIASES, get_spec
 from featcache.datasets import get_task
 from featcache.errors import StudyError, WeightsError
 from featcache.records import load_records
-from featcache.synth import make_cohort
 from study.expand import expand, expected_runs, parse_only
 from study.grid import load_grid
 from study.plan import plan, train_arguments
@@ -183,16 +182,14 @@ executor: {time_min: 10}
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("study")
-    make_cohort(folder / "cohort", patients=24, positive_rate=0.5, size=40, seed=3, images_per_patient=(1, 2))
-    return folder
+def cohort(synth_cohort) -> Path:
+    return synth_cohort(patients=24, positive_rate=0.5, size=40, seed=3, images_per_patient=(1, 2))
 
 
 def _fresh(cohort: Path, tmp_path: Path) -> tuple:
     import shutil
 
-    shutil.copytree(cohort / "cohort", tmp_path / "cohort")
+    shutil.copytree(cohort.parent, tmp_path / "cohort")
     study = load_study(_study_file(tmp_path, _STUDY))
     grid = study.grid()
     entries, _ = expand(study, grid)
@@ -276,8 +273,8 @@ def test_study_plan_and_run_commands(cohort, tmp_path, monkeypatch):
     assert line.split()[3:6] == ["35", "5", "30"]  # runs, recorded, missing: 5 folds x (1 + 2 levels x 3 draws)
 
 
-def _verbatim(tmp_path: Path, monkeypatch) -> None:
-    make_cohort(tmp_path / "cohort", patients=42, positive_rate=0.5, size=32, seed=5, images_per_patient=(1, 1))
+def _verbatim(synth_cohort, tmp_path: Path, monkeypatch) -> None:
+    synth_cohort(patients=42, positive_rate=0.5, size=32, seed=5, images_per_patient=(1, 1), to=tmp_path / "cohort")
     _study_file(tmp_path, "manifest: cohort/manifest.csv\ntasks: [SYN]\nmodel: medclip\nruns: runs\n"
                           "weights: {medclip: random-init}\n"
                           "defaults: {splits: {draws: 2}, extract: {workers: 0, batch_size: 16},\n"
@@ -301,16 +298,16 @@ def _verbatim(tmp_path: Path, monkeypatch) -> None:
     assert [(r["backbone"], r["fold"], r["options"]["head_lr"]) for r in bitfit] == [(backbone, "fold0", 1e-3)]
 
 
-def test_the_three_commands_work_verbatim_inside_a_study(tmp_path, monkeypatch):
+def test_the_three_commands_work_verbatim_inside_a_study(synth_cohort, tmp_path, monkeypatch):
     """The study mechanism end to end; `medclip` points at the tiny Swin here to keep the suite fast (the alias
     itself is tested above, the real-size run below under -m slow and in `make demo`)."""
     monkeypatch.setitem(ALIASES, "medclip", "medclip-vit-tiny")
-    _verbatim(tmp_path, monkeypatch)
+    _verbatim(synth_cohort, tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_the_three_commands_work_verbatim_inside_a_study_real_size(tmp_path, monkeypatch):
-    _verbatim(tmp_path, monkeypatch)
+def test_the_three_commands_work_verbatim_inside_a_study_real_size(synth_cohort, tmp_path, monkeypatch):
+    _verbatim(synth_cohort, tmp_path, monkeypatch)
 
 
 def test_study_run_trains_stage_two_entries_by_their_keys(cohort, tmp_path):

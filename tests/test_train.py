@@ -36,7 +36,6 @@ from featcache.pixels import cache_pixels
 from featcache.probe import run_probe
 from featcache.records import load_records
 from featcache.splits import build_splits, save_splits, support_digest
-from featcache.synth import make_cohort
 
 TASK = "SYN"
 QUICK = TrainSettings(max_epochs=3, warmup=1, patience=2, plateau_patience=1, batch_size=8,
@@ -45,11 +44,10 @@ FAMILIES = ("resnet18-tiny", "dinov2-s-tiny", "clip-l-tiny", "medclip-vit-tiny",
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    """24 patients at 40 px, splits with 2 draws per level."""
-    manifest = make_cohort(tmp_path_factory.mktemp("cohort"), patients=24, positive_rate=0.4, size=40, seed=3)
-    save_splits(build_splits(manifest, TASK, draws=2, shots=(2, 4, 16)), manifest)
-    return manifest
+def cohort(synth_cohort, tmp_path_factory) -> Path:
+    """24 patients at 40 px, splits with 2 draws per level (this module's copy: LP runs cache features beside it)."""
+    return synth_cohort(patients=24, positive_rate=0.4, size=40, seed=3, draws=2, shots=(2, 4, 16),
+                        to=tmp_path_factory.mktemp("cohort"))
 
 
 def _train(cohort: Path, out: Path, model: str = "dinov2-s-tiny", method: str = "lora", **kwargs):
@@ -188,10 +186,10 @@ def test_fewshot_trains_on_support_and_validates_on_the_whole_validation_part(co
     assert all(probed[(r.fold, r.draw)] == r.provenance["support"] for r in report.records)
 
 
-def test_a_fold_whose_validation_part_cannot_validate_is_not_trained(tmp_path):
+def test_a_fold_whose_validation_part_cannot_validate_is_not_trained(synth_cohort, tmp_path):
     """14 patients, 2 folds: fold1's validation part holds one positive patient. Its level is skipped with the
     split file's reason (fold0 trains); a hand edit that keeps draws beside a thin part is refused in one line."""
-    manifest = make_cohort(tmp_path / "c", patients=14, positive_rate=0.35, size=40, seed=0)
+    manifest = synth_cohort(patients=14, positive_rate=0.35, size=40, seed=0, to=tmp_path / "c")
     path = save_splits(build_splits(manifest, TASK, k=2, shots=(1,), draws=1, per_center=False), manifest)
     report = run_train(manifest, TASK, "resnet18-tiny", method="lp", full=False, shots=(1,), head_lrs=(1e-2,),
                        settings=QUICK, out=tmp_path / "runs", device="cpu")

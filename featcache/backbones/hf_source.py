@@ -7,6 +7,7 @@ older checkpoints (e.g. `attention.attention.query` -> `attention.q_proj` in tra
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import torch
 import transformers
@@ -25,7 +26,7 @@ FAMILY_BY_TYPE = {"dinov2": "hf_vit", "dinov2_with_registers": "hf_vit", "vit": 
                   "swin": "swin"}
 
 
-def model_class(config) -> type[nn.Module]:
+def model_class(config: Any) -> Any:
     return transformers.MODEL_MAPPING[type(config)]
 
 
@@ -33,7 +34,7 @@ def build_config(model_type: str, options: dict):
     return AutoConfig.for_model(model_type, **options)
 
 
-def load_pretrained(cls: type, config, state: dict, name: str) -> nn.Module:
+def load_pretrained(cls: Any, config: Any, state: dict, name: str) -> nn.Module:
     """Weights through transformers' loader (key renames included), refusing a checkpoint that misses any."""
     # ignore_mismatched_sizes: transformers then lists wrong-shape tensors instead of raising a long report.
     model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True,

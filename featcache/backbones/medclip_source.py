@@ -7,6 +7,8 @@ the mapping is a prefix strip; transformers renames the old Swin attention keys 
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 from torch import nn
 
@@ -22,7 +24,7 @@ VISION_PREFIX = "vision_model."
 class MedCLIPSwin(nn.Module):
     """MedCLIP's `MedCLIPVisionModelViT`: a Swin `model` and a bias-free `projection_head`."""
 
-    def __init__(self, model: nn.Module, projection_dim: int):
+    def __init__(self, model: Any, projection_dim: int):
         super().__init__()
         self.model = model
         self.projection_head = nn.Linear(model.config.hidden_size, projection_dim, bias=False)
@@ -54,7 +56,7 @@ def _swin(spec: BackboneSpec, state: dict | None) -> nn.Module:
 
 def _resnet(spec: BackboneSpec, state: dict | None) -> nn.Module:
     options = {k: v for k, v in spec.config.items() if k != "projection_dim"}
-    model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **options)
+    model: Any = timm.create_model(spec.arch, pretrained=False, num_classes=0, **options)
     model.fc = nn.Linear(model.num_features, spec.config["projection_dim"], bias=False)
     if state is not None:
         load_into(model, strip_prefix(_vision_state(state, spec.name), "model."), spec.name)

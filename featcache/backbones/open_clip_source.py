@@ -5,6 +5,8 @@ BiomedCLIP is built as open_clip's own `TimmModel` (timm ViT trunk + linear proj
 
 from __future__ import annotations
 
+from typing import Any
+
 import open_clip
 from open_clip.timm_model import TimmModel
 from torch import nn
@@ -44,7 +46,7 @@ def spec_for(ident: str) -> BackboneSpec:
     vision = cfg["vision_cfg"]
     pre = open_clip.get_pretrained_cfg(name, tag) if tag else {}
     repo = (pre.get("hf_hub") or "").rstrip("/") or None
-    common = dict(weights=WeightsSource(repo=repo, files=OPEN_CLIP_FILES),
+    common: dict[str, Any] = dict(weights=WeightsSource(repo=repo, files=OPEN_CLIP_FILES),
                   mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)),
                   input_size=int(vision.get("image_size", 224)), description=f"open_clip {ident} vision tower")
     if "timm_model_name" in vision:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import timm
 import torch
 from timm.models import register_model
@@ -21,7 +23,7 @@ def featcache_tiny_vit(pretrained: bool = False, **kwargs) -> nn.Module:
 
 
 def build(spec: BackboneSpec, state: dict | None) -> nn.Module:
-    model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.config)
+    model: Any = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.config)
     if state is not None:
         classifier = model.default_cfg.get("classifier", "fc")
         load_into(model, state, spec.name, ignore=(f"{classifier}.",))
@@ -34,7 +36,7 @@ def spec_for(name: str) -> BackboneSpec:
     try:
         cfg = timm.models.get_pretrained_cfg(name)
         with torch.device("meta"):
-            probe = timm.create_model(arch, pretrained=False, num_classes=0)
+            probe: Any = timm.create_model(arch, pretrained=False, num_classes=0)
     except (RuntimeError, ValueError) as err:
         from featcache.errors import WeightsError
 
@@ -50,8 +52,8 @@ def spec_for(name: str) -> BackboneSpec:
         weights=WeightsSource(repo=hub.rstrip("/") if hub else None, files=HUB_FILES),
         peft=TIMM_VIT_PEFT if vit else PeftTargets(conv=("conv1",)),
         input_size=cfg.input_size[-1] if cfg is not None else 224,
-        mean=tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN,
-        std=tuple(cfg.std) if cfg is not None else IMAGENET_STD,
+        mean=cast("tuple[float, float, float]", tuple(cfg.mean)) if cfg is not None else IMAGENET_MEAN,
+        std=cast("tuple[float, float, float]", tuple(cfg.std)) if cfg is not None else IMAGENET_STD,
         description=f"timm {name}",
         tiny=TinyVariant(config=_TINY_VIT, views={"cls": 16, "mean": 16}, input_size=32, arch="featcache_tiny_vit")
         if vit else None,
