@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from adapters.images import load_images  # noqa: E402
-from adapters.methods import METHODS  # noqa: E402
+from adapters.methods import HEAD_LRS, METHODS  # noqa: E402
 from adapters.model import build_classifier  # noqa: E402
 from adapters.packed import Packer  # noqa: E402
 from adapters.plan import Run, TrainSettings, plan  # noqa: E402
@@ -311,21 +311,25 @@ def packing(models: tuple[str, ...], packs: list[int], real_packs: list[int], ep
     print(f"load {load()}. Gain = packed run-epochs/h over one at a time. On a CPU the frozen layers' matmuls are "
           "already large enough to keep the cores busy at real size, so packing pays there only the per-step "
           "overhead it saves; it pays most on tiny backbones and on a GPU (see benchmarks/gpu_check.py).")
-def lp_paths(model: str, patients: int, size: int) -> None:
-    """Features path against the image path: the same runs (5 folds x 3 head LRs, protocol defaults), the
-    features path's time including its one extraction; the records must agree."""
+def lp_paths(model: str, patients: int, size: int, folds: list[str] | None = None,
+             head_lrs: tuple[float, ...] = HEAD_LRS) -> None:
+    """Features path against the image path: the same runs (``folds`` (default all 5) x ``head_lrs``, protocol
+    defaults), the features path's time including its one extraction; the records must agree. A real-size
+    backbone's image path costs hours for the whole grid on 2 cores: `--lp-real-runs` bounds it (the ratio is
+    per run either way)."""
     import numpy as np
 
     real = not model.endswith("-tiny")
+    what = f"{len(folds) if folds else 5} folds x {len(head_lrs)} head LRs"
     print(f"\n5a. LP on {model}{' (random weights)' if real else ''}, {patients} synthetic patients at {size} px, "
-          f"5 folds x 3 head LRs, protocol defaults: features path vs image path; load {load()}")
+          f"{what}, protocol defaults: features path vs image path; load {load()}")
     folder = Path(tempfile.mkdtemp())
     manifest = cohort(folder, size, patients=patients)
     timed = {}
     for inputs in ("features", "images"):
         start = time.perf_counter()
         timed[inputs] = run_train(manifest, "SYN", model, method="lp", out=folder / inputs, device="cpu",
-                                  inputs=inputs, random_init=real).records
+                                  inputs=inputs, random_init=real, folds=folds, head_lrs=head_lrs).records
         timed[inputs + "_s"] = time.perf_counter() - start
     feats = {r.key: r for r in timed["features"]}
     imgs = {r.key: r for r in timed["images"]}
@@ -365,6 +369,8 @@ def main() -> None:
     parser.add_argument("--lp-real", default="resnet18", help="section 5's real-size backbone (random weights)")
     parser.add_argument("--lp-patients", type=int, default=60, help="section 5's tiny cohort (image path: hours)")
     parser.add_argument("--lp-real-patients", type=int, default=20, help="section 5's real-size cohort")
+    parser.add_argument("--lp-real-runs", default="fold0:1e-3",
+                        help="section 5's real-size runs, FOLD:HEAD_LR (all:all for the whole 5 x 3 grid: hours)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--real", action="store_true", help="also real-size resnet18 and dinov2-s")
@@ -399,7 +405,9 @@ def main() -> None:
     if 5 in sections:
         fewshot_grid("resnet18-tiny", 200)
         lp_paths("resnet18-tiny", args.lp_patients, 64)
-        lp_paths(args.lp_real, args.lp_real_patients, 224)
+        fold, _, lr = args.lp_real_runs.partition(":")
+        lp_paths(args.lp_real, args.lp_real_patients, 224, None if fold == "all" else [fold],
+                 HEAD_LRS if lr in ("", "all") else (float(lr),))
     if 6 in sections:
         packing(TINY + (REAL if args.real else ()), [int(n) for n in args.packs.split(",")],
                 [int(n) for n in args.real_packs.split(",")], args.epochs, args.per_run)
