@@ -60,8 +60,12 @@ class Grid:
 
 
 def tuple_of(value: Any, kind: type, where: str, file: Path) -> tuple[Any, ...]:
+    """A YAML scalar or list of scalars as a tuple of ``kind``; a mapping or nested list is refused (``str`` of
+    one would pass as a name like "{'a': 1}")."""
     items = value if isinstance(value, list) else [value]
     try:
+        if any(isinstance(v, (Mapping, list)) for v in items):
+            raise TypeError
         return tuple(kind(v) for v in items)
     except (TypeError, ValueError):
         raise StudyError(f"{file}: {where}: expected a list of {kind.__name__}, got {value!r}") from None

@@ -55,3 +55,10 @@ def test_wrong_values_are_one_line_naming_file_and_key(tmp_path, text, message):
     with pytest.raises(StudyError, match=message) as refused:
         load_study(tmp_path / STUDY_FILE)
     assert str(refused.value).startswith(str(tmp_path / STUDY_FILE)) and "\n" not in str(refused.value)
+
+
+def test_a_task_list_holds_names_not_mappings(tmp_path):
+    path = tmp_path / STUDY_FILE
+    path.write_text("tasks: [{a: 1}]\n")
+    with pytest.raises(StudyError, match=r"tasks: expected a list of str"):
+        load_study(path)
